@@ -1,0 +1,189 @@
+"""The installed command in subprocesses: real processes, signals, pidfiles and exit codes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import SQL, WORKER_BIN, base_env
+from tests.fakeapi import FakeCloudAPI
+from worker.config import DatabaseURL
+
+RUNBOOK = """SELECT cliente_id, COUNT(*) as envios FROM envios_whatsapp
+WHERE fecha_envio >= DATE_SUB(NOW(), INTERVAL 10 MINUTE)
+GROUP BY cliente_id HAVING COUNT(*) > 1"""
+
+
+def start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*WORKER_BIN, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def test_three_daemons_send_each_of_3000_rows_exactly_once(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    session = sql.add_session("three-hosts")
+    phones = sql.add_rows(session, 3000)
+    fake_api.latency = 0.01
+
+    daemons = [
+        start(
+            worker_env(WORKER_PIDFILE=str(tmp_path / f"host{i}.pid"), WORKER_CONCURRENCY="40"),
+            "run",
+            "--once",
+        )
+        for i in range(3)
+    ]
+    outputs = [d.communicate(timeout=120) for d in daemons]
+
+    assert [d.returncode for d in daemons] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    counts = fake_api.counts()
+    assert sorted(counts) == sorted(phones) and set(counts.values()) == {1}
+    assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3000
+    assert sql.states() == {"enviado": 3000}
+    assert sql.rows(RUNBOOK) == []
+    # every daemon took part: the database claim, not the pidfile, kept them apart
+    senders = [sum(1 for line in out.splitlines() if '"message_sent"' in line) for out, _ in outputs]
+    assert sum(senders) == 3000 and all(n > 0 for n in senders), senders
+
+
+def test_second_run_on_the_same_pidfile_exits_zero_and_sends_nothing(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 20)
+    fake_api.latency = 0.3
+    env = worker_env(WORKER_CONCURRENCY="4")
+
+    first, second = start(env, "run", "--once"), start(env, "run", "--once")
+    assert fake_api.wait_for_requests(1)
+    holder = (tmp_path / "worker.pid").read_text()
+    outputs = {p.pid: p.communicate(timeout=60) for p in (first, second)}
+
+    assert first.returncode == 0 and second.returncode == 0
+    refused = [pid for pid, (out, _) in outputs.items() if "another instance is already processing" in out]
+    assert len(refused) == 1
+    runner = ({first.pid, second.pid} - set(refused)).pop()
+    pid, stamp = holder.strip().split(" - ")
+    assert int(pid) == runner and time.strptime(stamp, "%Y-%m-%d %H:%M:%S")
+    assert set(fake_api.counts().values()) == {1} and len(fake_api.counts()) == 20
+    assert "test-token" not in "".join(out + err for out, err in outputs.values())
+
+
+def test_sigterm_drains_in_flight_sends_and_leaves_nothing_processing(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 100)
+    fake_api.latency = 1.0
+    daemon = start(worker_env(WORKER_CONCURRENCY="10", WORKER_DRAIN_TIMEOUT="10"), "run")
+    assert fake_api.wait_until(lambda: fake_api.in_flight == 10)
+
+    sent_at = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    out, err = daemon.communicate(timeout=20)
+
+    assert daemon.returncode == 0, err
+    assert time.monotonic() - sent_at < 10
+    states = sql.states()
+    assert "procesando" not in states
+    received = set(fake_api.counts())
+    sent = {r["telefono"] for r in sql.rows("SELECT telefono FROM cola_envios WHERE estado = 'enviado'")}
+    assert sent == received and len(received) >= 10
+    assert states["pendiente"] == 100 - len(received)
+    events = [json.loads(line)["event"] for line in out.splitlines()]
+    assert "stop_requested" in events and events[-1] == "stopped"
+
+
+def test_missing_database_url_exits_78_naming_the_variable(worker_env: Callable[..., dict[str, str]]) -> None:
+    env = worker_env()
+    del env["WORKER_DATABASE_URL"]
+    result = subprocess.run([*WORKER_BIN, "run"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines() == [
+        "whatsapp-worker: configuration error: WORKER_DATABASE_URL is not set"
+    ]
+
+
+def test_bad_value_exits_78_without_showing_secrets(worker_env: Callable[..., dict[str, str]]) -> None:
+    env = worker_env(WORKER_CONCURRENCY="lots", WHATSAPP_ACCESS_TOKEN="EAAG-secret-token-123")
+    result = subprocess.run([*WORKER_BIN, "run"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 78
+    assert "WORKER_CONCURRENCY" in result.stderr and "'lots'" in result.stderr
+    assert "secret-token" not in result.stderr + result.stdout
+
+
+def test_enqueue_rejects_a_bad_file_whole_then_imports_a_good_one_once(
+    sql: SQL, db_url: DatabaseURL, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "phone,client_id,empresa,monto\n"
+        "+51987000001,1,ACME,S/ 10\n"
+        "987000002,2,Sin prefijo,S/ 20\n"
+        "+51987000003,3,ACME\n"
+        "+51987000004,x,ACME,S/ 40\n"
+    )
+    args = [
+        "enqueue",
+        "--session",
+        "noviembre",
+        "--template",
+        "recordatorio_pago",
+        "--language",
+        "es",
+        "--csv",
+    ]
+    result = subprocess.run(
+        [*WORKER_BIN, *args, str(bad)], env=base_env(db_url), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 65
+    assert "line 3: phone '987000002' is not in E.164 form" in result.stderr
+    assert "line 4: expected 4 columns, found 3" in result.stderr
+    assert "line 5: client_id 'x' is not a whole number" in result.stderr
+    assert sql.value("SELECT COUNT(*) FROM cola_envios") == 0
+
+    good = tmp_path / "good.csv"
+    good.write_text("phone,client_id,empresa,monto\n+51987000001,1,ACME,S/ 10\n+51 987 000 002,2,B,S/ 20\n")
+    runs = [
+        subprocess.run(
+            [*WORKER_BIN, *args, str(good)], env=base_env(db_url), capture_output=True, text=True, timeout=30
+        )
+        for _ in range(2)
+    ]
+    assert "queued 2 new message(s), 0 already queued" in runs[0].stdout
+    assert "queued 0 new message(s), 2 already queued" in runs[1].stdout
+    row = sql.rows("SELECT telefono, cliente_id, mensaje FROM cola_envios ORDER BY id")[1]
+    assert row["telefono"] == "+51987000002" and row["cliente_id"] == 2
+    params = json.loads(row["mensaje"])["template"]["components"][0]["parameters"]
+    assert [p["text"] for p in params] == ["B", "S/ 20"]
+
+
+def test_status_reports_counts_per_session(sql: SQL, db_url: DatabaseURL) -> None:
+    session = sql.add_session("estado")
+    sql.add_rows(session, 3)
+    sql.execute(
+        "UPDATE cola_envios SET estado = 'error', last_error_code = 131026,"
+        " last_error = 'undeliverable' ORDER BY id LIMIT 1"
+    )
+    result = subprocess.run(
+        [*WORKER_BIN, "status", "--json"], env=base_env(db_url), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    (report,) = json.loads(result.stdout)["sessions"]
+    assert report["name"] == "estado" and report["total"] == 3
+    assert report["counts"]["pendiente"] == 2 and report["counts"]["error"] == 1
+    assert report["errors"][0]["code"] == 131026
+    text = subprocess.run(
+        [*WORKER_BIN, "status", "--session", str(session)],
+        env=base_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert "[1/3]" in text and "code 131026 x1" in text

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from worker.config import Settings
+from worker.daemon import Daemon, RunReport
+from worker.sender import make_sender
+from worker.store import Store
+
+
+async def drain(
+    settings: Settings, *, once: bool = True, until: Callable[[], bool] | None = None, seconds: float = 30.0
+) -> RunReport:
+    """Run an in-process daemon: `--once`, or until `until()` holds (checked between polls)."""
+    store = await Store.connect(settings.database, size=4, worker_id=settings.worker_id)
+    sender = make_sender(settings)
+    daemon = Daemon(settings=settings, store=store, sender=sender)
+    try:
+        if until is None:
+            return await asyncio.wait_for(daemon.run(once=once), seconds)
+        task = asyncio.create_task(daemon.run())
+        async with asyncio.timeout(seconds):
+            while not await asyncio.to_thread(until):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # polls the database, bounded by the timeout
+        daemon.request_stop()
+        return await task
+    finally:
+        await sender.close()
+        await store.close()

@@ -1,0 +1,94 @@
+"""The claim and the fenced writes against the real database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pymysql
+import pytest
+
+from tests.conftest import SQL
+from worker.config import DatabaseURL
+from worker.models import Finished, Outcome, SendResult
+from worker.store import Store
+
+
+@pytest.fixture
+async def store(db_url: DatabaseURL) -> AsyncIterator[Store]:
+    store = await Store.connect(db_url, size=4, worker_id="test-host:1")
+    yield store
+    await store.close()
+
+
+def test_claim_query_is_an_index_range_scan_without_filesort(sql: SQL) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 3000)
+    sql.execute("UPDATE cola_envios SET estado = 'enviado' WHERE id % 100 <> 0")
+    sql.execute("ANALYZE TABLE cola_envios")
+    with contextlib.suppress(pymysql.err.OperationalError):  # MariaDB has no such variable
+        sql.execute("SET SESSION explain_format = 'TRADITIONAL'")  # MySQL 9 defaults to TREE
+    plan = sql.rows("EXPLAIN " + Store.CLAIM_SQL.format(held=""), (10,))
+    (row,) = [{k.lower(): v for k, v in r.items()} for r in plan]
+    assert row["key"] == "ix_cola_envios_claim"
+    assert row["type"] == "range"
+    assert "filesort" not in (row["extra"] or "").lower()
+
+
+async def test_concurrent_claims_take_disjoint_rows_and_never_more_than_asked(sql: SQL, store: Store) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 100)
+    claims = await asyncio.gather(*(store.claim(15, lease_seconds=30) for _ in range(6)))
+    ids = [job.id for claim in claims for job in claim]
+    assert all(len(claim) <= 15 for claim in claims)
+    assert len(ids) == len(set(ids)) == 90
+    assert sql.states() == {"procesando": 90, "pendiente": 10}
+    expiry = sql.value(
+        "SELECT MIN(TIMESTAMPDIFF(SECOND, NOW(6), lease_expires_at)) FROM cola_envios"
+        " WHERE estado = 'procesando'"
+    )
+    assert 25 <= expiry <= 30
+
+
+async def test_paused_and_cancelled_sessions_are_not_claimed(sql: SQL, store: Store) -> None:
+    active, paused, cancelled = (sql.add_session(name) for name in ("a", "p", "c"))
+    for n, session in enumerate((active, paused, cancelled)):
+        sql.add_rows(session, 5, start=n * 10)
+    sql.execute("UPDATE sesiones_envio SET estado = 'pausada' WHERE id = %s", (paused,))
+    sql.execute("UPDATE sesiones_envio SET estado = 'cancelada' WHERE id = %s", (cancelled,))
+    jobs = await store.claim(50, lease_seconds=30)
+    assert {job.sesion_id for job in jobs} == {active} and len(jobs) == 5
+
+
+async def test_a_worker_that_lost_its_lease_writes_nothing(sql: SQL, store: Store) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 2)
+    stale, kept = await store.claim(2, lease_seconds=30)
+    # another worker recovered and re-claimed the first row: it carries a new token now
+    sql.execute("UPDATE cola_envios SET lease_token = REPEAT('f', 32) WHERE id = %s", (stale.id,))
+    result = SendResult(Outcome.SENT, wamid="wamid.X")
+    recorded = await store.record(
+        [Finished(stale, result), Finished(kept, SendResult(Outcome.SENT, wamid="wamid.Y"))]
+    )
+    assert (recorded.written, recorded.fenced_out) == (1, 1)
+    rows = {r["id"]: r for r in sql.rows("SELECT id, estado, wamid FROM cola_envios")}
+    assert rows[stale.id]["estado"] == "procesando" and rows[stale.id]["wamid"] is None
+    assert rows[kept.id]["estado"] == "enviado"
+    assert sql.value("SELECT GROUP_CONCAT(cola_id) FROM envios_whatsapp") == str(kept.id)
+
+
+async def test_expired_leases_become_unknown(sql: SQL, store: Store) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 3)
+    await store.claim(2, lease_seconds=30)
+    sql.execute(
+        "UPDATE cola_envios SET lease_expires_at = NOW(6) - INTERVAL 1 SECOND WHERE estado = 'procesando'"
+    )
+    assert await store.recover_expired() == 2
+    assert sql.states() == {"desconocido": 2, "pendiente": 1}
+
+
+async def test_migrate_is_idempotent(store: Store) -> None:
+    assert await store.migrate() == []
+    assert await store.schema_version() == 1

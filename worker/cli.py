@@ -1,0 +1,231 @@
+"""Command line: parse arguments, load settings, set up logging, run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from worker import __version__, schema
+from worker.config import EX_CONFIG, ConfigError, Settings
+from worker.daemon import Daemon
+from worker.enqueue import MAX_ERRORS_SHOWN, CsvError, MessageSpec, read_rows
+from worker.log import configure, get_logger
+from worker.pidfile import AlreadyRunning, PidFile
+from worker.sender import make_sender
+from worker.store import DatabaseError, Store
+from worker.systemd import Notifier
+
+EX_OK, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE = 0, 65, 69, 70
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="whatsapp-worker",
+        description="Drain the cola_envios queue through the WhatsApp Cloud API, each message once.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("migrate", help="create or upgrade the schema")
+
+    enqueue = commands.add_parser("enqueue", help="queue a session's messages from a CSV file")
+    enqueue.add_argument("--session", required=True, help="session name (re-used if it exists)")
+    enqueue.add_argument("--template", help="approved template name")
+    enqueue.add_argument("--language", help="template language code, e.g. es")
+    enqueue.add_argument("--text", help="text body; {{1}}, {{2}}... take the extra CSV columns")
+    enqueue.add_argument("--csv", required=True, type=Path, help="CSV with a phone column")
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("--once", action="store_true", help="drain what is due, then exit")
+
+    status = commands.add_parser("status", help="per-session progress")
+    status.add_argument("--session", type=int, help="only this session id")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(need_sender=args.command == "run")
+    except ConfigError as exc:
+        print(f"whatsapp-worker: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure(secrets=settings.secrets(), stream=sys.stderr if args.command != "run" else None)
+    command = COMMANDS[args.command]
+    try:
+        return _run_loop(command(settings, args))
+    except DatabaseError as exc:
+        print(f"whatsapp-worker: database error: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _open_store(settings: Settings, *, size: int = 2, create: bool = False) -> Store:
+    return await Store.connect(
+        settings.database, size=size, worker_id=settings.worker_id, create_database=create
+    )
+
+
+async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _open_store(settings, create=True)
+    try:
+        applied = await store.migrate()
+    finally:
+        await store.close()
+    if applied:
+        print(
+            f"migrated {settings.database.redacted()} to version {schema.LATEST} "
+            f"(applied {', '.join(map(str, applied))})"
+        )
+    else:
+        print(f"schema of {settings.database.redacted()} is up to date (version {schema.LATEST})")
+    return EX_OK
+
+
+async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.template is None):
+        print(
+            "whatsapp-worker: enqueue needs either --template NAME --language CODE or --text BODY",
+            file=sys.stderr,
+        )
+        return 2
+    if args.template is not None and not args.language:
+        print("whatsapp-worker: --template needs --language CODE", file=sys.stderr)
+        return 2
+    session = args.session.strip()
+    if not session or len(session) > 191:
+        print("whatsapp-worker: --session must be 1 to 191 characters", file=sys.stderr)
+        return 2
+    try:
+        rows = read_rows(args.csv, MessageSpec(args.template, args.language, args.text))
+    except CsvError as exc:
+        print(f"whatsapp-worker: {exc.path}: nothing was queued; fix these lines:", file=sys.stderr)
+        for problem in exc.problems[:MAX_ERRORS_SHOWN]:
+            print(f"  {problem}", file=sys.stderr)
+        if len(exc.problems) > MAX_ERRORS_SHOWN:
+            print(f"  ... and {len(exc.problems) - MAX_ERRORS_SHOWN} more", file=sys.stderr)
+        return EX_DATAERR
+    store = await _open_store(settings)
+    try:
+        await _require_schema(store)
+        session_id, added, existing = await store.enqueue(session, rows)
+    finally:
+        await store.close()
+    print(f"session #{session_id} {session!r}: queued {added} new message(s), {existing} already queued")
+    return EX_OK
+
+
+async def _require_schema(store: Store) -> None:
+    version = await store.schema_version()
+    if version < schema.LATEST:
+        raise DatabaseError(
+            f"schema is at version {version}, this worker needs {schema.LATEST}: "
+            "run `whatsapp-worker migrate` first"
+        )
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    log = get_logger(worker_id=settings.worker_id)
+    pidfile = PidFile(settings.pidfile)
+    try:
+        pidfile.acquire()
+    except AlreadyRunning:
+        print(
+            f"whatsapp-worker: another instance is already processing "
+            f"(pidfile {settings.pidfile} is locked); exiting"
+        )
+        return EX_OK
+    except OSError as exc:
+        print(
+            f"whatsapp-worker: cannot open pidfile {settings.pidfile}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    try:
+        store = await _open_store(settings, size=4)
+        try:
+            await _require_schema(store)
+            return await _serve(settings, store, once=args.once, log=log)
+        finally:
+            await store.close()
+    finally:
+        pidfile.release()
+
+
+async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> int:
+    notifier = Notifier()
+    sender = make_sender(settings)
+    daemon = Daemon(settings=settings, store=store, sender=sender, notifier=notifier)
+    log.info(
+        "started",
+        version=__version__,
+        sender=settings.sender,
+        once=once,
+        concurrency=settings.concurrency,
+        rate_limit=settings.rate_limit,
+        database=settings.database.redacted(),
+        pidfile=str(settings.pidfile),
+    )
+    notifier.notify(ready=1, status="sending")
+    try:
+        with daemon.signals():
+            await daemon.run(once=once)
+    finally:
+        await sender.close()
+    return EX_OK
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _open_store(settings)
+    try:
+        await _require_schema(store)
+        sessions = await store.status(args.session)
+    finally:
+        await store.close()
+    if args.json:
+        print(json.dumps({"sessions": sessions}, indent=2, default=str))
+        return EX_OK
+    if not sessions:
+        print("no sessions" if args.session is None else f"no session #{args.session}")
+        return EX_OK if args.session is None else 1
+    for session in sessions:
+        print(_format_session(session))
+    return EX_OK
+
+
+def _format_session(session: dict[str, Any]) -> str:
+    counts, total = session["counts"], session["total"]
+    done = counts["enviado"] + counts["error"] + counts["desconocido"]
+    percent = f"{100 * done // total}%" if total else "-"
+    states = "  ".join(f"{state} {count}" for state, count in counts.items())
+    lines = [
+        f"#{session['id']} {session['name']}  ({session['state']})  [{done}/{total}] {percent}"
+        f"  {session['sent_last_minute'] / 60:.1f} sent/s over the last minute",
+        f"    {states}",
+    ]
+    for error in session["errors"][:5]:
+        code = error["code"] if error["code"] is not None else "-"
+        lines.append(f"    {error['state']} code {code} x{error['count']}: {error['example']}")
+    return "\n".join(lines)
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "migrate": cmd_migrate,
+    "enqueue": cmd_enqueue,
+    "run": cmd_run,
+    "status": cmd_status,
+}

@@ -1,0 +1,188 @@
+"""Settings from the environment. A bad value fails at start-up naming the variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+EX_CONFIG = 78  # sysexits.h: the systemd unit does not restart on this status
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseURL:
+    host: str
+    port: int
+    user: str
+    password: str = field(repr=False)
+    database: str
+
+    @classmethod
+    def parse(cls, raw: str, variable: str = "WORKER_DATABASE_URL") -> DatabaseURL:
+        parts = urlsplit(raw)
+        if parts.scheme not in ("mysql", "mariadb"):
+            raise ConfigError(f"{variable} must start with mysql://, got scheme {parts.scheme!r}")
+        database = parts.path.lstrip("/")
+        if not parts.hostname or not database:
+            raise ConfigError(f"{variable} must look like mysql://user:password@host:port/database")
+        try:
+            port = parts.port or 3306
+        except ValueError:
+            raise ConfigError(f"{variable} has an invalid port") from None
+        return cls(
+            host=parts.hostname,
+            port=port,
+            user=unquote(parts.username or "root"),
+            password=unquote(parts.password or ""),
+            database=unquote(database),
+        )
+
+    def with_database(self, database: str) -> DatabaseURL:
+        return DatabaseURL(self.host, self.port, self.user, self.password, database)
+
+    def redacted(self) -> str:
+        return f"mysql://{self.user}:***@{self.host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database: DatabaseURL
+    api_url: str = "https://graph.facebook.com/v23.0"
+    phone_number_id: str = ""
+    access_token: str = field(default="", repr=False)
+    sender: str = "cloud"
+    concurrency: int = 32
+    rate_limit: float = 80.0
+    poll_interval: float = 1.0
+    lease_seconds: float = 300.0
+    drain_timeout: float = 30.0
+    send_timeout: float = 15.0
+    max_attempts: int = 5
+    retry_base: float = 5.0
+    retry_cap: float = 900.0
+    pause_seconds: float = 60.0
+    pidfile: Path = Path("/run/whatsapp-worker/whatsapp-worker.pid")
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, need_sender: bool = True) -> Settings:
+        """Read every variable; `need_sender=False` skips the API credentials (for `migrate`)."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        sender = reader.choice("WORKER_SENDER", "cloud", ("cloud", "sandbox"))
+        settings = cls(
+            database=DatabaseURL.parse(reader.required("WORKER_DATABASE_URL")),
+            api_url=reader.url("WHATSAPP_API_URL", "https://graph.facebook.com/v23.0"),
+            phone_number_id=reader.text("WHATSAPP_PHONE_NUMBER_ID", ""),
+            access_token=reader.secret("WHATSAPP_ACCESS_TOKEN"),
+            sender=sender,
+            concurrency=reader.integer("WORKER_CONCURRENCY", 32, minimum=1, maximum=10_000),
+            rate_limit=reader.number("WORKER_RATE_LIMIT", 80.0, minimum=0.0),
+            poll_interval=reader.number("WORKER_POLL_INTERVAL", 1.0, minimum=0.01),
+            lease_seconds=reader.number("WORKER_LEASE_SECONDS", 300.0, minimum=1.0),
+            drain_timeout=reader.number("WORKER_DRAIN_TIMEOUT", 30.0, minimum=0.0),
+            send_timeout=reader.number("WORKER_SEND_TIMEOUT", 15.0, minimum=0.1),
+            max_attempts=reader.integer("WORKER_MAX_ATTEMPTS", 5, minimum=1, maximum=1000),
+            retry_base=reader.number("WORKER_RETRY_BASE", 5.0, minimum=0.0),
+            retry_cap=reader.number("WORKER_RETRY_CAP", 900.0, minimum=0.0),
+            pause_seconds=reader.number("WORKER_PAUSE_SECONDS", 60.0, minimum=0.1),
+            pidfile=Path(reader.text("WORKER_PIDFILE", _default_pidfile(env))),
+        )
+        if need_sender and sender == "cloud":
+            if not settings.phone_number_id.isdigit():
+                raise ConfigError("WHATSAPP_PHONE_NUMBER_ID must be set to the sending number's id")
+            if not settings.access_token:
+                raise ConfigError(
+                    "WHATSAPP_ACCESS_TOKEN or WHATSAPP_ACCESS_TOKEN_FILE must be set for the cloud sender"
+                )
+        if settings.lease_seconds <= settings.send_timeout * 2:
+            raise ConfigError(
+                "WORKER_LEASE_SECONDS must be more than twice WORKER_SEND_TIMEOUT "
+                f"({settings.lease_seconds:g} <= 2 x {settings.send_timeout:g})"
+            )
+        return settings
+
+    def secrets(self) -> tuple[str, ...]:
+        """Strings the logs must never show."""
+        return tuple(s for s in (self.access_token, self.database.password) if len(s) >= 4)
+
+
+def _default_pidfile(env: Mapping[str, str]) -> str:
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]  # set by systemd's RuntimeDirectory=
+    return f"{runtime or '/run/whatsapp-worker'}/whatsapp-worker.pid"
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def _get(self, name: str) -> str | None:
+        value = self._env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def required(self, name: str) -> str:
+        value = self._get(name)
+        if value is None:
+            raise ConfigError(f"{name} is not set")
+        return value
+
+    def text(self, name: str, default: str) -> str:
+        return self._get(name) or default
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = (self._get(name) or default).lower()
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        value = self._get(name) or default
+        if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname:
+            raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        raw = self._get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self._get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not value >= minimum or value == float("inf"):
+            raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {raw!r}")
+        return value
+
+    def secret(self, name: str) -> str:
+        """`NAME` or `NAME_FILE` (systemd credentials, docker secrets); never both."""
+        direct, path = self._get(name), self._get(f"{name}_FILE")
+        if direct and path:
+            raise ConfigError(f"set only one of {name} and {name}_FILE")
+        if path is None:
+            return direct or ""
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE cannot be read: {exc.strerror} ({path})") from None
+        if not value:
+            raise ConfigError(f"{name}_FILE is empty ({path})")
+        return value

@@ -1,0 +1,125 @@
+"""What a valid message is: E.164 phones, the Cloud API message object, the request body.
+
+The daemon never trusts what producers wrote into `cola_envios`: a row that fails here ends
+in `error` with the reason before any request is made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+TEXT_BODY_MAX = 4096
+MESSAGE_MAX_BYTES = 64 * 1024
+CALLBACK_PREFIX = "cola:"
+TYPES = frozenset(
+    {
+        "text",
+        "template",
+        "image",
+        "audio",
+        "video",
+        "document",
+        "sticker",
+        "location",
+        "contacts",
+        "interactive",
+        "reaction",
+    }
+)
+# Keys the daemon owns: a producer must not be able to redirect a message.
+RESERVED = ("to", "messaging_product", "recipient_type", "biz_opaque_callback_data")
+
+
+class InvalidMessage(ValueError):
+    """The row can never become a valid request; the text says why."""
+
+
+def normalize_phone(raw: str) -> str:
+    """'+51 987-654-321' -> '+51987654321'; raises InvalidMessage if not E.164."""
+    phone = re.sub(r"[\s\-().]", "", raw)
+    if not E164.match(phone):
+        raise InvalidMessage(f"phone {raw!r} is not in E.164 form (+ country code and number)")
+    return phone
+
+
+def parse_message(raw: str | bytes) -> dict[str, Any]:
+    """Parse and check a `mensaje` column value."""
+    if len(raw) > MESSAGE_MAX_BYTES:
+        raise InvalidMessage(f"mensaje is {len(raw)} bytes, more than {MESSAGE_MAX_BYTES}")
+    try:
+        message = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(f"mensaje is not valid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise InvalidMessage("mensaje must be a JSON object")
+    for key in RESERVED:
+        if key in message:
+            raise InvalidMessage(f"mensaje must not contain {key!r} (the worker sets it)")
+    kind = message.get("type")
+    if kind not in TYPES:
+        raise InvalidMessage(f"mensaje.type {kind!r} is not a WhatsApp message type")
+    if not isinstance(message.get(kind), dict):
+        raise InvalidMessage(f"mensaje.{kind} must be an object")
+    if kind == "text":
+        _check_text(message["text"])
+    elif kind == "template":
+        _check_template(message["template"])
+    return message
+
+
+def _check_text(text: dict[str, Any]) -> None:
+    body = text.get("body")
+    if not isinstance(body, str) or not body.strip():
+        raise InvalidMessage("mensaje.text.body must be a non-empty string")
+    if len(body) > TEXT_BODY_MAX:
+        raise InvalidMessage(f"mensaje.text.body has {len(body)} characters, more than {TEXT_BODY_MAX}")
+
+
+def _check_template(template: dict[str, Any]) -> None:
+    if not isinstance(template.get("name"), str) or not template["name"]:
+        raise InvalidMessage("mensaje.template.name must be a non-empty string")
+    language = template.get("language")
+    if not isinstance(language, dict) or not isinstance(language.get("code"), str):
+        raise InvalidMessage("mensaje.template.language.code must be a string")
+    components = template.get("components", [])
+    if not isinstance(components, list):
+        raise InvalidMessage("mensaje.template.components must be a list")
+    for index, component in enumerate(components):
+        params = component.get("parameters", []) if isinstance(component, dict) else None
+        if not isinstance(params, list):
+            raise InvalidMessage(f"mensaje.template.components[{index}] is malformed")
+        for param in params:
+            if isinstance(param, dict) and param.get("type") == "text":
+                if not str(param.get("text", "")).strip():
+                    raise InvalidMessage(f"mensaje.template.components[{index}] has an empty text parameter")
+
+
+def template_message(name: str, language: str, params: list[str]) -> dict[str, Any]:
+    template: dict[str, Any] = {"name": name, "language": {"code": language}}
+    if params:
+        template["components"] = [
+            {"type": "body", "parameters": [{"type": "text", "text": p} for p in params]}
+        ]
+    return {"type": "template", "template": template}
+
+
+def text_message(body: str, params: list[str]) -> dict[str, Any]:
+    """A text message; `{{1}}`, `{{2}}` ... in the body take the CSV's extra columns."""
+    for number, value in enumerate(params, start=1):
+        body = body.replace(f"{{{{{number}}}}}", value)
+    return {"type": "text", "text": {"body": body, "preview_url": False}}
+
+
+def request_body(row_id: int, phone: str, message: dict[str, Any]) -> bytes:
+    """The POST body: the row id rides in biz_opaque_callback_data for webhook reconciliation."""
+    body = {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": phone,
+        **message,
+        "biz_opaque_callback_data": f"{CALLBACK_PREFIX}{row_id}",
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

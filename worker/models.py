@@ -1,0 +1,64 @@
+"""Value types shared by the store, the sender and the daemon."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class RowState(StrEnum):
+    """`cola_envios.estado`: the values the PHP application and the runbook know."""
+
+    PENDING = "pendiente"
+    PROCESSING = "procesando"
+    SENT = "enviado"
+    ERROR = "error"
+    UNKNOWN = "desconocido"  # the request may have reached Meta: never re-sent automatically
+
+
+class SessionState(StrEnum):
+    ACTIVE = "activa"
+    PAUSED = "pausada"
+    CANCELLED = "cancelada"
+    COMPLETED = "completada"
+
+
+class Outcome(StrEnum):
+    """What one send attempt proved."""
+
+    SENT = "sent"  # Meta accepted it: we hold its wamid
+    RETRY = "retry"  # Meta provably did not accept it: try again later
+    PERMANENT = "permanent"  # Meta rejected it for good
+    UNKNOWN = "unknown"  # the request may have been delivered: never re-send blindly
+    PAUSE = "pause"  # account-level problem: stop all sending, give the row back untouched
+    RELEASED = "released"  # never sent (shutdown or pause): back to the queue, no attempt spent
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed row. `lease_token` fences every write made after the claim."""
+
+    id: int
+    sesion_id: int
+    cliente_id: int | None
+    telefono: str
+    mensaje: str
+    attempts: int
+    lease_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    outcome: Outcome
+    wamid: str | None = None
+    error_code: int | None = None
+    error_text: str | None = None
+    retry_after: float | None = None  # seconds; set by the daemon for RETRY
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A send result waiting to be written, with the claim it belongs to."""
+
+    job: Job
+    result: SendResult

@@ -1,0 +1,54 @@
+"""A token bucket for sends per second on this daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+class RateLimiter:
+    """`take(n)` waits for at least one token and takes up to `n`; `refund` gives unused back.
+
+    The daemon takes tokens before it claims rows, so a claimed row is sent at once and
+    never waits in memory for its turn. A rate of 0 means no limit.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate = rate
+        self._capacity = burst if burst is not None else max(1.0, rate / 10)
+        self._tokens = self._capacity
+        self._clock = clock
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+
+    def available(self) -> int:
+        if self._rate <= 0:
+            return 1 << 30
+        self._refill()
+        return int(self._tokens)
+
+    async def take(self, wanted: int) -> int:
+        if self._rate <= 0:
+            return wanted
+        while True:
+            self._refill()
+            if self._tokens >= 1:
+                got = min(wanted, int(self._tokens))
+                self._tokens -= got
+                return got
+            await asyncio.sleep((1 - self._tokens) / self._rate)
+
+    def refund(self, count: int) -> None:
+        if self._rate > 0 and count > 0:
+            self._tokens = min(self._capacity, self._tokens + count)

@@ -49,7 +49,7 @@ def configure(*, secrets: Iterable[str] = (), stream: TextIO | None = None, fmt:
         ]
     else:
         renderer = structlog.dev.ConsoleRenderer(
-            exception_formatter=structlog.dev.plain_traceback, sort_keys=False
+            exception_formatter=structlog.dev.plain_traceback, sort_keys=False, colors=stream.isatty()
         )
         exceptions = []
     structlog.configure(

@@ -15,9 +15,10 @@ from worker.config import EX_CONFIG, ConfigError, Settings
 from worker.daemon import Daemon
 from worker.enqueue import MAX_ERRORS_SHOWN, CsvError, MessageSpec, read_rows
 from worker.log import configure, get_logger
+from worker.models import SessionState
 from worker.pidfile import AlreadyRunning, PidFile
 from worker.sender import make_sender
-from worker.store import DatabaseError, Store
+from worker.store import DatabaseError, RefusedChange, Store
 from worker.systemd import Notifier
 
 EX_OK, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE = 0, 65, 69, 70
@@ -42,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon")
     run.add_argument("--once", action="store_true", help="drain what is due, then exit")
 
+    retry = commands.add_parser("retry", help="send a session's failed rows again")
+    retry.add_argument("--session", type=int, required=True, help="session id")
+    retry.add_argument(
+        "--include-unknown",
+        action="store_true",
+        help="also re-send rows whose outcome is unknown (they may have been delivered already)",
+    )
+    for name, text in (
+        ("pause", "stop sending a session (in-flight sends finish)"),
+        ("resume", "send a paused session again"),
+        ("cancel", "stop a session for good: its waiting rows end in error"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--session", type=int, required=True, help="session id")
+
     status = commands.add_parser("status", help="per-session progress")
     status.add_argument("--session", type=int, help="only this session id")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -62,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseError as exc:
         print(f"whatsapp-worker: database error: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except RefusedChange as exc:
+        print(f"whatsapp-worker: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -223,9 +242,47 @@ def _format_session(session: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _open_store(settings)
+    try:
+        await _require_schema(store)
+        count = await store.retry_session(args.session, include_unknown=args.include_unknown)
+    finally:
+        await store.close()
+    which = "error and unknown-outcome" if args.include_unknown else "error"
+    print(f"session #{args.session}: {count} {which} row(s) queued again")
+    return EX_OK
+
+
+SESSION_COMMANDS = {
+    "pause": (SessionState.PAUSED, "paused: {rows} waiting row(s) held back"),
+    "resume": (SessionState.ACTIVE, "resumed: {rows} row(s) waiting to be sent"),
+    "cancel": (SessionState.CANCELLED, "cancelled: {rows} waiting row(s) closed as error, not sent"),
+}
+
+
+async def cmd_session_state(settings: Settings, args: argparse.Namespace) -> int:
+    state, message = SESSION_COMMANDS[args.command]
+    store = await _open_store(settings)
+    try:
+        await _require_schema(store)
+        change = await store.set_session_state(args.session, state)
+    finally:
+        await store.close()
+    if change.before == change.after:
+        print(f"session #{args.session} was already {change.after}: nothing changed")
+    else:
+        print(f"session #{args.session} {message.format(rows=change.rows)}")
+    return EX_OK
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "migrate": cmd_migrate,
     "enqueue": cmd_enqueue,
     "run": cmd_run,
     "status": cmd_status,
+    "retry": cmd_retry,
+    "pause": cmd_session_state,
+    "resume": cmd_session_state,
+    "cancel": cmd_session_state,
 }

@@ -68,6 +68,7 @@ class Settings:
     retry_base: float = 5.0
     retry_cap: float = 900.0
     pause_seconds: float = 60.0
+    template_pause_seconds: float = 3600.0
     pidfile: Path = Path("/run/whatsapp-worker/whatsapp-worker.pid")
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
@@ -93,6 +94,7 @@ class Settings:
             retry_base=reader.number("WORKER_RETRY_BASE", 5.0, minimum=0.0),
             retry_cap=reader.number("WORKER_RETRY_CAP", 900.0, minimum=0.0),
             pause_seconds=reader.number("WORKER_PAUSE_SECONDS", 60.0, minimum=0.1),
+            template_pause_seconds=reader.number("WORKER_TEMPLATE_PAUSE_SECONDS", 3600.0, minimum=1.0),
             pidfile=Path(reader.text("WORKER_PIDFILE", _default_pidfile(env))),
         )
         if need_sender and sender == "cloud":

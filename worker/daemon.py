@@ -7,6 +7,7 @@ are exactly its sends in flight. Results go to a Recorder that writes them in ba
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import time
@@ -25,12 +26,13 @@ from worker.models import Finished, Job, Outcome, SendResult
 from worker.ratelimit import RateLimiter
 from worker.recorder import Recorder
 from worker.retry import backoff
-from worker.sender import Sender
+from worker.sender import MAINTENANCE_CODE, TEMPLATE_DEAD_CODES, TEMPLATE_PAUSED_CODE, Sender
 from worker.store import DatabaseError, Store
 from worker.systemd import Notifier
 
 DB_ERRORS = (DatabaseError, pymysql.err.MySQLError, OSError)
-RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers
+RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
+MAINTENANCE_PAUSE = 60.0  # 131057: Meta says about a minute
 MARKETING_LIMIT_DELAY = 24 * 3600.0  # 131049: Meta asks for at least 24 h
 MARKETING_LIMIT_CODE = 131049
 
@@ -64,6 +66,8 @@ class Daemon:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._forced = asyncio.Event()
         self._paused_until = 0.0
+        self._probing = False  # after a pause: one send at a time until one succeeds
+        self._held_templates: dict[str, float] = {}
         self._db_down_since: float | None = None
         self._last_watchdog = 0.0
         self.report = RunReport()
@@ -113,16 +117,18 @@ class Daemon:
 
     async def _dispatch(self, *, once: bool) -> None:
         next_recovery = 0.0
+        recovery_every = min(RECOVERY_INTERVAL, self._settings.lease_seconds / 2)
         while not self._stop.is_set():
             self._wake.clear()
             now = time.monotonic()
             if now >= next_recovery:
-                next_recovery = now + RECOVERY_INTERVAL
+                next_recovery = now + recovery_every
                 await self._recover()
             if now < self._paused_until:
                 await self._sleep(self._paused_until - now)
                 continue
-            free = self._settings.concurrency - len(self._in_flight)
+            slots = 1 if self._probing else self._settings.concurrency
+            free = slots - len(self._in_flight)
             if free < (self._batch_min if self._in_flight else 1):
                 await self._wake.wait()
                 continue
@@ -185,12 +191,15 @@ class Daemon:
         except asyncio.CancelledError:
             # Cancelled after the drain timeout: the request may already be on the wire.
             result = SendResult(Outcome.UNKNOWN, error_text="send cancelled at shutdown")
-            self._finish(job, result, log)
+            self._finish(job, self._settle(job, result, log))
             raise
         except Exception as exc:  # a bug must not leave the row claimed with no word
             log.exception("send_crashed")
             result = SendResult(Outcome.UNKNOWN, error_text=f"worker error: {type(exc).__name__}")
-        self._finish(job, result, log)
+        result = self._settle(job, result, log)
+        if result.error_code == TEMPLATE_PAUSED_CODE or result.error_code in TEMPLATE_DEAD_CODES:
+            await self._hold_template(job, result)
+        self._finish(job, result)
 
     async def _attempt(self, job: Job) -> SendResult:
         try:
@@ -201,8 +210,7 @@ class Daemon:
             return SendResult(Outcome.PERMANENT, error_text=f"invalid row: {exc}")
         return await self._sender.send(job, message)
 
-    def _finish(self, job: Job, result: SendResult, log: Any) -> None:
-        result = self._settle(job, result, log)
+    def _finish(self, job: Job, result: SendResult) -> None:
         self.report.outcomes[result.outcome.value] += 1
         self._recorder.add(Finished(job, result))
 
@@ -212,6 +220,7 @@ class Daemon:
         fields = {"code": result.error_code, "reason": result.error_text}
         match result.outcome:
             case Outcome.SENT:
+                self._probing = False
                 log.info("message_sent", wamid=result.wamid)
             case Outcome.RETRY if attempt >= self._settings.max_attempts:
                 result = SendResult(
@@ -242,19 +251,55 @@ class Daemon:
                 log.error("message_failed", **fields)
             case Outcome.UNKNOWN:
                 log.error("message_outcome_unknown", **fields)
+            case Outcome.PAUSE if result.error_code == TEMPLATE_PAUSED_CODE:
+                result = SendResult(
+                    Outcome.PAUSE,
+                    error_code=result.error_code,
+                    error_text=result.error_text,
+                    retry_after=self._settings.template_pause_seconds,
+                )
             case Outcome.PAUSE:
-                self._pause(result)
+                seconds = self._settings.pause_seconds
+                if result.error_code == MAINTENANCE_CODE:
+                    seconds = min(seconds, MAINTENANCE_PAUSE)
+                self._pause(result, seconds)
         return result
 
-    def _pause(self, result: SendResult) -> None:
+    def _pause(self, result: SendResult, seconds: float) -> None:
+        """Stop claiming for `seconds`; then probe with one send before opening up again."""
         if time.monotonic() >= self._paused_until:
             self._log.error(
                 "sending_paused",
                 code=result.error_code,
                 reason=result.error_text,
-                seconds=self._settings.pause_seconds,
+                seconds=seconds,
+                action="rows go back untouched; one probe send after the pause",
             )
-        self._paused_until = time.monotonic() + self._settings.pause_seconds
+        self._paused_until = time.monotonic() + seconds
+        self._probing = True
+
+    async def _hold_template(self, job: Job, result: SendResult) -> None:
+        """Meta paused or disabled a template: hold back its other waiting rows."""
+        name = str(json.loads(job.mensaje)["template"]["name"])
+        now = time.monotonic()
+        if self._held_templates.get(name, 0.0) > now:
+            return
+        seconds = self._settings.template_pause_seconds
+        self._held_templates[name] = now + seconds
+        try:
+            held = await self._store.defer_template(name, seconds)
+        except DB_ERRORS as exc:
+            self._held_templates.pop(name, None)
+            self._log.error("template_hold_failed", template=name, error=str(exc))
+            return
+        self._log.error(
+            "template_held",
+            template=name,
+            code=result.error_code,
+            reason=result.error_text,
+            rows=held,
+            seconds=seconds,
+        )
 
     # -- stop -----------------------------------------------------------------------------
 

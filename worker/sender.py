@@ -19,7 +19,10 @@ from worker.config import Settings
 from worker.messages import request_body
 from worker.models import Job, Outcome, SendResult
 
-RETRY_CODES = frozenset({4, 80007, 130429, 131056, 131057, 131049})
+RETRY_CODES = frozenset({4, 80007, 130429, 131056, 131049})
+MAINTENANCE_CODE = 131057  # account in maintenance: pause briefly (about a minute)
+TEMPLATE_PAUSED_CODE = 132015  # template paused for low quality: hold that template's rows
+TEMPLATE_DEAD_CODES = frozenset({132001, 132007, 132016})  # missing / policy / disabled
 UNKNOWN_CODES = frozenset({1, 2, 131000, 131016})
 PAUSE_CODES = frozenset({0, 3, 10, 190, 131005, 131031, 131042, 131045, 131048, 133010}) | frozenset(
     range(200, 300)
@@ -33,7 +36,7 @@ def classify_error(code: int | None, http_status: int) -> Outcome:
         return Outcome.RETRY
     if code in UNKNOWN_CODES:
         return Outcome.UNKNOWN
-    if code in PAUSE_CODES:
+    if code in PAUSE_CODES or code in (MAINTENANCE_CODE, TEMPLATE_PAUSED_CODE):
         return Outcome.PAUSE
     if code is None:
         if http_status == 429:

@@ -45,6 +45,18 @@ class DatabaseError(Exception):
     """The database refused or could not be reached; the message is safe to log."""
 
 
+class RefusedChange(Exception):
+    """An operator command that does not apply (no such session, wrong state)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChange:
+    session_id: int
+    before: SessionState
+    after: SessionState
+    rows: int  # rows held back (pause), waiting again (resume) or closed (cancel)
+
+
 @dataclass(frozen=True, slots=True)
 class Recorded:
     written: int  # rows whose result was stored
@@ -211,6 +223,8 @@ class Store:
         """Write a batch of results in one transaction, fenced on each row's lease token.
 
         A sent row becomes `enviado` and gains its `envios_whatsapp` row in the same commit.
+        A row recovered as `desconocido` while this worker was cut off still carries its token:
+        the result this worker knows replaces the guess.
         """
         if not finished:
             return Recorded(0, 0)
@@ -220,7 +234,7 @@ class Store:
                 ids = [f.job.id for f in finished]
                 await cur.execute(
                     f"SELECT id, lease_token FROM cola_envios WHERE id IN ({_placeholders(len(ids))})"
-                    " AND estado = 'procesando' FOR UPDATE",
+                    " AND estado IN ('procesando', 'desconocido') FOR UPDATE",
                     ids,
                 )
                 tokens = dict(await cur.fetchall())
@@ -242,7 +256,7 @@ class Store:
             {
                 f.job.id: int((f.result.retry_after or 0) * 1_000_000)
                 for f in rows
-                if f.result.outcome is Outcome.RETRY
+                if f.result.outcome in (Outcome.RETRY, Outcome.PAUSE)
             },
         )
         attempted = [f for f in rows if f.result.outcome in SPENDS_ATTEMPT]
@@ -285,6 +299,8 @@ class Store:
         """Rows whose worker died: their request may have left, so they become unknown.
 
         The daemon claims only rows it sends at once, so every claimed row may be in flight.
+        The lease token stays: a worker that was only cut off from the database can still
+        write the result it holds in memory (see `record`).
         """
 
         async def attempt() -> int:
@@ -294,7 +310,7 @@ class Store:
                     " last_error_code = NULL,"
                     " last_error = CONCAT('lease of ', COALESCE(lease_owner, '?'),"
                     " ' expired while the message may have been in flight'),"
-                    " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL"
+                    " lease_owner = NULL, lease_expires_at = NULL"
                     " WHERE estado = 'procesando' AND lease_expires_at < NOW(6)"
                 )
                 return int(cur.rowcount)
@@ -351,7 +367,7 @@ class Store:
                 await cur.execute("SELECT estado FROM sesiones_envio WHERE id = %s FOR UPDATE", (session_id,))
                 (state,) = await cur.fetchone()
                 if state == SessionState.CANCELLED:
-                    raise DatabaseError(f"session {session_name!r} (#{session_id}) is cancelled")
+                    raise RefusedChange(f"session {session_name!r} (#{session_id}) is cancelled")
                 before = await self._count_rows(cur, session_id)
                 if rows:
                     await cur.executemany(
@@ -373,6 +389,107 @@ class Store:
         await cur.execute("SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s", (session_id,))
         (count,) = await cur.fetchone()
         return int(count)
+
+    async def defer_template(self, name: str, seconds: float) -> int:
+        """Hold back the waiting rows of one template (paused or disabled by Meta)."""
+
+        async def attempt() -> int:
+            async with self._transaction() as cur:
+                await cur.execute(
+                    "UPDATE cola_envios SET next_attempt_at = NOW(6) + INTERVAL %s MICROSECOND"
+                    " WHERE estado = 'pendiente' AND next_attempt_at < NOW(6) + INTERVAL %s MICROSECOND"
+                    " AND JSON_VALID(mensaje)"
+                    " AND JSON_UNQUOTE(JSON_EXTRACT(mensaje, '$.template.name')) = %s",
+                    (int(seconds * 1e6), int(seconds * 1e6), name),
+                )
+                return int(cur.rowcount)
+
+        return await with_transient_retry(attempt)
+
+    async def set_session_state(self, session_id: int, state: SessionState) -> SessionChange:
+        """pause / resume / cancel a session; says what changed."""
+        allowed = {
+            SessionState.PAUSED: (SessionState.ACTIVE,),
+            SessionState.ACTIVE: (SessionState.PAUSED,),
+            SessionState.CANCELLED: (SessionState.ACTIVE, SessionState.PAUSED),
+        }[state]
+
+        async def attempt() -> SessionChange:
+            async with self._transaction() as cur:
+                before = await self._lock_session(cur, session_id)
+                if before == state:
+                    return SessionChange(session_id, before, before, 0)
+                if before not in allowed:
+                    raise RefusedChange(f"session #{session_id} is {before}: cannot become {state}")
+                await cur.execute("UPDATE sesiones_envio SET estado = %s WHERE id = %s", (state, session_id))
+                rows = await self._park_rows(cur, session_id, state)
+            return SessionChange(session_id, before, state, rows)
+
+        return await with_transient_retry(attempt)
+
+    @staticmethod
+    async def _park_rows(cur: aiomysql.Cursor, session_id: int, state: SessionState) -> int:
+        """Move a held session's waiting rows out of (or back into) the claim range.
+
+        Shifting `next_attempt_at` by a century keeps the claim scan short however many rows a
+        paused session holds, and shifting back restores each row's own schedule exactly.
+        """
+        if state is SessionState.PAUSED:
+            sql = "next_attempt_at = next_attempt_at + INTERVAL 100 YEAR"
+            where = ""
+        elif state is SessionState.ACTIVE:
+            sql = "next_attempt_at = next_attempt_at - INTERVAL 100 YEAR"
+            where = " AND next_attempt_at > NOW(6) + INTERVAL 50 YEAR"
+        else:
+            sql = (
+                "estado = 'error', last_error_code = NULL,"
+                " last_error = 'session cancelled by the operator: not sent'"
+            )
+            where = ""
+        await cur.execute(
+            f"UPDATE cola_envios SET {sql} WHERE sesion_id = %s AND estado = 'pendiente'{where}",
+            (session_id,),
+        )
+        if state is SessionState.ACTIVE:
+            await cur.execute(
+                "SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s AND estado = 'pendiente'",
+                (session_id,),
+            )
+            (count,) = await cur.fetchone()
+            return int(count)
+        return int(cur.rowcount)
+
+    async def retry_session(self, session_id: int, *, include_unknown: bool) -> int:
+        """Send `error` rows (and, only when asked, `desconocido` rows) again."""
+        states = ("error", "desconocido") if include_unknown else ("error",)
+
+        async def attempt() -> int:
+            async with self._transaction() as cur:
+                before = await self._lock_session(cur, session_id)
+                if before == SessionState.CANCELLED:
+                    raise RefusedChange(f"session #{session_id} is cancelled: nothing to retry")
+                await cur.execute(
+                    "UPDATE cola_envios SET estado = 'pendiente', attempts = 0,"
+                    " next_attempt_at = NOW(6), lease_token = NULL"
+                    f" WHERE sesion_id = %s AND estado IN ({_placeholders(len(states))})",
+                    (session_id, *states),
+                )
+                count = int(cur.rowcount)
+                if count and before == SessionState.COMPLETED:
+                    await cur.execute(
+                        "UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (session_id,)
+                    )
+            return count
+
+        return await with_transient_retry(attempt)
+
+    @staticmethod
+    async def _lock_session(cur: aiomysql.Cursor, session_id: int) -> SessionState:
+        await cur.execute("SELECT estado FROM sesiones_envio WHERE id = %s FOR UPDATE", (session_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise RefusedChange(f"there is no session #{session_id}")
+        return SessionState(row[0])
 
     async def status(self, session_id: int | None = None) -> list[dict[str, Any]]:
         """Per-session progress: counts per state, sends in the last minute, top errors."""

@@ -57,6 +57,10 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
+        if self._server is None:  # cut while connecting upstream
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
         self._writers |= {writer, up_writer}
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 

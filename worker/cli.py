@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    if os.environ.get("WORKER_EVENT_LOOP", "uvloop") == "asyncio":
+        return asyncio.run(coro)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

@@ -128,7 +128,9 @@ class Daemon:
                 await self._sleep(self._paused_until - now)
                 continue
             slots = 1 if self._probing else self._settings.concurrency
-            free = slots - len(self._in_flight)
+            # A row holds its slot until its result is written: the rows this worker has
+            # claimed never exceed WORKER_CONCURRENCY, so a crash leaves at most that many unknown.
+            free = slots - len(self._in_flight) - self._recorder.pending
             if free < (self._batch_min if self._in_flight else 1):
                 await self._wake.wait()
                 continue

@@ -28,6 +28,7 @@ DEADLOCK, LOCK_WAIT_TIMEOUT = 1213, 1205
 TRANSIENT_ERRORS = frozenset({DEADLOCK, LOCK_WAIT_TIMEOUT})
 UNKNOWN_DATABASE = 1049
 ERROR_TEXT_MAX = 1000
+TRANSACTION_TIMEOUT = 15.0  # seconds; a TimeoutError is an OSError, handled as an outage
 
 # The states an attempt ends a row in; RELEASED and PAUSE give the row back untouched.
 STATE_AFTER = {
@@ -91,8 +92,55 @@ async def with_transient_retry(action: Callable[[], Awaitable[T]], attempts: int
     raise AssertionError("unreachable")
 
 
+class ConnectionPool:
+    """A few connections to one database, handed out one transaction at a time.
+
+    Written here rather than using aiomysql's Pool: that pool wakes no waiter when a closed
+    connection is returned, so after an outage a claim could wait forever for a free slot.
+    A semaphore counts the slots; a broken connection is dropped and replaced on demand.
+    """
+
+    def __init__(self, url: DatabaseURL, size: int) -> None:
+        self._url = url
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[aiomysql.Connection] = []
+
+    async def acquire(self) -> aiomysql.Connection:
+        await self._slots.acquire()
+        try:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+            return await aiomysql.connect(
+                host=self._url.host,
+                port=self._url.port,
+                user=self._url.user,
+                password=self._url.password,
+                db=self._url.database,
+                autocommit=False,
+                charset="utf8mb4",
+                connect_timeout=10,
+                init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: aiomysql.Connection, *, broken: bool = False) -> None:
+        if broken:
+            conn.close()
+        elif not conn.closed:
+            self._idle.append(conn)
+        self._slots.release()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
 class Store:
-    def __init__(self, pool: aiomysql.Pool, *, worker_id: str = "") -> None:
+    def __init__(self, pool: ConnectionPool, *, worker_id: str = "") -> None:
         self._pool = pool
         self.worker_id = worker_id
 
@@ -100,42 +148,41 @@ class Store:
     async def connect(
         cls, url: DatabaseURL, *, size: int = 4, worker_id: str = "", create_database: bool = False
     ) -> Store:
+        """Open the pool and check the database answers (a clear error if it does not)."""
         if create_database:
             await _create_database(url)
+        store = cls(ConnectionPool(url, size), worker_id=worker_id)
         try:
-            pool = await aiomysql.create_pool(
-                host=url.host,
-                port=url.port,
-                user=url.user,
-                password=url.password,
-                db=url.database,
-                minsize=1,
-                maxsize=size,
-                autocommit=False,
-                charset="utf8mb4",
-                connect_timeout=10,
-                pool_recycle=3600,
-                init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-            )
+            await store.ping()
         except (pymysql.err.MySQLError, OSError) as exc:
             raise DatabaseError(f"cannot connect to {url.redacted()}: {_describe(exc)}") from None
-        return cls(pool, worker_id=worker_id)
+        return store
 
     async def close(self) -> None:
         self._pool.close()
-        await self._pool.wait_closed()
+
+    @asynccontextmanager
+    async def _connection(
+        self, deadline: float | None = TRANSACTION_TIMEOUT
+    ) -> AsyncIterator[aiomysql.Connection]:
+        # aiomysql has no read timeout: a connection that died silently would hang forever
+        # (and keep its row locks), so every use has a deadline.
+        async with asyncio.timeout(deadline):
+            conn = await self._pool.acquire()
+            try:
+                yield conn
+            except BaseException:
+                # A broken or cancelled connection must not go back to the pool half-used.
+                self._pool.release(conn, broken=True)
+                raise
+            self._pool.release(conn)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiomysql.Cursor]:
-        async with self._pool.acquire() as conn:
-            try:
-                async with conn.cursor() as cur:
-                    yield cur
-                await conn.commit()
-            except BaseException:
-                # A broken or cancelled connection must not go back to the pool half-used.
-                conn.close()
-                raise
+        async with self._connection() as conn:
+            async with conn.cursor() as cur:
+                yield cur
+            await conn.commit()
 
     async def ping(self) -> None:
         async with self._transaction() as cur:
@@ -146,7 +193,7 @@ class Store:
     async def migrate(self) -> list[int]:
         """Apply what is missing, under a named lock so two `migrate` runs do not race."""
         applied: list[int] = []
-        async with self._pool.acquire() as conn, conn.cursor() as cur:
+        async with self._connection(deadline=None) as conn, conn.cursor() as cur:
             await cur.execute("SELECT GET_LOCK('whatsapp_worker_migrate', 60)")
             (locked,) = await cur.fetchone()
             if locked != 1:

@@ -42,8 +42,10 @@ async def test_concurrent_claims_take_disjoint_rows_and_never_more_than_asked(sq
     claims = await asyncio.gather(*(store.claim(15, lease_seconds=30) for _ in range(6)))
     ids = [job.id for claim in claims for job in claim]
     assert all(len(claim) <= 15 for claim in claims)
-    assert len(ids) == len(set(ids)) == 90
-    assert sql.states() == {"procesando": 90, "pendiente": 10}
+    # SKIP LOCKED may hand a claim fewer rows while others hold locks (MySQL more often than
+    # MariaDB); what matters is that no row is claimed twice and none is lost.
+    assert len(ids) == len(set(ids)) and 15 <= len(ids) <= 90
+    assert sql.states() == {"procesando": len(ids), "pendiente": 100 - len(ids)}
     expiry = sql.value(
         "SELECT MIN(TIMESTAMPDIFF(SECOND, NOW(6), lease_expires_at)) FROM cola_envios"
         " WHERE estado = 'procesando'"

@@ -31,7 +31,6 @@ class Outcome(StrEnum):
     PERMANENT = "permanent"  # Meta rejected it for good
     UNKNOWN = "unknown"  # the request may have been delivered: never re-send blindly
     PAUSE = "pause"  # account-level problem: stop all sending, give the row back untouched
-    RELEASED = "released"  # never sent (shutdown or pause): back to the queue, no attempt spent
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,12 +32,6 @@ class RateLimiter:
         self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
 
-    def available(self) -> int:
-        if self._rate <= 0:
-            return 1 << 30
-        self._refill()
-        return int(self._tokens)
-
     async def take(self, wanted: int) -> int:
         if self._rate <= 0:
             return wanted

@@ -103,6 +103,7 @@ class _SessionProgress:
     total: int
     read_at: float
     logged_at: float = 0.0
+    completed: bool = False
 
 
 class Progress:
@@ -145,5 +146,7 @@ class Progress:
             total=entry.total,
             progress=f"[{entry.done}/{entry.total}]",
         )
-        if complete and await self._store.complete_sessions([sid]):
-            self._log.info("session_completed", sesion_id=sid, total=entry.total)
+        if complete and not entry.completed:
+            entry.completed = True  # one attempt per totals refresh, not one per batch
+            if await self._store.complete_session(sid):
+                self._log.info("session_completed", sesion_id=sid, total=entry.total)

@@ -30,14 +30,13 @@ UNKNOWN_DATABASE = 1049
 ERROR_TEXT_MAX = 1000
 TRANSACTION_TIMEOUT = 15.0  # seconds; a TimeoutError is an OSError, handled as an outage
 
-# The states an attempt ends a row in; RELEASED and PAUSE give the row back untouched.
+# The state each outcome leaves a row in; PAUSE gives the row back without spending an attempt.
 STATE_AFTER = {
     Outcome.SENT: RowState.SENT,
     Outcome.RETRY: RowState.PENDING,
     Outcome.PERMANENT: RowState.ERROR,
     Outcome.UNKNOWN: RowState.UNKNOWN,
     Outcome.PAUSE: RowState.PENDING,
-    Outcome.RELEASED: RowState.PENDING,
 }
 SPENDS_ATTEMPT = frozenset({Outcome.SENT, Outcome.RETRY, Outcome.PERMANENT, Outcome.UNKNOWN})
 
@@ -350,16 +349,21 @@ class Store:
         write the result it holds in memory (see `record`).
         """
 
+        return await self._update(
+            "UPDATE cola_envios SET estado = 'desconocido', attempts = attempts + 1,"
+            " last_error_code = NULL,"
+            " last_error = CONCAT('lease of ', COALESCE(lease_owner, '?'),"
+            " ' expired while the message may have been in flight'),"
+            " lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE estado = 'procesando' AND lease_expires_at < NOW(6)"
+        )
+
+    async def _update(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """One statement in its own short transaction, retried on deadlock; rows changed."""
+
         async def attempt() -> int:
             async with self._transaction() as cur:
-                await cur.execute(
-                    "UPDATE cola_envios SET estado = 'desconocido', attempts = attempts + 1,"
-                    " last_error_code = NULL,"
-                    " last_error = CONCAT('lease of ', COALESCE(lease_owner, '?'),"
-                    " ' expired while the message may have been in flight'),"
-                    " lease_owner = NULL, lease_expires_at = NULL"
-                    " WHERE estado = 'procesando' AND lease_expires_at < NOW(6)"
-                )
+                await cur.execute(sql, args)
                 return int(cur.rowcount)
 
         return await with_transient_retry(attempt)
@@ -378,20 +382,15 @@ class Store:
             )
             return {row[0]: (int(row[1]), int(row[2])) for row in await cur.fetchall()}
 
-    async def complete_sessions(self, session_ids: Iterable[int]) -> list[int]:
-        """Mark active sessions with nothing left to send as completed."""
-        completed = []
-        for session_id in session_ids:
-            async with self._transaction() as cur:
-                await cur.execute(
-                    "UPDATE sesiones_envio SET estado = 'completada' WHERE id = %s"
-                    " AND estado = 'activa' AND NOT EXISTS (SELECT 1 FROM cola_envios"
-                    " WHERE sesion_id = %s AND estado IN ('pendiente', 'procesando'))",
-                    (session_id, session_id),
-                )
-                if cur.rowcount:
-                    completed.append(session_id)
-        return completed
+    async def complete_session(self, session_id: int) -> bool:
+        """Mark an active session with nothing left to send as completed."""
+        changed = await self._update(
+            "UPDATE sesiones_envio SET estado = 'completada' WHERE id = %s"
+            " AND estado = 'activa' AND NOT EXISTS (SELECT 1 FROM cola_envios"
+            " WHERE sesion_id = %s AND estado IN ('pendiente', 'procesando'))",
+            (session_id, session_id),
+        )
+        return changed == 1
 
     # -- producers and operators ----------------------------------------------------------
 
@@ -440,18 +439,14 @@ class Store:
     async def defer_template(self, name: str, seconds: float) -> int:
         """Hold back the waiting rows of one template (paused or disabled by Meta)."""
 
-        async def attempt() -> int:
-            async with self._transaction() as cur:
-                await cur.execute(
-                    "UPDATE cola_envios SET next_attempt_at = NOW(6) + INTERVAL %s MICROSECOND"
-                    " WHERE estado = 'pendiente' AND next_attempt_at < NOW(6) + INTERVAL %s MICROSECOND"
-                    " AND JSON_VALID(mensaje)"
-                    " AND JSON_UNQUOTE(JSON_EXTRACT(mensaje, '$.template.name')) = %s",
-                    (int(seconds * 1e6), int(seconds * 1e6), name),
-                )
-                return int(cur.rowcount)
-
-        return await with_transient_retry(attempt)
+        delay = int(seconds * 1_000_000)
+        return await self._update(
+            "UPDATE cola_envios SET next_attempt_at = NOW(6) + INTERVAL %s MICROSECOND"
+            " WHERE estado = 'pendiente' AND next_attempt_at < NOW(6) + INTERVAL %s MICROSECOND"
+            " AND JSON_VALID(mensaje)"
+            " AND JSON_UNQUOTE(JSON_EXTRACT(mensaje, '$.template.name')) = %s",
+            (delay, delay, name),
+        )
 
     async def set_session_state(self, session_id: int, state: SessionState) -> SessionChange:
         """pause / resume / cancel a session; says what changed."""

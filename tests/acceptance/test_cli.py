@@ -9,19 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.acceptance.processes import RUNBOOK, WorkerProcess
 from tests.conftest import SQL, WORKER_BIN, base_env
 from tests.fakeapi import FakeCloudAPI
 from worker.config import DatabaseURL
-
-RUNBOOK = """SELECT cliente_id, COUNT(*) as envios FROM envios_whatsapp
-WHERE fecha_envio >= DATE_SUB(NOW(), INTERVAL 10 MINUTE)
-GROUP BY cliente_id HAVING COUNT(*) > 1"""
-
-
-def start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*WORKER_BIN, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
 
 
 def test_three_daemons_send_each_of_3000_rows_exactly_once(
@@ -32,23 +23,24 @@ def test_three_daemons_send_each_of_3000_rows_exactly_once(
     fake_api.latency = 0.01
 
     daemons = [
-        start(
+        WorkerProcess(
             worker_env(WORKER_PIDFILE=str(tmp_path / f"host{i}.pid"), WORKER_CONCURRENCY="40"),
             "run",
             "--once",
+            logs=tmp_path,
         )
         for i in range(3)
     ]
-    outputs = [d.communicate(timeout=120) for d in daemons]
+    codes = [d.wait(timeout=120) for d in daemons]
 
-    assert [d.returncode for d in daemons] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert codes == [0, 0, 0], [d.stderr[-2000:] for d in daemons]
     counts = fake_api.counts()
     assert sorted(counts) == sorted(phones) and set(counts.values()) == {1}
     assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3000
     assert sql.states() == {"enviado": 3000}
     assert sql.rows(RUNBOOK) == []
     # every daemon took part: the database claim, not the pidfile, kept them apart
-    senders = [sum(1 for line in out.splitlines() if '"message_sent"' in line) for out, _ in outputs]
+    senders = [sum(1 for e in d.events() if e["event"] == "message_sent") for d in daemons]
     assert sum(senders) == 3000 and all(n > 0 for n in senders), senders
 
 
@@ -60,35 +52,35 @@ def test_second_run_on_the_same_pidfile_exits_zero_and_sends_nothing(
     fake_api.latency = 0.3
     env = worker_env(WORKER_CONCURRENCY="4")
 
-    first, second = start(env, "run", "--once"), start(env, "run", "--once")
+    first, second = (WorkerProcess(env, "run", "--once", logs=tmp_path) for _ in range(2))
     assert fake_api.wait_for_requests(1)
     holder = (tmp_path / "worker.pid").read_text()
-    outputs = {p.pid: p.communicate(timeout=60) for p in (first, second)}
 
-    assert first.returncode == 0 and second.returncode == 0
-    refused = [pid for pid, (out, _) in outputs.items() if "another instance is already processing" in out]
+    assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+    refused = [p.pid for p in (first, second) if "another instance is already processing" in p.stdout]
     assert len(refused) == 1
     runner = ({first.pid, second.pid} - set(refused)).pop()
     pid, stamp = holder.strip().split(" - ")
     assert int(pid) == runner and time.strptime(stamp, "%Y-%m-%d %H:%M:%S")
     assert set(fake_api.counts().values()) == {1} and len(fake_api.counts()) == 20
-    assert "test-token" not in "".join(out + err for out, err in outputs.values())
+    assert "test-token" not in "".join(p.stdout + p.stderr for p in (first, second))
 
 
 def test_sigterm_drains_in_flight_sends_and_leaves_nothing_processing(
-    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
 ) -> None:
     session = sql.add_session()
     sql.add_rows(session, 100)
     fake_api.latency = 1.0
-    daemon = start(worker_env(WORKER_CONCURRENCY="10", WORKER_DRAIN_TIMEOUT="10"), "run")
+    daemon = WorkerProcess(
+        worker_env(WORKER_CONCURRENCY="10", WORKER_DRAIN_TIMEOUT="10"), "run", logs=tmp_path
+    )
     assert fake_api.wait_until(lambda: fake_api.in_flight == 10)
 
     sent_at = time.monotonic()
     daemon.send_signal(signal.SIGTERM)
-    out, err = daemon.communicate(timeout=20)
 
-    assert daemon.returncode == 0, err
+    assert daemon.wait(timeout=20) == 0, daemon.stderr
     assert time.monotonic() - sent_at < 10
     states = sql.states()
     assert "procesando" not in states
@@ -96,7 +88,7 @@ def test_sigterm_drains_in_flight_sends_and_leaves_nothing_processing(
     sent = {r["telefono"] for r in sql.rows("SELECT telefono FROM cola_envios WHERE estado = 'enviado'")}
     assert sent == received and len(received) >= 10
     assert states["pendiente"] == 100 - len(received)
-    events = [json.loads(line)["event"] for line in out.splitlines()]
+    events = [e["event"] for e in daemon.events()]
     assert "stop_requested" in events and events[-1] == "stopped"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
@@ -13,9 +12,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.acceptance.test_cli import RUNBOOK, start
-from tests.conftest import SQL, WORKER_BIN, base_env
+from tests.acceptance.processes import RUNBOOK, WorkerProcess, eventually
+from tests.conftest import SQL, WORKER_BIN, base_env, database_url_text
 from tests.fakeapi import FakeCloudAPI, Step
+from tests.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
 
 
@@ -62,13 +62,38 @@ def test_operator_commands_pause_resume_cancel_and_retry(
     assert missing.returncode == 1 and "there is no session #999" in missing.stderr
 
 
-def _wait_for(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)  # polls the database for a condition, bounded by the deadline
-    return check()
+def test_database_outage_mid_drain_completes_without_restart_or_duplicates(
+    sql: SQL,
+    db_url: DatabaseURL,
+    fake_api: FakeCloudAPI,
+    worker_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    session = sql.add_session()
+    phones = sql.add_rows(session, 400)
+    fake_api.latency = 0.02
+    with TcpProxy(db_url.host, db_url.port) as proxy:
+        proxied = DatabaseURL("127.0.0.1", proxy.port, db_url.user, db_url.password, db_url.database)
+        env = worker_env(
+            WORKER_DATABASE_URL=database_url_text(proxied), WORKER_CONCURRENCY="8", WORKER_RATE_LIMIT="100"
+        )
+        daemon = WorkerProcess(env, "run", logs=tmp_path)
+        assert fake_api.wait_for_requests(100, timeout=30)
+        proxy.cut()
+        cut_at = len(fake_api.requests)
+        assert eventually(lambda: "database_unavailable" in daemon.stdout, 10)
+        time.sleep(3)  # the outage window: the database stays away while the daemon keeps trying
+        during = len(fake_api.requests) - cut_at
+        proxy.restore()
+        assert eventually(lambda: sql.states() == {"enviado": 400}, 60), sql.states()
+        assert daemon.alive()  # it rode out the outage without exiting
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr
+    assert during <= 8  # only the sends already in flight finished while it was cut off
+    assert set(fake_api.counts().values()) == {1} and sorted(fake_api.counts()) == sorted(phones)
+    assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 400
+    events = [e["event"] for e in daemon.events()]
+    assert events.count("database_unavailable") == 1 and "database_available" in events
 
 
 def test_chaos_kills_and_faults_never_duplicate_and_leave_every_row_final(
@@ -101,7 +126,7 @@ def test_chaos_kills_and_faults_never_duplicate_and_leave_every_row_final(
         )
         for i in range(3)
     }
-    daemons = {i: start(env[i], "run") for i in range(3)}
+    daemons = {i: WorkerProcess(env[i], "run", logs=tmp_path) for i in range(3)}
     rng = random.Random(3)
     killed: list[int] = []
     token_window = threading.Timer(4.0, fake_api.fail_all, args=(Step.error(190, http_status=401),))
@@ -118,18 +143,17 @@ def test_chaos_kills_and_faults_never_duplicate_and_leave_every_row_final(
                 break
             time.sleep(2.0)  # the chaos cadence: a kill every couple of seconds
             victim = rng.randrange(3)
-            os.kill(daemons[victim].pid, signal.SIGKILL)
-            daemons[victim].wait()
+            daemons[victim].send_signal(signal.SIGKILL)
+            daemons[victim].wait(timeout=10)
             killed.append(daemons[victim].pid)
-            daemons[victim].communicate()
-            daemons[victim] = start(env[victim], "run")
+            daemons[victim] = WorkerProcess(env[victim], "run", logs=tmp_path)
     finally:
         token_window.cancel()
         token_back.cancel()
         for daemon in daemons.values():
             daemon.send_signal(signal.SIGTERM)
         for daemon in daemons.values():
-            daemon.communicate(timeout=30)
+            daemon.wait(timeout=30)
 
     states = sql.states()
     assert set(states) <= {"enviado", "error", "desconocido"}, states

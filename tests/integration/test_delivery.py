@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 
 from tests.conftest import SQL
@@ -158,3 +159,26 @@ async def test_expired_token_pauses_without_failing_rows(
     assert sql.states() == {"pendiente": 5}
     assert sql.value("SELECT MAX(attempts) FROM cola_envios") == 0
     assert len(fake_api.requests) == 1  # paused after the first 190, not burning the queue
+
+
+async def test_sending_resumes_by_itself_when_the_token_works_again(
+    sql: SQL, fake_api: FakeCloudAPI, settings: Callable[..., Settings]
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 20)
+    fake_api.fail_all(Step.error(190, http_status=401))
+    # the token is renewed after six refusals: the first wave of 4 sends, then two probes
+    renew = threading.Thread(
+        target=lambda: fake_api.wait_for_requests(6) and fake_api.fail_all(None), daemon=True
+    )
+    renew.start()
+
+    await drain(
+        settings(concurrency=4, pause_seconds=0.2), once=False, until=lambda: sql.states() == {"enviado": 20}
+    )
+
+    renew.join(5)
+    refused = [r for r in fake_api.requests if r.outcome == "error:190"]
+    assert len(refused) == 6  # after the first wave, one probe per pause: the queue is not burnt
+    assert sql.value("SELECT MAX(attempts) FROM cola_envios") == 1  # refusals spent no attempt
+    assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE last_error_code IS NOT NULL") == 0

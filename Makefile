@@ -6,7 +6,7 @@ DEMO_DATABASE_URL ?= mysql://root@127.0.0.1:3306/whatsapp_worker_demo
 WORKER_TEST_DATABASE_URL ?= mysql://root@127.0.0.1:3306/
 export WORKER_TEST_DATABASE_URL
 
-.PHONY: demo test test-db lint clean
+.PHONY: demo test test-db lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

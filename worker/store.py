@@ -292,18 +292,42 @@ class Store:
         return await with_transient_retry(attempt)
 
     async def _write_results(self, cur: aiomysql.Cursor, rows: list[Finished]) -> None:
+        sent = {f.job.id: f.result.wamid for f in rows if f.result.outcome is Outcome.SENT}
+        if sent:
+            await self._write_sent(cur, sent)
+        others = [f for f in rows if f.result.outcome is not Outcome.SENT]
+        if others:
+            await self._write_unsent(cur, others)
+
+    @staticmethod
+    async def _write_sent(cur: aiomysql.Cursor, wamids: dict[int, str | None]) -> None:
+        """The common case, kept lean: `enviado` plus the `envios_whatsapp` row."""
+        wamid_sql, wamid_params = _case("wamid", wamids)
+        in_ids = _placeholders(len(wamids))
+        await cur.execute(
+            f"UPDATE cola_envios SET estado = 'enviado', wamid = {wamid_sql},"
+            " attempts = attempts + 1, sent_at = NOW(6), last_error_code = NULL, last_error = NULL,"
+            " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL"
+            f" WHERE id IN ({in_ids})",
+            (*wamid_params, *wamids),
+        )
+        await cur.execute(
+            "INSERT INTO envios_whatsapp (cola_id, sesion_id, cliente_id, telefono, wamid,"
+            " fecha_envio) SELECT id, sesion_id, cliente_id, telefono, wamid, NOW()"
+            f" FROM cola_envios WHERE id IN ({in_ids})",
+            list(wamids),
+        )
+
+    @staticmethod
+    async def _write_unsent(cur: aiomysql.Cursor, rows: list[Finished]) -> None:
+        """Retry, error, unknown, pause: per-row state, attempt, delay and error in one UPDATE."""
         ids = [f.job.id for f in rows]
         state_sql, state_params = _case("estado", {f.job.id: STATE_AFTER[f.result.outcome] for f in rows})
         spent_sql, spent_params = _case(
             "0", {f.job.id: int(f.result.outcome in SPENDS_ATTEMPT) for f in rows}
         )
         delay_sql, delay_params = _case(
-            "0",
-            {
-                f.job.id: int((f.result.retry_after or 0) * 1_000_000)
-                for f in rows
-                if f.result.outcome in (Outcome.RETRY, Outcome.PAUSE)
-            },
+            "0", {f.job.id: int((f.result.retry_after or 0) * 1_000_000) for f in rows}
         )
         attempted = [f for f in rows if f.result.outcome in SPENDS_ATTEMPT]
         code_sql, code_params = _case("last_error_code", {f.job.id: f.result.error_code for f in attempted})
@@ -311,35 +335,15 @@ class Store:
             "last_error",
             {f.job.id: (f.result.error_text or "")[:ERROR_TEXT_MAX] or None for f in attempted},
         )
-        sent = {f.job.id: f.result.wamid for f in rows if f.result.outcome is Outcome.SENT}
-        wamid_sql, wamid_params = _case("wamid", sent)
-        sent_at_sql = f"IF(id IN ({_placeholders(len(sent))}), NOW(6), sent_at)" if sent else "sent_at"
         await cur.execute(
             f"UPDATE cola_envios SET estado = {state_sql}, attempts = attempts + {spent_sql},"
             f" next_attempt_at = IF(estado = 'pendiente',"
             f" NOW(6) + INTERVAL {delay_sql} MICROSECOND, next_attempt_at),"
-            f" last_error_code = {code_sql}, last_error = {text_sql}, wamid = {wamid_sql},"
-            f" sent_at = {sent_at_sql},"
+            f" last_error_code = {code_sql}, last_error = {text_sql},"
             " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL"
             f" WHERE id IN ({_placeholders(len(ids))})",
-            (
-                *state_params,
-                *spent_params,
-                *delay_params,
-                *code_params,
-                *text_params,
-                *wamid_params,
-                *sent,
-                *ids,
-            ),
+            (*state_params, *spent_params, *delay_params, *code_params, *text_params, *ids),
         )
-        if sent:
-            await cur.execute(
-                "INSERT INTO envios_whatsapp (cola_id, sesion_id, cliente_id, telefono, wamid,"
-                " fecha_envio) SELECT id, sesion_id, cliente_id, telefono, wamid, NOW()"
-                f" FROM cola_envios WHERE id IN ({_placeholders(len(sent))})",
-                list(sent),
-            )
 
     async def recover_expired(self) -> int:
         """Rows whose worker died: their request may have left, so they become unknown.

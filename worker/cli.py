@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("--session", type=int, required=True, help="session id")
 
+    commands.add_parser("health", help="exit 0 if the local daemon is alive and making progress")
+
     status = commands.add_parser("status", help="per-session progress")
     status.add_argument("--session", type=int, help="only this session id")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env(need_sender=args.command == "run")
+        if args.command == "health":
+            return health(settings)
     except ConfigError as exc:
         print(f"whatsapp-worker: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -208,6 +213,30 @@ async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> i
             await daemon.run(once=once)
     finally:
         await sender.close()
+    return EX_OK
+
+
+def health(settings: Settings) -> int:
+    """Healthy: a process holds the pidfile lock and its loop went round recently.
+
+    Reads two local files and nothing else, so it is cheap enough for a container HEALTHCHECK.
+    """
+    holder = PidFile(settings.pidfile).holder()
+    if holder is None:
+        print(f"unhealthy: no daemon holds {settings.pidfile}")
+        return 1
+    try:
+        age = time.time() - settings.heartbeat_path.stat().st_mtime
+    except OSError:
+        print(f"unhealthy: daemon {holder} has not written {settings.heartbeat_path} yet")
+        return 1
+    if age > settings.heartbeat_max_age:
+        print(
+            f"unhealthy: daemon {holder} last went round {age:.0f}s ago "
+            f"(more than {settings.heartbeat_max_age:.0f}s)"
+        )
+        return 1
+    print(f"healthy: daemon {holder}, last went round {age:.1f}s ago")
     return EX_OK
 
 

@@ -79,7 +79,7 @@ class Settings:
         reader = _Reader(env)
         sender = reader.choice("WORKER_SENDER", "cloud", ("cloud", "sandbox"))
         settings = cls(
-            database=DatabaseURL.parse(reader.required("WORKER_DATABASE_URL")),
+            database=DatabaseURL.parse(reader.required_secret("WORKER_DATABASE_URL")),
             api_url=reader.url("WHATSAPP_API_URL", "https://graph.facebook.com/v23.0"),
             phone_number_id=reader.text("WHATSAPP_PHONE_NUMBER_ID", ""),
             access_token=reader.secret("WHATSAPP_ACCESS_TOKEN"),
@@ -111,6 +111,17 @@ class Settings:
             )
         return settings
 
+    @property
+    def heartbeat_path(self) -> Path:
+        """Touched each time the daemon's loop goes round; read by `health`."""
+        return self.pidfile.with_suffix(".heartbeat")
+
+    @property
+    def heartbeat_max_age(self) -> float:
+        """Longest quiet spell of a healthy loop: every slot busy with a send at its timeout,
+        or a database call at its 15 s deadline."""
+        return max(30.0, 2 * self.send_timeout, 3 * self.poll_interval) + 15.0
+
     def secrets(self) -> tuple[str, ...]:
         """Strings the logs must never show."""
         return tuple(s for s in (self.access_token, self.database.password) if len(s) >= 4)
@@ -133,6 +144,12 @@ class _Reader:
         value = self._get(name)
         if value is None:
             raise ConfigError(f"{name} is not set")
+        return value
+
+    def required_secret(self, name: str) -> str:
+        value = self.secret(name)
+        if not value:
+            raise ConfigError(f"{name} (or {name}_FILE) is not set")
         return value
 
     def text(self, name: str, default: str) -> str:

@@ -32,6 +32,7 @@ from worker.systemd import Notifier
 
 DB_ERRORS = (DatabaseError, pymysql.err.MySQLError, OSError)
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
+BEAT_EVERY = 5.0  # the loop goes round at least this often, even while paused
 MAINTENANCE_PAUSE = 60.0  # 131057: Meta says about a minute
 MARKETING_LIMIT_DELAY = 24 * 3600.0  # 131049: Meta asks for at least 24 h
 MARKETING_LIMIT_CODE = 131049
@@ -70,6 +71,8 @@ class Daemon:
         self._held_templates: dict[str, float] = {}
         self._db_down_since: float | None = None
         self._last_watchdog = 0.0
+        self._last_beat = 0.0
+        self._heartbeat = settings.heartbeat_path
         self.report = RunReport()
         # Claim in batches when busy: one claim per freed slot would make the database the
         # bottleneck; "no more rows than free slots" still holds.
@@ -121,11 +124,12 @@ class Daemon:
         while not self._stop.is_set():
             self._wake.clear()
             now = time.monotonic()
+            self._beat(now)
             if now >= next_recovery:
                 next_recovery = now + recovery_every
                 await self._recover()
             if now < self._paused_until:
-                await self._sleep(self._paused_until - now)
+                await self._sleep(min(self._paused_until - now, BEAT_EVERY))
                 continue
             slots = 1 if self._probing else self._settings.concurrency
             # A row holds its slot until its result is written: the rows this worker has
@@ -137,7 +141,6 @@ class Daemon:
             claimed = await self._claim(free)
             if claimed is None:
                 continue  # database trouble: _claim waited already
-            self._ping_watchdog()
             if claimed:
                 continue
             if once:
@@ -347,9 +350,20 @@ class Daemon:
             )
             self._db_down_since = None
 
-    def _ping_watchdog(self) -> None:
+    def _beat(self, now: float) -> None:
+        """The loop went round: touch the heartbeat file (`health`) and ping systemd's watchdog.
+
+        Paused or waiting for the database still counts as alive: a restart would lose the
+        results held in memory. Only a loop that stops going round goes stale.
+        """
+        if now - self._last_beat < 1.0:
+            return
+        self._last_beat = now
+        try:
+            self._heartbeat.touch(exist_ok=True)
+        except OSError:
+            pass  # `health` will report the stale heartbeat; sending must not stop for it
         interval = self._notifier.watchdog_interval
-        now = time.monotonic()
         if interval and now - self._last_watchdog >= interval / 2:
             self._last_watchdog = now
             self._notifier.notify(watchdog=1, status=self._status_line())

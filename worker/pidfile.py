@@ -36,6 +36,21 @@ class PidFile:
         os.pwrite(fd, f"{os.getpid()} - {stamp}\n".encode(), 0)
         self._fd = fd
 
+    def holder(self) -> str | None:
+        """`PID - timestamp` of the process holding the lock, or None if nobody holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            return None  # we could lock it: nobody holds it
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self._fd is None:
             return

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.acceptance.processes import RUNBOOK, WorkerProcess
+from tests.acceptance.processes import RUNBOOK, WorkerProcess, eventually
 from tests.conftest import SQL, WORKER_BIN, base_env
 from tests.fakeapi import FakeCloudAPI
 from worker.config import DatabaseURL
@@ -98,7 +98,7 @@ def test_missing_database_url_exits_78_naming_the_variable(worker_env: Callable[
     result = subprocess.run([*WORKER_BIN, "run"], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 78
     assert result.stderr.strip().splitlines() == [
-        "whatsapp-worker: configuration error: WORKER_DATABASE_URL is not set"
+        "whatsapp-worker: configuration error: WORKER_DATABASE_URL (or WORKER_DATABASE_URL_FILE) is not set"
     ]
 
 
@@ -179,3 +179,22 @@ def test_status_reports_counts_per_session(sql: SQL, db_url: DatabaseURL) -> Non
         timeout=30,
     ).stdout
     assert "[1/3]" in text and "code 131026 x1" in text
+
+
+def test_health_reports_whether_the_local_daemon_is_alive(
+    worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    env = worker_env()
+
+    def health() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*WORKER_BIN, "health"], env=env, capture_output=True, text=True, timeout=30)
+
+    before = health()
+    assert before.returncode == 1 and "no daemon holds" in before.stdout
+    daemon = WorkerProcess(env, "run", logs=tmp_path)
+    assert eventually(lambda: (tmp_path / "worker.heartbeat").exists(), 20), daemon.stderr
+    during = health()
+    assert during.returncode == 0 and f"healthy: daemon {daemon.pid} - " in during.stdout
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    assert health().returncode == 1

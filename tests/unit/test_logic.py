@@ -108,6 +108,10 @@ def test_settings_errors_name_the_variable(tmp_path: Path) -> None:
     token.write_text("EAAG-secret\n")
     settings = Settings.from_env({**base, "WHATSAPP_ACCESS_TOKEN_FILE": str(token)})
     assert settings.access_token == "EAAG-secret" and "EAAG" not in repr(settings)
+    url_file = tmp_path / "url"
+    url_file.write_text("mysql://app:s3cret@db:3306/envios\n")
+    from_file = Settings.from_env({"WORKER_SENDER": "sandbox", "WORKER_DATABASE_URL_FILE": str(url_file)})
+    assert from_file.database.password == "s3cret" and "s3cret" not in repr(from_file)
     assert "p@" not in repr(settings)
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,13 @@ def settings(db_url: DatabaseURL, fake_api: FakeCloudAPI, tmp_path: Path) -> Cal
         return Settings(**values)
 
     return make
+
+
+def eventually(check: Callable[[], bool], seconds: float) -> bool:
+    """Poll a condition (the database, a log file) until it holds or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,13 +56,3 @@ class WorkerProcess:
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
-
-
-def eventually(check: Callable[[], bool], seconds: float) -> bool:
-    """Poll a condition (the database, a log file) until it holds or `seconds` pass."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()

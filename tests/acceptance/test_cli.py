@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.acceptance.processes import RUNBOOK, WorkerProcess, eventually
-from tests.conftest import SQL, WORKER_BIN, base_env
+from tests.acceptance.processes import RUNBOOK, WorkerProcess
+from tests.conftest import SQL, WORKER_BIN, base_env, eventually
 from tests.fakeapi import FakeCloudAPI
 from worker.config import DatabaseURL
 

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.acceptance.processes import RUNBOOK, WorkerProcess, eventually
-from tests.conftest import SQL, WORKER_BIN, base_env, database_url_text
+from tests.acceptance.processes import RUNBOOK, WorkerProcess
+from tests.conftest import SQL, WORKER_BIN, base_env, database_url_text, eventually
 from tests.fakeapi import FakeCloudAPI, Step
 from tests.tcpproxy import TcpProxy
 from worker.config import DatabaseURL

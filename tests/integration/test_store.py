@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pymysql
 import pytest
 
-from tests.conftest import SQL
+from tests.conftest import SQL, connect, eventually
 from worker.config import DatabaseURL
-from worker.models import Finished, Outcome, SendResult
+from worker.models import Finished, Job, Outcome, SendResult
 from worker.store import Store
 
 
@@ -94,3 +95,48 @@ async def test_expired_leases_become_unknown(sql: SQL, store: Store) -> None:
 async def test_migrate_is_idempotent(store: Store) -> None:
     assert await store.migrate() == []
     assert await store.schema_version() == 1
+
+
+async def test_a_deadlocked_result_write_is_retried_and_lands(
+    sql: SQL, store: Store, db_url: DatabaseURL
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 3)
+    first, second = await store.claim(2, lease_seconds=30)
+    other = connect(db_url, db_url.database)
+    try:
+        await _deadlock_with(other, store, first, second, sql)
+    finally:
+        other.close()  # never leave its locks behind: dropping the database would wait on them
+    assert sql.states() == {"enviado": 2, "pendiente": 1}
+
+
+async def _deadlock_with(other: Any, store: Store, first: Job, second: Job, sql: SQL) -> None:
+    other.autocommit(False)
+    with other.cursor() as cur:  # another transaction holds row 2 and has written more than us,
+        cur.execute(  # so InnoDB picks our write as the deadlock victim
+            "UPDATE cola_envios SET updated_at = NOW(6) WHERE id IN (%s, %s)",
+            (second.id, second.id + 1),
+        )
+    write = asyncio.create_task(
+        store.record(
+            [
+                Finished(first, SendResult(Outcome.SENT, wamid="wamid.1")),
+                Finished(second, SendResult(Outcome.SENT, wamid="wamid.2")),
+            ]
+        )
+    )
+    # our write is stuck on row 2 (it already holds row 1) once its query has run a second
+    waiting = (
+        "SELECT COUNT(*) AS n FROM information_schema.processlist"
+        " WHERE info LIKE 'SELECT id, lease_token%%' AND time >= 1"
+    )
+    assert await asyncio.to_thread(eventually, lambda: sql.value(waiting) == 1, 10)
+
+    def close_the_cycle() -> None:
+        with other.cursor() as cur:  # wants row 1, which our write holds: a deadlock
+            cur.execute("SELECT id FROM cola_envios WHERE id = %s FOR UPDATE", (first.id,))
+        other.commit()
+
+    await asyncio.to_thread(close_the_cycle)  # raises if InnoDB chose the other side instead
+    assert (await write).written == 2

@@ -19,6 +19,7 @@ import itertools
 import json
 import random
 import threading
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from aiohttp import web
 
 __all__ = ["FakeCloudAPI", "Received", "Step"]
 
-StepKind = Literal["ok", "error", "drop", "late"]
+StepKind = Literal["ok", "error", "drop", "late", "stale"]
 
 _ERROR_TITLES = {
     0: "AuthException",
@@ -53,11 +54,12 @@ class Step:
     http_status: int = 200
     details: str = ""
     delay: float = 0.0
+    wamid: str = ""
 
     @classmethod
-    def ok(cls) -> Step:
-        """HTTP 200 success with a fresh ``wamid.FAKE<n>``; recorded in `accepted`."""
-        return cls("ok")
+    def ok(cls, wamid: str = "") -> Step:
+        """HTTP 200 success with a fresh ``wamid.FAKE<n>`` (or `wamid`); recorded in `accepted`."""
+        return cls("ok", wamid=wamid)
 
     @classmethod
     def error(cls, code: int, http_status: int = 400, details: str = "Fake error.") -> Step:
@@ -90,7 +92,7 @@ class Received:
     body: dict[str, Any]
     callback_data: str | None
     authorization: str | None
-    outcome: str  # "ok", "error:<code>", "drop" or "late"
+    outcome: str  # "ok", "error:<code>", "drop", "late" or "stale" (see drop_stale_after)
     wamid: str | None
 
 
@@ -128,8 +130,21 @@ class FakeCloudAPI:
         latency: float = 0.0,
         phone_number_id: str = "1234567890",
         version: str = "v23.0",
+        keepalive_timeout: float | None = None,
+        drop_stale_after: float | None = None,
     ) -> None:
+        """`keepalive_timeout`: close a keep-alive connection idle this many seconds, like a
+        provider's load balancer does (None: aiohttp's default, about an hour).
+
+        `drop_stale_after`: a request that arrives on a keep-alive connection idle at least
+        this long is dropped unanswered (outcome "stale", never accepted): the provider's idle
+        close crossing the request on the wire, which on 127.0.0.1 is otherwise a sub-millisecond
+        race. The client sees the same "server disconnected" as after `Step.drop()`.
+        """
         self.token = token
+        self.keepalive_timeout = keepalive_timeout
+        self.drop_stale_after = drop_stale_after
+        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.latency = latency
         self.phone_number_id = phone_number_id
         self.version = version
@@ -197,7 +212,10 @@ class FakeCloudAPI:
         self._stop = asyncio.Event()
         app = web.Application()
         app.router.add_post("/{version}/{phone_number_id}/messages", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        options: dict[str, Any] = {}
+        if self.keepalive_timeout is not None:
+            options["keepalive_timeout"] = self.keepalive_timeout
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, **options)
         try:
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -330,6 +348,8 @@ class FakeCloudAPI:
         try:
             return await self._respond(request)
         finally:
+            if request.transport is not None:
+                self._idle_since[request.transport] = asyncio.get_running_loop().time()
             self._handlers.discard(task)
             with self._cond:
                 self._in_flight -= 1
@@ -348,7 +368,15 @@ class FakeCloudAPI:
         callback = body.get("biz_opaque_callback_data")
         callback_data = callback if isinstance(callback, str) else None
 
-        if authorization != f"Bearer {self.token}":
+        idle_since = self._idle_since.get(request.transport) if request.transport else None
+        stale = (
+            self.drop_stale_after is not None
+            and idle_since is not None
+            and asyncio.get_running_loop().time() - idle_since >= self.drop_stale_after
+        )
+        if stale:
+            step = Step("stale")
+        elif authorization != f"Bearer {self.token}":
             step = Step.error(190, http_status=401, details="Error validating access token.")
         elif request.match_info["phone_number_id"] != self.phone_number_id:
             step = Step.error(100, details="Unknown phone number id.")
@@ -358,7 +386,7 @@ class FakeCloudAPI:
             with self._cond:
                 step = self._select(phone)
 
-        wamid = f"wamid.FAKE{next(self._wamids):08d}" if step.kind in ("ok", "late") else None
+        wamid = (step.wamid or f"wamid.FAKE{next(self._wamids):08d}") if step.kind in ("ok", "late") else None
         outcome = f"error:{step.code}" if step.kind == "error" else step.kind
         self._record(Received(phone, body, callback_data, authorization, outcome, wamid))
 
@@ -367,7 +395,7 @@ class FakeCloudAPI:
             await asyncio.sleep(delay)
         if step.kind == "error":
             return web.json_response(_error_body(step.code, step.details), status=step.http_status)
-        if step.kind == "drop":
+        if step.kind in ("drop", "stale"):
             if request.transport is not None:
                 request.transport.close()
             return web.Response()  # never sent: aiohttp sees the closed transport and gives up

@@ -17,6 +17,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
+        self._break_on: bytes | None = None
 
     def __enter__(self) -> TcpProxy:
         self._thread.start()
@@ -31,6 +32,12 @@ class TcpProxy:
 
     def cut(self) -> None:
         self._call(self._close())
+
+    def break_on(self, marker: bytes) -> None:
+        """The next time a client sends `marker` (e.g. a COMMIT), forward it to the server,
+        drop the server's answer and cut that client off: the statement ran, the client
+        never hears so (an OK lost on the way back)."""
+        self._break_on = marker
 
     def restore(self) -> None:
         self._call(self._listen())
@@ -62,13 +69,22 @@ class TcpProxy:
             up_writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(self._pipe(reader, up_writer, client=writer), self._pipe(up_reader, writer))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: asyncio.StreamWriter | None = None,
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+                if client is not None and self._break_on is not None and self._break_on in data:
+                    self._break_on = None
+                    client.transport.abort()  # the server got it; its answer goes nowhere
+                    await asyncio.sleep(1)  # let the server finish before its side closes
         except (ConnectionError, OSError):
             pass
         finally:

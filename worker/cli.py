@@ -16,14 +16,15 @@ from worker import __version__, schema
 from worker.config import EX_CONFIG, ConfigError, Settings
 from worker.daemon import Daemon
 from worker.enqueue import MAX_ERRORS_SHOWN, CsvError, MessageSpec, read_rows
-from worker.log import configure, get_logger
+from worker.log import configure, get_logger, on_sink_lost
 from worker.models import SessionState
 from worker.pidfile import AlreadyRunning, PidFile
 from worker.sender import make_sender
 from worker.store import DatabaseError, RefusedChange, Store
+from worker.store.migrations import SchemaMismatch
 from worker.systemd import Notifier
 
-EX_OK, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE = 0, 65, 69, 70
+EX_OK, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_IOERR = 0, 65, 69, 70, 74
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("migrate", help="create or upgrade the schema")
+    migrate = commands.add_parser("migrate", help="create or upgrade the schema (in place)")
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="print what is found and every statement; change nothing"
+    )
 
     enqueue = commands.add_parser("enqueue", help="queue a session's messages from a CSV file")
     enqueue.add_argument("--session", required=True, help="session name (re-used if it exists)")
@@ -77,10 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"whatsapp-worker: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    configure(secrets=settings.secrets(), stream=sys.stderr if args.command != "run" else None)
+    configure(
+        secrets=settings.secrets(),
+        stream=sys.stderr if args.command != "run" else None,
+        fmt=settings.log_format,
+        level=settings.log_level,
+    )
     command = COMMANDS[args.command]
     try:
         return _run_loop(command(settings, args))
+    except SchemaMismatch as exc:
+        print(f"whatsapp-worker: {exc}", file=sys.stderr)
+        return EX_CONFIG  # systemd does not restart on it: a restart cannot fix the schema
     except DatabaseError as exc:
         print(f"whatsapp-worker: database error: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -103,23 +115,61 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
 
 async def _open_store(settings: Settings, *, size: int = 2, create: bool = False) -> Store:
     return await Store.connect(
-        settings.database, size=size, worker_id=settings.worker_id, create_database=create
+        settings.database,
+        size=size,
+        worker_id=settings.worker_id,
+        db_timeout=settings.db_timeout,
+        create_database=create,
     )
 
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """Upgrade in place; `--dry-run` prints what it found and would run, and changes nothing."""
+    where = settings.database.redacted()
+    if args.dry_run:
+        return await _migrate_dry_run(settings)
     store = await _open_store(settings, create=True)
     try:
-        applied = await store.migrate()
+        applied = await store.migrations.migrate()
     finally:
         await store.close()
-    if applied:
-        print(
-            f"migrated {settings.database.redacted()} to version {schema.LATEST} "
-            f"(applied {', '.join(map(str, applied))})"
-        )
+    if applied.steps:
+        for line in applied.found:
+            print(f"found: {line}")
+        for step in applied.steps:
+            print(f"done: {step.why}")
+    if applied.steps or applied.versions:
+        print(f"migrated {where} to version {schema.LATEST} ({len(applied.steps)} statement(s) run)")
     else:
-        print(f"schema of {settings.database.redacted()} is up to date (version {schema.LATEST})")
+        print(f"schema of {where} is up to date (version {schema.LATEST})")
+    return EX_OK
+
+
+async def _migrate_dry_run(settings: Settings) -> int:
+    where = settings.database.redacted()
+    try:
+        store = await _open_store(settings)
+    except DatabaseError as exc:
+        if exc.code != 1049:  # ER_BAD_DB_ERROR: the database does not exist yet
+            raise
+        print(f"dry run of migrate on {where}: the database does not exist; migrate would create it and:")
+        for table in schema.TABLES:
+            print(f"{table.create()};")
+        return EX_OK
+    try:
+        plan = await store.migrations.plan()
+    finally:
+        await store.close()
+    print(f"dry run of migrate on {where}: nothing is changed")
+    for line in plan.found:
+        print(f"found: {line}")
+    for line in plan.blockers:
+        print(f"blocked: {line} (migrate changes nothing until this is fixed by hand)")
+    if not plan.steps:
+        print("would run nothing: the tables have everything this worker needs")
+    for step in plan.steps:
+        print(f"-- {step.why}\n{step.sql};")
+    print(f"then record schema version {schema.LATEST} in whatsapp_worker_migrations")
     return EX_OK
 
 
@@ -149,7 +199,7 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     store = await _open_store(settings)
     try:
         await _require_schema(store)
-        session_id, added, existing = await store.enqueue(session, rows)
+        session_id, added, existing = await store.sessions.enqueue(session, rows)
     finally:
         await store.close()
     print(f"session #{session_id} {session!r}: queued {added} new message(s), {existing} already queued")
@@ -157,12 +207,11 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _require_schema(store: Store) -> None:
-    version = await store.schema_version()
-    if version < schema.LATEST:
-        raise DatabaseError(
-            f"schema is at version {version}, this worker needs {schema.LATEST}: "
-            "run `whatsapp-worker migrate` first"
-        )
+    """Every table, column, key and state the code needs, not only a version number.
+
+    Raises SchemaMismatch (a DatabaseError): one line naming what is missing.
+    """
+    await store.migrations.require()
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -208,12 +257,18 @@ async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> i
         pidfile=str(settings.pidfile),
     )
     notifier.notify(ready=1, status="sending")
+    # A log reader that went away (a closed pipe) must not cost a result: logging only
+    # observes. The daemon then drains, records everything and exits 74 so the supervisor
+    # restarts it with a working log sink, instead of sending on with nobody watching.
+    on_sink_lost(lambda: daemon.request_stop(exit_code=EX_IOERR, reason="the log output was closed"))
     try:
         with daemon.signals():
-            await daemon.run(once=once)
+            report = await daemon.run(once=once)
     finally:
         await sender.close()
-    return EX_OK
+    if report.reason:
+        print(f"whatsapp-worker: {report.reason}", file=sys.stderr)
+    return report.exit_code
 
 
 def health(settings: Settings) -> int:
@@ -244,7 +299,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     store = await _open_store(settings)
     try:
         await _require_schema(store)
-        sessions = await store.status(args.session)
+        sessions = await store.sessions.status(args.session)
     finally:
         await store.close()
     if args.json:
@@ -278,11 +333,17 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     store = await _open_store(settings)
     try:
         await _require_schema(store)
-        count = await store.retry_session(args.session, include_unknown=args.include_unknown)
+        change = await store.sessions.retry_session(args.session, include_unknown=args.include_unknown)
     finally:
         await store.close()
     which = "error and unknown-outcome" if args.include_unknown else "error"
-    print(f"session #{args.session}: {count} {which} row(s) queued again")
+    print(f"session #{args.session}: {change.queued} {which} row(s) queued again")
+    if change.waiting:
+        until = change.until.strftime("%Y-%m-%d %H:%M:%S UTC") if change.until else "?"
+        print(
+            f"session #{args.session}: {change.waiting} unknown row(s) left alone: the daemon that sent"
+            f" them may still record their true result (until {until}); retry after that"
+        )
     return EX_OK
 
 
@@ -298,7 +359,7 @@ async def cmd_session_state(settings: Settings, args: argparse.Namespace) -> int
     store = await _open_store(settings)
     try:
         await _require_schema(store)
-        change = await store.set_session_state(args.session, state)
+        change = await store.sessions.set_session_state(args.session, state)
     finally:
         await store.close()
     if change.before == change.after:

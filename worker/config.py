@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+DAY = 86_400.0
 EX_CONFIG = 78  # sysexits.h: the systemd unit does not restart on this status
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+# What an HTTP header value or a URL may carry: visible ASCII, no space, no control character.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]*")
 
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable."""
+
+
+def check_header_value(variable: str, value: str) -> None:
+    """Refuse what aiohttp would refuse (or mangle) in a header or URL, without showing it.
+
+    A token file with two lines keeps its inner line break after `.strip()`; a non-ASCII
+    character would be sent as UTF-8 bytes no server expects.
+    """
+    if _HEADER_SAFE.fullmatch(value) is None:
+        position = next(i for i, ch in enumerate(value) if _HEADER_SAFE.fullmatch(ch) is None)
+        raise ConfigError(
+            f"{variable} must be printable ASCII without spaces, line breaks or control characters"
+            f" (offending character at position {position + 1})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +85,15 @@ class Settings:
     lease_seconds: float = 300.0
     drain_timeout: float = 30.0
     send_timeout: float = 15.0
+    db_timeout: float = 15.0
     max_attempts: int = 5
     retry_base: float = 5.0
     retry_cap: float = 900.0
     pause_seconds: float = 60.0
     template_pause_seconds: float = 3600.0
+    http_keepalive: float = 10.0  # seconds an idle connection to the API is kept; 0 = no reuse
+    log_level: str = "info"
+    log_format: str = "auto"
     pidfile: Path = Path("/run/whatsapp-worker/whatsapp-worker.pid")
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
@@ -81,24 +106,30 @@ class Settings:
         settings = cls(
             database=DatabaseURL.parse(reader.required_secret("WORKER_DATABASE_URL")),
             api_url=reader.url("WHATSAPP_API_URL", "https://graph.facebook.com/v23.0"),
-            phone_number_id=reader.text("WHATSAPP_PHONE_NUMBER_ID", ""),
-            access_token=reader.secret("WHATSAPP_ACCESS_TOKEN"),
+            phone_number_id=reader.digits("WHATSAPP_PHONE_NUMBER_ID"),
+            access_token=reader.header_secret("WHATSAPP_ACCESS_TOKEN"),
             sender=sender,
             concurrency=reader.integer("WORKER_CONCURRENCY", 32, minimum=1, maximum=10_000),
-            rate_limit=reader.number("WORKER_RATE_LIMIT", 80.0, minimum=0.0),
-            poll_interval=reader.number("WORKER_POLL_INTERVAL", 1.0, minimum=0.01),
-            lease_seconds=reader.number("WORKER_LEASE_SECONDS", 300.0, minimum=1.0),
-            drain_timeout=reader.number("WORKER_DRAIN_TIMEOUT", 30.0, minimum=0.0),
-            send_timeout=reader.number("WORKER_SEND_TIMEOUT", 15.0, minimum=0.1),
+            rate_limit=reader.number("WORKER_RATE_LIMIT", 80.0, minimum=0.0, maximum=10_000.0),
+            poll_interval=reader.number("WORKER_POLL_INTERVAL", 1.0, minimum=0.01, maximum=3600.0),
+            lease_seconds=reader.number("WORKER_LEASE_SECONDS", 300.0, minimum=1.0, maximum=DAY),
+            drain_timeout=reader.number("WORKER_DRAIN_TIMEOUT", 30.0, minimum=0.0, maximum=3600.0),
+            send_timeout=reader.number("WORKER_SEND_TIMEOUT", 15.0, minimum=0.1, maximum=600.0),
+            db_timeout=reader.number("WORKER_DB_TIMEOUT", 15.0, minimum=0.5, maximum=600.0),
             max_attempts=reader.integer("WORKER_MAX_ATTEMPTS", 5, minimum=1, maximum=1000),
-            retry_base=reader.number("WORKER_RETRY_BASE", 5.0, minimum=0.0),
-            retry_cap=reader.number("WORKER_RETRY_CAP", 900.0, minimum=0.0),
-            pause_seconds=reader.number("WORKER_PAUSE_SECONDS", 60.0, minimum=0.1),
-            template_pause_seconds=reader.number("WORKER_TEMPLATE_PAUSE_SECONDS", 3600.0, minimum=1.0),
+            retry_base=reader.number("WORKER_RETRY_BASE", 5.0, minimum=0.0, maximum=DAY),
+            retry_cap=reader.number("WORKER_RETRY_CAP", 900.0, minimum=0.0, maximum=DAY),
+            pause_seconds=reader.number("WORKER_PAUSE_SECONDS", 60.0, minimum=0.1, maximum=DAY),
+            template_pause_seconds=reader.number(
+                "WORKER_TEMPLATE_PAUSE_SECONDS", 3600.0, minimum=1.0, maximum=7 * DAY
+            ),
+            http_keepalive=reader.number("WORKER_HTTP_KEEPALIVE", 10.0, minimum=0.0, maximum=300.0),
+            log_level=reader.choice("WORKER_LOG_LEVEL", "info", LOG_LEVELS),
+            log_format=reader.choice("WORKER_LOG_FORMAT", "auto", LOG_FORMATS),
             pidfile=Path(reader.text("WORKER_PIDFILE", _default_pidfile(env))),
         )
         if need_sender and sender == "cloud":
-            if not settings.phone_number_id.isdigit():
+            if not settings.phone_number_id:
                 raise ConfigError("WHATSAPP_PHONE_NUMBER_ID must be set to the sending number's id")
             if not settings.access_token:
                 raise ConfigError(
@@ -118,9 +149,10 @@ class Settings:
 
     @property
     def heartbeat_max_age(self) -> float:
-        """Longest quiet spell of a healthy loop: every slot busy with a send at its timeout,
-        or a database call at its 15 s deadline."""
-        return max(30.0, 2 * self.send_timeout, 3 * self.poll_interval) + 15.0
+        """Longest quiet spell of a healthy loop. Its one wait lasts at most 5 s and sends run
+        beside it, so only database calls hold it up: one turn makes at most three (recover,
+        give back, claim), each bounded by WORKER_DB_TIMEOUT. Plus a wait on each side."""
+        return 3 * self.db_timeout + 2 * 5.0
 
     def secrets(self) -> tuple[str, ...]:
         """Strings the logs must never show."""
@@ -155,6 +187,13 @@ class _Reader:
     def text(self, name: str, default: str) -> str:
         return self._get(name) or default
 
+    def digits(self, name: str) -> str:
+        """Empty when unset; otherwise ASCII digits only (it becomes part of the request URL)."""
+        value = self._get(name) or ""
+        if value and not (value.isascii() and value.isdigit()):
+            raise ConfigError(f"{name} must be the sending number's id (digits only), got {value!r}")
+        return value
+
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self._get(name) or default).lower()
         if value not in allowed:
@@ -163,7 +202,15 @@ class _Reader:
 
     def url(self, name: str, default: str) -> str:
         value = self._get(name) or default
-        if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname:
+        # urlsplit silently drops tabs and line breaks: check the raw text as well.
+        if _HEADER_SAFE.fullmatch(value) is None:
+            raise ConfigError(f"{name} must be an http(s) URL of printable ASCII, got {value!r}")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ConfigError(f"{name} must be an http(s) URL, got {value!r}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
         return value.rstrip("/")
 
@@ -179,7 +226,7 @@ class _Reader:
             raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
         return value
 
-    def number(self, name: str, default: float, *, minimum: float) -> float:
+    def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
         raw = self._get(name)
         if raw is None:
             return default
@@ -187,8 +234,15 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-        if not value >= minimum or value == float("inf"):
-            raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {raw!r}")
+        if math.isnan(value) or not minimum <= value <= maximum:  # NaN compares false anyway
+            raise ConfigError(f"{name} must be a number between {minimum:g} and {maximum:g}, got {raw!r}")
+        return value
+
+    def header_secret(self, name: str) -> str:
+        """A secret that goes into an HTTP header: checked without ever being shown."""
+        value = self.secret(name)
+        source = f"{name}_FILE" if self._get(f"{name}_FILE") is not None else name
+        check_header_value(source, value)
         return value
 
     def secret(self, name: str) -> str:

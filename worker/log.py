@@ -6,14 +6,17 @@ rendered line passes through a redactor that blanks the configured secrets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
+
+from worker.config import LOG_FORMATS, LOG_LEVELS
 
 REDACTED = "***"
 
@@ -33,12 +36,75 @@ class _Redactor:
         return line
 
 
-def configure(*, secrets: Iterable[str] = (), stream: TextIO | None = None, fmt: str | None = None) -> None:
+class _Sink:
+    """Whether the log output still works, and who wants to know when it stops."""
+
+    def __init__(self) -> None:
+        self.lost = False
+        self._listeners: list[Callable[[], None]] = []
+
+    def lose(self, stream: TextIO) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        # Point the descriptor at /dev/null so later writes and the interpreter's final flush
+        # succeed quietly (Python's advice for a closed pipe) instead of raising again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        for listener in self._listeners:
+            listener()
+
+
+_sink = _Sink()
+
+
+def on_sink_lost(listener: Callable[[], None]) -> None:
+    """Call `listener` once if the log output fails (a closed pipe, a full disk)."""
+    _sink._listeners.append(listener)
+
+
+class _SinkLogger:
+    """Writes each rendered line; a failing sink is dropped, never raised into the caller.
+
+    Logging observes, it never carries: an exception here would surface in the middle of
+    recording a send result or handling a signal.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        if _sink.lost:
+            return
+        try:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            _sink.lose(self._stream)
+
+    log = debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
+
+
+def configure(
+    *,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+    fmt: str | None = None,
+    level: str | None = None,
+) -> None:
+    """`fmt` (auto/json/console) and `level` (debug/info/warning/error) come from Settings
+    (`log_format`, `log_level`, validated at start-up); None falls back to the environment."""
     stream = stream or sys.stdout
-    fmt = (fmt or os.environ.get("WORKER_LOG_FORMAT") or "auto").lower()
+    fmt = (fmt or os.environ.get("WORKER_LOG_FORMAT") or "auto").strip().lower()
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    level_name = os.environ.get("WORKER_LOG_LEVEL", "info").upper()
-    level = logging.getLevelNamesMapping().get(level_name, logging.INFO)
+    level_name = (level or os.environ.get("WORKER_LOG_LEVEL") or "info").strip().lower()
+    if level_name not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level_name!r}")
+    numeric_level = logging.getLevelNamesMapping()[level_name.upper()]
     renderer: Any
     if as_json:
         renderer = structlog.processors.JSONRenderer()
@@ -60,8 +126,8 @@ def configure(*, secrets: Iterable[str] = (), stream: TextIO | None = None, fmt:
             *exceptions,
             _Redactor(renderer, secrets),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=lambda *_: _SinkLogger(stream),
         cache_logger_on_first_use=True,
     )
 

@@ -50,8 +50,10 @@ def parse_message(raw: str | bytes) -> dict[str, Any]:
     if len(raw) > MESSAGE_MAX_BYTES:
         raise InvalidMessage(f"mensaje is {len(raw)} bytes, more than {MESSAGE_MAX_BYTES}")
     try:
-        message = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        message = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidMessage("mensaje is nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise InvalidMessage(f"mensaje is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise InvalidMessage("mensaje must be a JSON object")
@@ -68,6 +70,10 @@ def parse_message(raw: str | bytes) -> dict[str, Any]:
     elif kind == "template":
         _check_template(message["template"])
     return message
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _check_text(text: dict[str, Any]) -> None:
@@ -122,4 +128,11 @@ def request_body(row_id: int, phone: str, message: dict[str, Any]) -> bytes:
         **message,
         "biz_opaque_callback_data": f"{CALLBACK_PREFIX}{row_id}",
     }
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    # A message that cannot be serialised fails here, before any request: a lone surrogate
+    # ("\\ud800" in the JSON text) fails the UTF-8 encoding, deep nesting the encoder's recursion.
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except RecursionError:
+        raise InvalidMessage("mensaje is nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidMessage(f"mensaje cannot be encoded as JSON: {exc}") from None

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.policy import Decision
 
 
 class RowState(StrEnum):
@@ -31,6 +35,9 @@ class Outcome(StrEnum):
     PERMANENT = "permanent"  # Meta rejected it for good
     UNKNOWN = "unknown"  # the request may have been delivered: never re-send blindly
     PAUSE = "pause"  # account-level problem: stop all sending, give the row back untouched
+    # The request never left: connection refused, DNS failure, connect timeout. Provably not
+    # sent, and not the row's fault: pause all sending and probe, give the row back untouched.
+    UNREACHABLE = "unreachable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +48,10 @@ class Job:
     sesion_id: int
     cliente_id: int | None
     telefono: str
-    mensaje: str
+    mensaje: str | None  # None when it is longer than the API allows (not loaded)
     attempts: int
     lease_token: str
+    mensaje_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +65,7 @@ class SendResult:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """A send result waiting to be written, with the claim it belongs to."""
+    """What a send decided for a row, waiting to be written, with the claim it belongs to."""
 
     job: Job
-    result: SendResult
+    decision: Decision

@@ -1,7 +1,9 @@
 """Writes send results in batches, and logs per-session progress.
 
 Results wait in memory until written: a database that goes away delays the write, it never
-loses a result or causes a re-send (the rows stay claimed under this worker's lease).
+loses a result or causes a re-send (the rows stay claimed under this worker's lease). A batch
+the database refuses is split until the refusing row is isolated; that row gets its own
+recorded reason, and every other row of the batch is written.
 """
 
 from __future__ import annotations
@@ -9,32 +11,35 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pymysql
-
-from worker.models import Finished, Outcome
-from worker.store import DatabaseError, Store
+from worker.heartbeat import BEAT_EVERY
+from worker.models import Finished, RowState
+from worker.store import DatabaseError, DatabaseUnavailable, Recorded, Results, RowRefused
 
 BATCH_MAX = 500
 PROGRESS_EVERY = 1.0  # seconds between progress lines per session
 TOTALS_REFRESH = 10.0  # seconds before session totals are re-read (other daemons send too)
-FINAL = frozenset({Outcome.SENT, Outcome.PERMANENT, Outcome.UNKNOWN})
-DB_ERRORS = (DatabaseError, pymysql.err.MySQLError, OSError)
+FINAL = frozenset({RowState.SENT, RowState.ERROR, RowState.UNKNOWN})
 
 
 class Recorder:
-    def __init__(self, *, store: Store, log: Any, on_written: Callable[[], None]) -> None:
-        self._store = store
+    def __init__(
+        self, *, results: Results, log: Any, on_written: Callable[[], None], on_fatal: Callable[[], None]
+    ) -> None:
+        self._results = results
         self._on_written = on_written
+        self._on_fatal = on_fatal
         self._log = log
         self._queue: list[Finished] = []
         self._ready = asyncio.Event()
         self._closing = False
         self._deadline: float | None = None
-        self._progress = Progress(store=store, log=log)
+        self._progress = Progress(results=results, log=log)
+        self.lost = 0  # results that could not be written at all
+        self.fatal: DatabaseError | None = None  # a statement the database will never accept
 
     @property
     def pending(self) -> int:
@@ -57,12 +62,12 @@ class Recorder:
                 if self._closing:
                     return
                 self._ready.clear()
-                await self._ready.wait()
+                await _wait(self._ready, BEAT_EVERY)
                 continue
             batch = self._queue[:BATCH_MAX]
             try:
-                recorded = await self._store.record(batch)
-            except DB_ERRORS as exc:
+                recorded = await self._write(batch)
+            except DatabaseUnavailable as exc:
                 failures += 1
                 if failures == 1:
                     self._log.error(
@@ -72,14 +77,15 @@ class Recorder:
                         action="kept in memory; retrying",
                     )
                 if self._closing and self._deadline is not None and time.monotonic() > self._deadline:
-                    self._log.error(
-                        "results_lost_at_shutdown",
-                        rows=len(self._queue),
-                        action="rows become unknown when their lease expires",
-                    )
+                    self._give_up("results_lost_at_shutdown", str(exc))
                     return
                 await asyncio.sleep(min(5.0, 0.1 * 2**failures))
                 continue
+            except DatabaseError as exc:  # a statement the server will never accept: schema
+                self.fatal = exc
+                self._give_up("results_not_writable", str(exc))
+                self._on_fatal()
+                return
             if failures:
                 self._log.warning("results_written_after_outage", retries=failures)
                 failures = 0
@@ -93,8 +99,48 @@ class Recorder:
                 )
             try:
                 await self._progress.update(batch)
-            except DB_ERRORS:
+            except DatabaseError:
                 pass  # progress lines are best effort
+
+    async def _write(self, batch: Sequence[Finished]) -> Recorded:
+        """Record a batch; a refused batch is split in halves until the refused row is alone."""
+        try:
+            return await self._results.record(batch)
+        except RowRefused as exc:
+            if len(batch) == 1:
+                await self._refused(batch[0], exc)
+                return Recorded(1, 0)
+            middle = len(batch) // 2
+            first = await self._write(batch[:middle])
+            second = await self._write(batch[middle:])
+            return Recorded(first.written + second.written, first.fenced_out + second.fenced_out)
+
+    async def _refused(self, finished: Finished, exc: RowRefused) -> None:
+        job = finished.job
+        self._log.error(
+            "result_refused", job_id=job.id, sesion_id=job.sesion_id, code=exc.code, error=str(exc)
+        )
+        try:
+            if await self._results.record_refused(finished, str(exc)):
+                return
+        except RowRefused:
+            pass
+        self.lost += 1
+        self._log.error("result_lost", job_id=job.id, sesion_id=job.sesion_id, error=str(exc))
+
+    def _give_up(self, event: str, error: str) -> None:
+        self.lost += len(self._queue)
+        self._log.error(
+            event, rows=len(self._queue), error=error, action="rows become unknown when their lease expires"
+        )
+        self._queue.clear()
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
 
 
 @dataclass
@@ -109,13 +155,13 @@ class _SessionProgress:
 class Progress:
     """`[12/27]`-style progress per session at info level, at most once a second."""
 
-    def __init__(self, *, store: Store, log: Any) -> None:
-        self._store = store
+    def __init__(self, *, results: Results, log: Any) -> None:
+        self._results = results
         self._log = log
         self._sessions: dict[int, _SessionProgress] = {}
 
     async def update(self, batch: list[Finished]) -> None:
-        finished = Counter(f.job.sesion_id for f in batch if f.result.outcome in FINAL)
+        finished = Counter(f.job.sesion_id for f in batch if f.decision.state in FINAL)
         if not finished:
             return
         now = time.monotonic()
@@ -124,14 +170,16 @@ class Progress:
             for sid in finished
             if sid not in self._sessions or now - self._sessions[sid].read_at > TOTALS_REFRESH
         ]
-        fresh = await self._store.session_totals(stale)
+        fresh = await self._results.session_totals(stale)
         for sid, count in finished.items():
             if sid in fresh:
                 done, total = fresh[sid]
                 logged = self._sessions[sid].logged_at if sid in self._sessions else 0.0
                 self._sessions[sid] = _SessionProgress(done, total, now, logged)
-            else:
+            elif sid in self._sessions:
                 self._sessions[sid].done += count
+            else:
+                continue
             await self._report(sid, self._sessions[sid], now)
 
     async def _report(self, sid: int, entry: _SessionProgress, now: float) -> None:
@@ -148,5 +196,5 @@ class Progress:
         )
         if complete and not entry.completed:
             entry.completed = True  # one attempt per totals refresh, not one per batch
-            if await self._store.complete_session(sid):
+            if await self._results.complete_session(sid):
                 self._log.info("session_completed", sesion_id=sid, total=entry.total)

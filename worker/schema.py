@@ -1,8 +1,20 @@
-"""Versioned, idempotent schema migrations (`whatsapp-worker migrate`).
+"""The target schema: what the daemon and the commands need, table by table.
 
 Table, column and state names of the existing deployment are kept (`sesiones_envio`,
 `cola_envios`, `envios_whatsapp`, `estado`...), so the PHP application that enqueues keeps
 working. Columns the worker adds are named in English.
+
+One description serves both paths of `whatsapp-worker migrate` (worker/store/migrations.py):
+on an empty database it becomes `CREATE TABLE`; on the PHP application's own tables each
+missing column is added with the very same definition and each missing key is added, so
+both paths end at the same schema.
+
+Legacy duplicates. The PHP era left rows that break keys we need (one phone twice in a
+session, several `envios_whatsapp` rows for one `cola_id`). They are kept: `legacy_duplicate`
+numbers the later copies of each group (0 for the first row, 1, 2... for the others) and the
+unique key includes it. Every row written from now on has `legacy_duplicate = 0`, so the key
+is exactly `UNIQUE (sesion_id, telefono)` for it, and `INSERT ... ON DUPLICATE KEY UPDATE`
+meets the group's first row. Plain columns: no generated column, same on MySQL and MariaDB.
 """
 
 from __future__ import annotations
@@ -10,70 +22,170 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TABLE_OPTIONS = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+LEGACY_DUPLICATE = "legacy_duplicate"
+LEGACY_DUPLICATE_DDL = "INT UNSIGNED NOT NULL DEFAULT 0"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    ddl: str  # the definition after the name, used by CREATE TABLE and by ADD COLUMN alike
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    name: str
+    columns: tuple[str, ...]
+    unique: bool = False
+
+    @property
+    def guarantee(self) -> tuple[str, ...]:
+        """The columns a unique key makes unique for rows written from now on."""
+        return tuple(c for c in self.columns if c != LEGACY_DUPLICATE)
+
+    def ddl(self) -> str:
+        kind = "UNIQUE KEY" if self.unique else "KEY"
+        return f"{kind} {self.name} ({', '.join(self.columns)})"
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """An ENUM column the code writes: the values it needs and the default producers rely on."""
+
+    column: str
+    values: tuple[str, ...]
+    default: str
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+    keys: tuple[Key, ...]
+    state: State
+
+    def column(self, name: str) -> Column:
+        return next(c for c in self.columns if c.name == name)
+
+    def create(self) -> str:
+        lines = [f"{c.name} {c.ddl}" for c in self.columns] + [k.ddl() for k in self.keys]
+        body = ",\n    ".join(lines)
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    {body}\n) {TABLE_OPTIONS}"
+
+
+def _enum(state: State, *, null: str = "NOT NULL") -> str:
+    values = ",".join(f"'{v}'" for v in state.values)
+    return f"ENUM({values}) {null} DEFAULT '{state.default}'"
+
+
+SESSION_STATE = State("estado", ("activa", "pausada", "cancelada", "completada"), "activa")
+ROW_STATE = State("estado", ("pendiente", "procesando", "enviado", "error", "desconocido"), "pendiente")
+# envios_whatsapp has no state; this keeps the Table shape uniform (no value is checked).
+NO_STATE = State("", (), "")
+
+TEXT = "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+ID = "BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY"
+
+SESIONES_ENVIO = Table(
+    "sesiones_envio",
+    (
+        Column("id", ID),
+        Column("nombre", "VARCHAR(191) NOT NULL"),
+        Column("estado", _enum(SESSION_STATE)),
+        Column("created_at", "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)"),
+        Column(
+            "updated_at",
+            "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)",
+        ),
+        Column(LEGACY_DUPLICATE, LEGACY_DUPLICATE_DDL),
+    ),
+    (Key("uq_sesiones_envio_nombre", ("nombre", LEGACY_DUPLICATE), unique=True),),
+    SESSION_STATE,
+)
+
+COLA_ENVIOS = Table(
+    "cola_envios",
+    (
+        Column("id", ID),
+        Column("sesion_id", "BIGINT UNSIGNED NOT NULL"),
+        Column("cliente_id", "BIGINT NULL"),
+        Column("telefono", "VARCHAR(32) NOT NULL"),
+        Column("mensaje", "MEDIUMTEXT NOT NULL"),
+        Column("estado", _enum(ROW_STATE)),
+        Column("attempts", "SMALLINT UNSIGNED NOT NULL DEFAULT 0"),
+        # UTC (UTC_TIMESTAMP(6) in all our SQL); NULL means "due at once". A DEFAULT
+        # CURRENT_TIMESTAMP would be evaluated in the producer's session time_zone.
+        Column("next_attempt_at", "DATETIME(6) NULL DEFAULT NULL"),
+        Column("claimed_at", "DATETIME(6) NULL"),
+        Column("lease_owner", f"VARCHAR(128) {TEXT} NULL"),
+        Column("lease_token", "CHAR(32) CHARACTER SET ascii NULL"),
+        Column("lease_expires_at", "DATETIME(6) NULL"),
+        Column("wamid", f"VARCHAR(128) {TEXT} NULL"),
+        Column("last_error_code", "INT NULL"),
+        Column("last_error", f"VARCHAR(1000) {TEXT} NULL"),
+        Column("created_at", "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)"),
+        Column(
+            "updated_at",
+            "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)",
+        ),
+        Column("sent_at", "DATETIME(6) NULL"),
+        Column(LEGACY_DUPLICATE, LEGACY_DUPLICATE_DDL),
+    ),
+    (
+        Key("uq_cola_envios_sesion_telefono", ("sesion_id", "telefono", LEGACY_DUPLICATE), unique=True),
+        Key("ix_cola_envios_claim", ("estado", "next_attempt_at", "id")),
+        Key("ix_cola_envios_lease", ("estado", "lease_expires_at")),
+    ),
+    ROW_STATE,
+)
+
+ENVIOS_WHATSAPP = Table(
+    "envios_whatsapp",
+    (
+        Column("id", ID),
+        Column("cola_id", "BIGINT UNSIGNED NOT NULL"),
+        # NULL for history rows of a PHP table that had no such column: never guessed.
+        Column("sesion_id", "BIGINT UNSIGNED NULL"),
+        Column("cliente_id", "BIGINT NULL"),
+        Column("telefono", "VARCHAR(32) NULL"),
+        Column("wamid", f"VARCHAR(128) {TEXT} NULL"),
+        # Server local time (NOW()), as the PHP application and the runbook read it. No
+        # CURRENT_TIMESTAMP default: added to a history table it would date every old row "now"
+        # and the runbook query would see the old bug's duplicates as a fresh mass send.
+        Column("fecha_envio", "DATETIME NULL DEFAULT NULL"),
+        Column(LEGACY_DUPLICATE, LEGACY_DUPLICATE_DDL),
+    ),
+    (
+        Key("uq_envios_whatsapp_cola", ("cola_id", LEGACY_DUPLICATE), unique=True),
+        Key("ix_envios_whatsapp_fecha", ("fecha_envio",)),
+        Key("ix_envios_whatsapp_cliente", ("cliente_id", "fecha_envio")),
+    ),
+    NO_STATE,
+)
+
+TABLES: tuple[Table, ...] = (SESIONES_ENVIO, COLA_ENVIOS, ENVIOS_WHATSAPP)
+
+# Rows the PHP cron left mid-send (no lease: the daemon never took them).
+LEGACY_PROCESSING_REASON = (
+    "procesando before whatsapp-worker adopted this table: may have been sent; not re-sent automatically"
+)
+EMPTY_STATE_REASON = (
+    "estado was empty (an invalid value stored under a non-strict sql_mode) when whatsapp-worker"
+    " adopted this table: may have been sent; not re-sent automatically"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
     name: str
-    statements: tuple[str, ...]
 
 
+# The version table records what has been done; what to do is read from the tables
+# themselves (information_schema), so a migrate interrupted half-way completes on the next run.
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "queue tables",
-        (
-            f"""CREATE TABLE IF NOT EXISTS sesiones_envio (
-                id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                nombre VARCHAR(191) NOT NULL,
-                estado ENUM('activa','pausada','cancelada','completada')
-                    NOT NULL DEFAULT 'activa',
-                created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
-                updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
-                    ON UPDATE CURRENT_TIMESTAMP(6),
-                UNIQUE KEY uq_sesiones_envio_nombre (nombre)
-            ) {TABLE_OPTIONS}""",
-            f"""CREATE TABLE IF NOT EXISTS cola_envios (
-                id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                sesion_id BIGINT UNSIGNED NOT NULL,
-                cliente_id BIGINT NULL,
-                telefono VARCHAR(32) NOT NULL,
-                mensaje MEDIUMTEXT NOT NULL,
-                estado ENUM('pendiente','procesando','enviado','error','desconocido')
-                    NOT NULL DEFAULT 'pendiente',
-                attempts SMALLINT UNSIGNED NOT NULL DEFAULT 0,
-                next_attempt_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
-                lease_owner VARCHAR(128) NULL,
-                lease_token CHAR(32) CHARACTER SET ascii NULL,
-                lease_expires_at DATETIME(6) NULL,
-                wamid VARCHAR(128) NULL,
-                last_error_code INT NULL,
-                last_error VARCHAR(1000) NULL,
-                created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
-                updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
-                    ON UPDATE CURRENT_TIMESTAMP(6),
-                sent_at DATETIME(6) NULL,
-                UNIQUE KEY uq_cola_envios_sesion_telefono (sesion_id, telefono),
-                KEY ix_cola_envios_claim (estado, next_attempt_at, id),
-                KEY ix_cola_envios_lease (estado, lease_expires_at),
-                CONSTRAINT fk_cola_envios_sesion FOREIGN KEY (sesion_id)
-                    REFERENCES sesiones_envio (id)
-            ) {TABLE_OPTIONS}""",
-            f"""CREATE TABLE IF NOT EXISTS envios_whatsapp (
-                id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                cola_id BIGINT UNSIGNED NOT NULL,
-                sesion_id BIGINT UNSIGNED NOT NULL,
-                cliente_id BIGINT NULL,
-                telefono VARCHAR(32) NOT NULL,
-                wamid VARCHAR(128) NOT NULL,
-                fecha_envio DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,
-                UNIQUE KEY uq_envios_whatsapp_cola (cola_id),
-                KEY ix_envios_whatsapp_fecha (fecha_envio),
-                KEY ix_envios_whatsapp_cliente (cliente_id, fecha_envio)
-            ) {TABLE_OPTIONS}""",
-        ),
-    ),
+    Migration(1, "queue tables"),
+    Migration(2, "adopt and upgrade in place"),
 )
 
 VERSION_TABLE = f"""CREATE TABLE IF NOT EXISTS whatsapp_worker_migrations (

@@ -1,8 +1,9 @@
 """Senders: the Cloud API over aiohttp, and a sandbox that makes no network call.
 
 Every outcome becomes one SendResult. For a network failure the question is whether the
-request could have reached Meta: only failures before the request was written are retried;
-anything after is an unknown outcome, because the API has no idempotency key.
+request could have reached Meta: only failures before any byte of it was written (the connect
+phase) are UNREACHABLE, which gives the row back; anything after is an unknown outcome, because
+the API has no idempotency key. A row that cannot be serialised ends PERMANENT with no request.
 """
 
 from __future__ import annotations
@@ -15,49 +16,40 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from worker.config import Settings
-from worker.messages import request_body
+from worker.config import Settings, check_header_value
+from worker.messages import InvalidMessage, request_body
 from worker.models import Job, Outcome, SendResult
+from worker.policy import MAINTENANCE_CODE, TEMPLATE_DEAD_CODES, TEMPLATE_PAUSED_CODE, classify_error
 
-RETRY_CODES = frozenset({4, 80007, 130429, 131056, 131049})
-MAINTENANCE_CODE = 131057  # account in maintenance: pause briefly (about a minute)
-TEMPLATE_PAUSED_CODE = 132015  # template paused for low quality: hold that template's rows
-TEMPLATE_DEAD_CODES = frozenset({132001, 132007, 132016})  # missing / policy / disabled
-UNKNOWN_CODES = frozenset({1, 2, 131000, 131016})
-PAUSE_CODES = frozenset({0, 3, 10, 190, 131005, 131031, 131042, 131045, 131048, 133010}) | frozenset(
-    range(200, 300)
-)
-# Everything else Meta answers with an error code is a rejection: 100, 131008, 131026, 132xxx...
+# Re-exported for worker/daemon.py until it takes its decisions from worker.policy.
+__all__ = [
+    "MAINTENANCE_CODE",
+    "TEMPLATE_DEAD_CODES",
+    "TEMPLATE_PAUSED_CODE",
+    "CloudSender",
+    "SandboxSender",
+    "Sender",
+    "classify_error",
+    "classify_exception",
+    "make_sender",
+    "parse_response",
+]
 
-
-def classify_error(code: int | None, http_status: int) -> Outcome:
-    """Meta asks clients to decide on the error code, not on the HTTP status."""
-    if code in RETRY_CODES:
-        return Outcome.RETRY
-    if code in UNKNOWN_CODES:
-        return Outcome.UNKNOWN
-    if code in PAUSE_CODES or code in (MAINTENANCE_CODE, TEMPLATE_PAUSED_CODE):
-        return Outcome.PAUSE
-    if code is None:
-        if http_status == 429:
-            return Outcome.RETRY
-        if http_status == 401:
-            return Outcome.PAUSE
-        if http_status < 500:
-            return Outcome.PERMANENT
-        return Outcome.UNKNOWN
-    return Outcome.UNKNOWN if http_status >= 500 and code not in PAUSE_CODES else Outcome.PERMANENT
+CONNECT_TIMEOUT_MAX = 10.0  # seconds for pool + DNS + TCP + TLS, at most
 
 
 def classify_exception(exc: BaseException) -> SendResult:
-    """Could the request have reached Meta before this failure?"""
+    """Could the request have reached Meta before this failure?
+
+    Only the connect phase (waiting for a pool slot, DNS, TCP, TLS) raises ClientConnectorError
+    (refused, DNS failure, certificate) or ConnectionTimeoutError (our `connect` timer): nothing
+    of the request was written yet, so it provably did not reach Meta. Anything after connecting
+    (server disconnected, reset, the total timer, a broken payload) may follow a request Meta
+    received, and so does an error we cannot place.
+    """
     name = type(exc).__name__
-    # Connect failures (refused, DNS, TLS handshake, connect timeout) happen before any byte
-    # of the request is written: provably not sent.
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return SendResult(Outcome.RETRY, error_text=f"not sent: {name}: {exc}")
-    # Anything after connecting (server disconnected, reset, read timeout, broken payload)
-    # may follow a request Meta received.
+        return SendResult(Outcome.UNREACHABLE, error_text=f"not sent: {name}: {exc}".strip())
     return SendResult(Outcome.UNKNOWN, error_text=f"outcome unknown: {name}: {exc}".strip())
 
 
@@ -90,6 +82,25 @@ class Sender(Protocol):
     async def close(self) -> None: ...
 
 
+def _invalid(exc: InvalidMessage) -> SendResult:
+    return SendResult(Outcome.PERMANENT, error_text=f"invalid row: {exc}")
+
+
+def client_timeout(send_timeout: float) -> aiohttp.ClientTimeout:
+    """Two timers whose order never varies, so a timeout always says which phase it hit.
+
+    aiohttp's `connect` timer covers the pool wait, DNS, TCP and TLS and raises
+    ConnectionTimeoutError (client.py wraps it around `connector.connect`), which means
+    "not sent". The `total` timer (a plain TimeoutError, "outcome unknown") starts a moment
+    earlier but ends `send_timeout` later than the connect deadline, so the request after
+    connecting has at least `send_timeout` and a connect that never completes always hits the
+    connect timer first. Rounding deadlines up to whole seconds (aiohttp's `ceil_threshold`)
+    is disabled: it could give both timers the same deadline.
+    """
+    connect = min(CONNECT_TIMEOUT_MAX, send_timeout)
+    return aiohttp.ClientTimeout(total=connect + send_timeout, connect=connect, ceil_threshold=float("inf"))
+
+
 class CloudSender:
     """POST {api_url}/{phone_number_id}/messages with a shared keep-alive connection pool."""
 
@@ -99,15 +110,26 @@ class CloudSender:
             "Authorization": f"Bearer {settings.access_token}",
             "Content-Type": "application/json",
         }
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.send_timeout, sock_connect=min(10.0, settings.send_timeout)
-        )
+        # Settings.from_env checks these already; a Settings built by hand must not reach the
+        # send path with a header aiohttp would refuse (an error there would look uncertain).
+        check_header_value("WHATSAPP_ACCESS_TOKEN", settings.access_token)
+        check_header_value("WHATSAPP_API_URL", settings.api_url)
+        check_header_value("WHATSAPP_PHONE_NUMBER_ID", settings.phone_number_id)
+        self._timeout = client_timeout(settings.send_timeout)
         self._limit = settings.concurrency
+        self._keepalive = settings.http_keepalive
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300)
+            # Idle connections are dropped before the provider's idle timeout would close them:
+            # a request written into a connection the server is closing looks uncertain.
+            if self._keepalive > 0:
+                connector = aiohttp.TCPConnector(
+                    limit=self._limit, ttl_dns_cache=300, keepalive_timeout=self._keepalive
+                )
+            else:
+                connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300, force_close=True)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
@@ -118,7 +140,10 @@ class CloudSender:
         return self._session
 
     async def send(self, job: Job, message: dict[str, Any]) -> SendResult:
-        body = request_body(job.id, job.telefono, message)
+        try:
+            body = request_body(job.id, job.telefono, message)  # before anything touches aiohttp
+        except InvalidMessage as exc:
+            return _invalid(exc)
         try:
             async with self._client().post(self._url, data=body) as response:
                 payload = await response.read()
@@ -140,7 +165,10 @@ class SandboxSender:
         self._prefix = f"wamid.SANDBOX.{os.getpid()}."
 
     async def send(self, job: Job, message: dict[str, Any]) -> SendResult:
-        request_body(job.id, job.telefono, message)  # the same checks a real send makes
+        try:
+            request_body(job.id, job.telefono, message)  # the same checks a real send makes
+        except InvalidMessage as exc:
+            return _invalid(exc)
         await asyncio.sleep(0)
         return SendResult(Outcome.SENT, wamid=f"{self._prefix}{next(self._counter)}")
 

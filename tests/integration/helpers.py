@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from random import Random
 
-from worker.config import Settings
+from worker.config import DatabaseURL, Settings
 from worker.daemon import Daemon, RunReport
+from worker.models import Finished, Job, Outcome, SendResult
+from worker.policy import decide
 from worker.sender import make_sender
 from worker.store import Store
 
@@ -13,7 +16,9 @@ async def drain(
     settings: Settings, *, once: bool = True, until: Callable[[], bool] | None = None, seconds: float = 30.0
 ) -> RunReport:
     """Run an in-process daemon: `--once`, or until `until()` holds (checked between polls)."""
-    store = await Store.connect(settings.database, size=4, worker_id=settings.worker_id)
+    store = await Store.connect(
+        settings.database, size=4, worker_id=settings.worker_id, db_timeout=settings.db_timeout
+    )
     sender = make_sender(settings)
     daemon = Daemon(settings=settings, store=store, sender=sender)
     try:
@@ -28,3 +33,10 @@ async def drain(
     finally:
         await sender.close()
         await store.close()
+
+
+def sent(job: Job, wamid: str) -> Finished:
+    """The result the daemon writes for a send Meta accepted."""
+    settings = Settings(database=DatabaseURL("127.0.0.1", 3306, "root", "", "unused"))
+    result = SendResult(Outcome.SENT, wamid=wamid)
+    return Finished(job, decide(result, attempt=1, settings=settings, rng=Random()))

@@ -134,7 +134,7 @@ async def test_malformed_rows_fail_alone_and_the_rest_is_sent(
     report = await drain(settings())
 
     rows = {r["telefono"]: r for r in sql.rows("SELECT telefono, estado, last_error FROM cola_envios")}
-    assert report.outcomes == {"sent": 3, "permanent": 4}
+    assert report.outcomes == {"sent": 3, "error": 4}
     assert all(rows[p]["estado"] == "enviado" for p in good)
     assert "not valid JSON" in rows["+51911111111"]["last_error"]
     assert "5000 characters" in rows["+51922222222"]["last_error"]

@@ -11,9 +11,11 @@ import pymysql
 import pytest
 
 from tests.conftest import SQL, connect, eventually
+from tests.integration.helpers import sent
 from worker.config import DatabaseURL
-from worker.models import Finished, Job, Outcome, SendResult
+from worker.models import Job
 from worker.store import Store
+from worker.store.claims import CLAIM_DUE
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def test_claim_query_is_an_index_range_scan_without_filesort(sql: SQL) -> None:
     sql.execute("ANALYZE TABLE cola_envios")
     with contextlib.suppress(pymysql.err.OperationalError):  # MariaDB has no such variable
         sql.execute("SET SESSION explain_format = 'TRADITIONAL'")  # MySQL 9 defaults to TREE
-    plan = sql.rows("EXPLAIN " + Store.CLAIM_SQL.format(held=""), (10,))
+    plan = sql.rows("EXPLAIN " + CLAIM_DUE.format(held=""), (65536, 10))
     (row,) = [{k.lower(): v for k, v in r.items()} for r in plan]
     assert row["key"] == "ix_cola_envios_claim"
     assert row["type"] == "range"
@@ -40,7 +42,7 @@ def test_claim_query_is_an_index_range_scan_without_filesort(sql: SQL) -> None:
 async def test_concurrent_claims_take_disjoint_rows_and_never_more_than_asked(sql: SQL, store: Store) -> None:
     session = sql.add_session()
     sql.add_rows(session, 100)
-    claims = await asyncio.gather(*(store.claim(15, lease_seconds=30) for _ in range(6)))
+    claims = await asyncio.gather(*(store.claims.claim(15, lease_seconds=30) for _ in range(6)))
     ids = [job.id for claim in claims for job in claim]
     assert all(len(claim) <= 15 for claim in claims)
     # SKIP LOCKED may hand a claim fewer rows while others hold locks (MySQL more often than
@@ -60,20 +62,17 @@ async def test_paused_and_cancelled_sessions_are_not_claimed(sql: SQL, store: St
         sql.add_rows(session, 5, start=n * 10)
     sql.execute("UPDATE sesiones_envio SET estado = 'pausada' WHERE id = %s", (paused,))
     sql.execute("UPDATE sesiones_envio SET estado = 'cancelada' WHERE id = %s", (cancelled,))
-    jobs = await store.claim(50, lease_seconds=30)
+    jobs = await store.claims.claim(50, lease_seconds=30)
     assert {job.sesion_id for job in jobs} == {active} and len(jobs) == 5
 
 
 async def test_a_worker_that_lost_its_lease_writes_nothing(sql: SQL, store: Store) -> None:
     session = sql.add_session()
     sql.add_rows(session, 2)
-    stale, kept = await store.claim(2, lease_seconds=30)
+    stale, kept = await store.claims.claim(2, lease_seconds=30)
     # another worker recovered and re-claimed the first row: it carries a new token now
     sql.execute("UPDATE cola_envios SET lease_token = REPEAT('f', 32) WHERE id = %s", (stale.id,))
-    result = SendResult(Outcome.SENT, wamid="wamid.X")
-    recorded = await store.record(
-        [Finished(stale, result), Finished(kept, SendResult(Outcome.SENT, wamid="wamid.Y"))]
-    )
+    recorded = await store.results.record([sent(stale, "wamid.X"), sent(kept, "wamid.Y")])
     assert (recorded.written, recorded.fenced_out) == (1, 1)
     rows = {r["id"]: r for r in sql.rows("SELECT id, estado, wamid FROM cola_envios")}
     assert rows[stale.id]["estado"] == "procesando" and rows[stale.id]["wamid"] is None
@@ -84,17 +83,21 @@ async def test_a_worker_that_lost_its_lease_writes_nothing(sql: SQL, store: Stor
 async def test_expired_leases_become_unknown(sql: SQL, store: Store) -> None:
     session = sql.add_session()
     sql.add_rows(session, 3)
-    await store.claim(2, lease_seconds=30)
+    await store.claims.claim(2, lease_seconds=30)
     sql.execute(
         "UPDATE cola_envios SET lease_expires_at = NOW(6) - INTERVAL 1 SECOND WHERE estado = 'procesando'"
     )
-    assert await store.recover_expired() == 2
+    assert await store.claims.recover_expired() == 2
     assert sql.states() == {"desconocido": 2, "pendiente": 1}
 
 
 async def test_migrate_is_idempotent(store: Store) -> None:
-    assert await store.migrate() == []
-    assert await store.schema_version() == 1
+    from worker import schema
+
+    applied = await store.migrations.migrate()
+    assert (applied.steps, applied.versions) == ([], [])
+    assert await store.migrations.schema_version() == schema.LATEST
+    assert await store.migrations.check() == []
 
 
 async def test_a_deadlocked_result_write_is_retried_and_lands(
@@ -102,7 +105,7 @@ async def test_a_deadlocked_result_write_is_retried_and_lands(
 ) -> None:
     session = sql.add_session()
     sql.add_rows(session, 3)
-    first, second = await store.claim(2, lease_seconds=30)
+    first, second = await store.claims.claim(2, lease_seconds=30)
     other = connect(db_url, db_url.database)
     try:
         await _deadlock_with(other, store, first, second, sql)
@@ -119,10 +122,10 @@ async def _deadlock_with(other: Any, store: Store, first: Job, second: Job, sql:
             (second.id, second.id + 1),
         )
     write = asyncio.create_task(
-        store.record(
+        store.results.record(
             [
-                Finished(first, SendResult(Outcome.SENT, wamid="wamid.1")),
-                Finished(second, SendResult(Outcome.SENT, wamid="wamid.2")),
+                sent(first, "wamid.1"),
+                sent(second, "wamid.2"),
             ]
         )
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -210,3 +211,27 @@ def test_close_cancels_sleeping_late_handlers() -> None:
     api.close()
     api.close()  # idempotent
     assert api.accepted == {}
+
+
+async def test_keepalive_timeout_closes_idle_connections() -> None:
+    """`keepalive_timeout=N`: the fake closes a keep-alive connection idle for N seconds."""
+    with FakeCloudAPI(token=TOKEN, keepalive_timeout=0.3) as fake:
+        port = int(fake.base_url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            payload = json.dumps(body()).encode()
+            writer.write(
+                f"POST /v23.0/{fake.phone_number_id}/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            idle_from = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(reader.read(), timeout=5.0) == b""  # EOF: closed by the fake
+            assert asyncio.get_running_loop().time() - idle_from >= 0.25
+        finally:
+            writer.close()

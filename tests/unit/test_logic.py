@@ -1,47 +1,22 @@
-"""Pure logic: error classification, validation, backoff, settings."""
+"""Pure logic: response parsing, validation, backoff, settings (the policy: test_policy.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
 
 import pytest
+import structlog
 
 from worker.config import ConfigError, Settings
 from worker.enqueue import CsvError, MessageSpec, read_rows
+from worker.log import configure, get_logger
 from worker.messages import InvalidMessage, normalize_phone, parse_message, request_body
 from worker.models import Outcome
 from worker.retry import backoff
-from worker.sender import classify_error, parse_response
-
-
-@pytest.mark.parametrize(
-    ("code", "status", "outcome"),
-    [
-        (130429, 429, Outcome.RETRY),
-        (131056, 400, Outcome.RETRY),
-        (4, 400, Outcome.RETRY),
-        (80007, 400, Outcome.RETRY),
-        (131000, 500, Outcome.UNKNOWN),
-        (131016, 503, Outcome.UNKNOWN),
-        (1, 400, Outcome.UNKNOWN),
-        (131026, 400, Outcome.PERMANENT),
-        (100, 400, Outcome.PERMANENT),
-        (132001, 404, Outcome.PERMANENT),
-        (190, 401, Outcome.PAUSE),
-        (131031, 403, Outcome.PAUSE),
-        (131042, 400, Outcome.PAUSE),
-        (200, 403, Outcome.PAUSE),
-        (None, 502, Outcome.UNKNOWN),
-        (None, 429, Outcome.RETRY),
-        (None, 400, Outcome.PERMANENT),
-    ],
-)
-def test_error_codes_are_classified_as_the_cloud_api_doc_says(
-    code: int | None, status: int, outcome: Outcome
-) -> None:
-    assert classify_error(code, status) is outcome
+from worker.sender import parse_response
 
 
 def test_responses_are_parsed_into_results() -> None:
@@ -128,3 +103,109 @@ def test_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
     ((client, phone, message),) = read_rows(path, MessageSpec(text="Hola {{1}}"))
     assert client is None and phone == "+51987000001"
     assert json.loads(message)["text"]["body"] == "Hola Ana"
+
+
+def test_messages_that_cannot_be_serialised_are_invalid() -> None:
+    """Caught before any request: a lone surrogate fails UTF-8, deep nesting json's recursion."""
+    surrogate = parse_message('{"type":"text","text":{"body":"\\ud800"}}')  # parses ...
+    with pytest.raises(InvalidMessage, match="cannot be encoded"):
+        request_body(1, "+51987654321", surrogate)  # ... but can never be sent
+    for raw, reason in [
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
+        ('{"type":"text","text":{"body":"x","a":' + "[" * 5000 + "]" * 5000 + "}}", "nested too deeply"),
+        ('{"type":"text","text":{"body":"x","n":NaN}}', "NaN is not JSON"),
+        (b'{"type":"text","text":{"body":"\xff"}}', "not valid JSON"),
+    ]:
+        with pytest.raises(InvalidMessage, match=reason):
+            parse_message(raw)
+    nested: list[object] = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(InvalidMessage, match="nested too deeply"):
+        request_body(1, "+51987654321", {"type": "text", "text": {"body": "x", "a": nested}})
+
+
+BASE = {"WORKER_DATABASE_URL": "mysql://u:p@db:3306/q", "WORKER_SENDER": "sandbox"}
+CLOUD = {**BASE, "WORKER_SENDER": "cloud", "WHATSAPP_PHONE_NUMBER_ID": "123", "WHATSAPP_ACCESS_TOKEN": "EAAG"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "name"),
+    [
+        ({"WORKER_LOG_LEVEL": "verbose"}, "WORKER_LOG_LEVEL"),
+        ({"WORKER_LOG_FORMAT": "xml"}, "WORKER_LOG_FORMAT"),
+        ({"WORKER_HTTP_KEEPALIVE": "-1"}, "WORKER_HTTP_KEEPALIVE"),
+        ({"WORKER_HTTP_KEEPALIVE": "301"}, "WORKER_HTTP_KEEPALIVE"),
+        ({"WORKER_RATE_LIMIT": "10001"}, "WORKER_RATE_LIMIT"),
+        ({"WORKER_RATE_LIMIT": "nan"}, "WORKER_RATE_LIMIT"),
+        ({"WORKER_POLL_INTERVAL": "NaN"}, "WORKER_POLL_INTERVAL"),
+        ({"WORKER_POLL_INTERVAL": "3601"}, "WORKER_POLL_INTERVAL"),
+        ({"WORKER_LEASE_SECONDS": "86401"}, "WORKER_LEASE_SECONDS"),
+        ({"WORKER_LEASE_SECONDS": "inf"}, "WORKER_LEASE_SECONDS"),
+        ({"WORKER_DRAIN_TIMEOUT": "3601"}, "WORKER_DRAIN_TIMEOUT"),
+        ({"WORKER_SEND_TIMEOUT": "601"}, "WORKER_SEND_TIMEOUT"),
+        ({"WORKER_SEND_TIMEOUT": "1e999"}, "WORKER_SEND_TIMEOUT"),
+        ({"WORKER_RETRY_BASE": "86401"}, "WORKER_RETRY_BASE"),
+        ({"WORKER_RETRY_CAP": "-inf"}, "WORKER_RETRY_CAP"),
+        ({"WORKER_PAUSE_SECONDS": "86401"}, "WORKER_PAUSE_SECONDS"),
+        ({"WORKER_TEMPLATE_PAUSE_SECONDS": "604801"}, "WORKER_TEMPLATE_PAUSE_SECONDS"),
+        ({"WORKER_CONCURRENCY": "10001"}, "WORKER_CONCURRENCY"),
+        ({"WORKER_MAX_ATTEMPTS": "0"}, "WORKER_MAX_ATTEMPTS"),
+        ({"WHATSAPP_PHONE_NUMBER_ID": "١٢٣"}, "WHATSAPP_PHONE_NUMBER_ID"),  # digits, not ASCII
+        ({"WHATSAPP_PHONE_NUMBER_ID": "12/3"}, "WHATSAPP_PHONE_NUMBER_ID"),
+        ({"WHATSAPP_ACCESS_TOKEN": "EAAG\nX-Evil: 1"}, "WHATSAPP_ACCESS_TOKEN"),
+        ({"WHATSAPP_ACCESS_TOKEN": "EAAG\x01abc"}, "WHATSAPP_ACCESS_TOKEN"),
+        ({"WHATSAPP_ACCESS_TOKEN": "EAAGñabc"}, "WHATSAPP_ACCESS_TOKEN"),
+        ({"WHATSAPP_ACCESS_TOKEN": "EAAG abc"}, "WHATSAPP_ACCESS_TOKEN"),
+        ({"WHATSAPP_API_URL": "https://graph.face\nbook.com/v23.0"}, "WHATSAPP_API_URL"),
+        ({"WHATSAPP_API_URL": "https://graph.facebook.com:http/v23.0"}, "WHATSAPP_API_URL"),
+        ({"WHATSAPP_API_URL": "ftp://graph.facebook.com"}, "WHATSAPP_API_URL"),
+    ],
+)
+def test_bad_values_fail_naming_the_variable(extra: dict[str, str], name: str) -> None:
+    with pytest.raises(ConfigError, match=name) as caught:
+        Settings.from_env({**CLOUD, **extra})
+    assert "\n" not in str(caught.value)  # one line
+    assert "EAAG" not in str(caught.value)  # never the token
+
+
+def test_a_token_file_with_two_lines_is_refused_without_showing_it(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("EAAG-first-line\nEAAG-second-line\n")
+    env = {**CLOUD, "WHATSAPP_ACCESS_TOKEN": "", "WHATSAPP_ACCESS_TOKEN_FILE": str(token)}
+    with pytest.raises(ConfigError, match="WHATSAPP_ACCESS_TOKEN_FILE") as caught:
+        Settings.from_env(env)
+    assert "EAAG" not in str(caught.value) and "position 16" in str(caught.value)
+
+
+def test_new_settings_have_defaults_and_are_read() -> None:
+    defaults = Settings.from_env(CLOUD)
+    assert (defaults.http_keepalive, defaults.log_level, defaults.log_format) == (10.0, "info", "auto")
+    read = Settings.from_env(
+        {**CLOUD, "WORKER_HTTP_KEEPALIVE": "0", "WORKER_LOG_LEVEL": "DEBUG", "WORKER_LOG_FORMAT": "json"}
+    )
+    assert (read.http_keepalive, read.log_level, read.log_format) == (0.0, "debug", "json")
+    edge = Settings.from_env({**CLOUD, "WORKER_SEND_TIMEOUT": "600", "WORKER_LEASE_SECONDS": "86400"})
+    assert (edge.send_timeout, edge.lease_seconds) == (600.0, 86400.0)
+
+
+def test_a_non_ascii_database_password_is_read_from_the_url() -> None:
+    """Percent-encoded UTF-8 in the URL; the store sends it as UTF-8 (an acceptance test logs in)."""
+    settings = Settings.from_env({**BASE, "WORKER_DATABASE_URL": "mysql://app:contrase%C3%B1a%E2%82%AC@db/q"})
+    assert settings.database.password == "contraseña€"
+    assert "contraseña" not in repr(settings)
+
+
+def test_logging_takes_level_and_format_from_settings() -> None:
+    stream = io.StringIO()
+    try:
+        configure(stream=stream, fmt="json", level="warning")
+        get_logger().info("hidden_event")
+        get_logger().warning("shown_event")
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["event"] for line in lines] == ["shown_event"]
+        with pytest.raises(ValueError, match="log level"):
+            configure(stream=io.StringIO(), level="verbose")
+        configure(stream=io.StringIO())  # cli.py's call today: falls back to the environment
+    finally:
+        structlog.reset_defaults()

@@ -1,0 +1,380 @@
+"""Adopting the PHP application's own database: upgrade in place, lose nothing, send nothing twice.
+
+Two PHP-era schemas of our own (tests/legacy/*.sql), each with rows in all four states and a
+history holding the old bug's duplicates, go through `whatsapp-worker migrate` (the real
+command, in a subprocess) and then through the daemon against the fake Cloud API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+
+from tests.acceptance.processes import RUNBOOK
+from tests.conftest import ROOT, SQL, WORKER_BIN, base_env, connect
+from tests.fakeapi import FakeCloudAPI
+from worker import schema
+from worker.config import DatabaseURL
+from worker.store import Database, RowRefused
+
+LEGACY = ROOT / "tests" / "legacy"
+SCHEMAS = ["php_latin1.sql", "php_utf8.sql"]
+TABLES = [t.name for t in schema.TABLES]
+OURS = {t.name: {c.name for c in t.columns} for t in schema.TABLES}
+TEXT = '{"type":"text","text":{"body":"hola"}}'
+_names = itertools.count()
+
+
+class Legacy:
+    """A database holding one PHP-era schema, and what the PHP application wrote into it."""
+
+    def __init__(self, server: DatabaseURL, sql_file: str) -> None:
+        self.name = f"ww_adopt_{os.getpid()}_{next(_names)}"
+        self.url = server.with_database(self.name)
+        self._server = server
+        admin = connect(server)
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{self.name}`")
+            cur.execute(f"CREATE DATABASE `{self.name}` CHARACTER SET utf8mb4")
+        admin.close()
+        self.conn = connect(self.url, self.name)
+        with self.conn.cursor() as cur:
+            for statement in _statements((LEGACY / sql_file).read_text()):
+                cur.execute(statement)
+            # what a non-strict PHP host stores for a value its ENUM does not have: ''
+            cur.execute("SET SESSION sql_mode = ''")
+            cur.execute(
+                "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje, estado)"
+                " SELECT MAX(sesion_id), 999, '+10000000999', %s, 'enviando' FROM cola_envios",
+                (TEXT,),
+            )
+        self.sql = SQL(self.url)
+        self.php_columns = {t: self.columns(t) for t in TABLES}  # everything the PHP era has
+        self.empty_estado_ids = [
+            r["id"] for r in self.sql.rows("SELECT id FROM cola_envios WHERE estado = ''")
+        ]
+        assert len(self.empty_estado_ids) == 1
+
+    def columns(self, table: str) -> list[str]:
+        rows = self.sql.rows(
+            "SELECT COLUMN_NAME AS name FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s"
+            " AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+            (self.name, table),
+        )
+        return [r["name"] for r in rows]
+
+    def dump(self) -> dict[str, list[dict[str, Any]]]:
+        """Every row of every table, every column."""
+        tables = [
+            r["name"]
+            for r in self.sql.rows(
+                "SELECT TABLE_NAME AS name FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s"
+                " ORDER BY TABLE_NAME",
+                (self.name,),
+            )
+        ]
+        return {t: self.sql.rows(f"SELECT * FROM {t} ORDER BY 1") for t in tables}
+
+    def structure(self) -> dict[str, Any]:
+        return structure(self.sql, self.name)
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*WORKER_BIN, *args],
+            env=base_env(self.url, **env),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+
+    def migrate(self) -> str:
+        result = self.run("migrate")
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def close(self) -> None:
+        self.sql.close()
+        self.conn.close()
+        admin = connect(self._server)
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{self.name}`")
+        admin.close()
+
+
+def _statements(text: str) -> list[str]:
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";\n") if s.strip()]
+
+
+def structure(sql: SQL, database: str) -> dict[str, Any]:
+    """Columns and keys as information_schema reports them (aliased: key case differs)."""
+    columns = sql.rows(
+        "SELECT TABLE_NAME AS t, COLUMN_NAME AS c, COLUMN_TYPE AS type, IS_NULLABLE AS nullable,"
+        " COLUMN_DEFAULT AS dflt, EXTRA AS extra, CHARACTER_SET_NAME AS cs"
+        " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME, ORDINAL_POSITION",
+        (database,),
+    )
+    keys = sql.rows(
+        "SELECT TABLE_NAME AS t, INDEX_NAME AS i, NON_UNIQUE AS non_unique, COLUMN_NAME AS c"
+        " FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME, INDEX_NAME,"
+        " SEQ_IN_INDEX",
+        (database,),
+    )
+    out: dict[str, Any] = {"columns": {}, "keys": {}}
+    for r in columns:
+        out["columns"][(r["t"], r["c"])] = (r["type"], r["nullable"], r["dflt"], r["extra"].lower(), r["cs"])
+    for r in keys:
+        unique, cols = out["keys"].get((r["t"], r["i"]), (not int(r["non_unique"]), ()))
+        out["keys"][(r["t"], r["i"])] = (unique, (*cols, r["c"]))
+    return out
+
+
+@pytest.fixture(params=SCHEMAS)
+def legacy(request: pytest.FixtureRequest, server_url: DatabaseURL) -> Iterator[Legacy]:
+    db = Legacy(server_url, request.param)
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def fresh(server_url: DatabaseURL) -> Iterator[SQL]:
+    """An empty database migrated by the real command."""
+    name = f"ww_adopt_{os.getpid()}_{next(_names)}"
+    url = server_url.with_database(name)
+    result = subprocess.run(
+        [*WORKER_BIN, "migrate"], env=base_env(url), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    helper = SQL(url)
+    yield helper
+    helper.close()
+    admin = connect(server_url)
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    admin.close()
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(legacy: Legacy) -> None:
+    before, shape = legacy.dump(), legacy.structure()
+    result = legacy.run("migrate", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "nothing is changed" in out
+    assert re.search(r"cola_envios: \d+ legacy row\(s\) share a \(sesion_id, telefono\)", out)
+    assert re.search(r"envios_whatsapp: \d+ legacy row\(s\) share a \(cola_id\)", out)
+    assert "in procesando without a lease" in out and "with an empty estado" in out
+    assert "ALTER TABLE cola_envios ADD COLUMN" in out and "'desconocido'" in out
+    assert legacy.dump() == before and legacy.structure() == shape  # not even the version table
+
+
+def test_migrate_upgrades_in_place_keeping_every_row_and_php_value(legacy: Legacy, fresh: SQL) -> None:
+    before = legacy.dump()
+    out = legacy.migrate()
+    assert "to version 2" in out
+    after = legacy.dump()
+
+    for table in TABLES:
+        assert len(after[table]) == len(before[table]), table
+        old_by_id = {r["id"]: r for r in before[table]}
+        for row in after[table]:
+            old = old_by_id[row["id"]]
+            php = {
+                c: row[c] for c in legacy.php_columns[table] if not (table == "cola_envios" and c == "estado")
+            }
+            assert php == {c: old[c] for c in php}, (table, row["id"])
+    # estado: legacy rows keep theirs, except the ones whose send may have happened
+    for row in after["cola_envios"]:
+        old = next(r for r in before["cola_envios"] if r["id"] == row["id"])
+        if old["estado"] in ("procesando", ""):
+            assert row["estado"] == "desconocido" and "may have been sent" in row["last_error"]
+        else:
+            assert row["estado"] == old["estado"]
+            assert row["next_attempt_at"] is None  # pendiente rows are due at once
+    assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = ''") == 0
+    # the old bug's history is all there, later copies marked
+    marked = legacy.sql.value("SELECT COUNT(*) FROM envios_whatsapp WHERE legacy_duplicate > 0")
+    assert marked >= 2
+
+    # a second migrate changes nothing at all
+    shape, rows = legacy.structure(), legacy.dump()
+    assert "up to date" in legacy.migrate()
+    assert legacy.structure() == shape and legacy.dump() == rows
+
+    # the adopted tables end with the same columns and keys of ours as a fresh database
+    fresh_shape = structure(fresh, fresh.url.database)
+    for table in TABLES:
+        added = [c for c in OURS[table] if c not in legacy.php_columns[table]]
+        for column in added:
+            assert shape["columns"][(table, column)][:4] == fresh_shape["columns"][(table, column)][:4]
+        for key in schema.TABLES[TABLES.index(table)].keys:
+            assert shape["keys"][(table, key.name)] == fresh_shape["keys"][(table, key.name)]
+
+
+def test_after_adoption_every_pending_row_is_sent_once_and_no_legacy_row(
+    legacy: Legacy, fake_api: FakeCloudAPI, tmp_path: Path
+) -> None:
+    legacy.migrate()
+    legacy_rows = legacy.sql.rows("SELECT id, telefono, estado FROM cola_envios")
+    pending = {r["telefono"] for r in legacy_rows if r["estado"] == "pendiente"}
+    not_to_send = {r["telefono"] for r in legacy_rows if r["estado"] != "pendiente"} - pending
+    history = legacy.sql.value("SELECT COUNT(*) FROM envios_whatsapp")
+
+    # the same CSV enqueued twice is queued once
+    csv = tmp_path / "clientes.csv"
+    csv.write_text("phone,client_id\n+51911000001,1\n+51911000002,2\n")
+    args = ["enqueue", "--session", "adopted", "--text", "hola", "--csv", str(csv)]
+    first, second = legacy.run(*args), legacy.run(*args)
+    assert first.returncode == 0 and "queued 2 new" in first.stdout, first.stderr
+    assert second.returncode == 0 and "queued 0 new message(s), 2 already queued" in second.stdout
+    assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE telefono LIKE '+51911%'") == 2
+
+    # a producer whose session is nine hours ahead of the server: four columns, due at once;
+    # and one row it schedules for later, in UTC
+    session = legacy.sql.value("SELECT MAX(sesion_id) FROM cola_envios WHERE estado = 'pendiente'")
+    producer = connect(legacy.url, legacy.name)
+    with producer.cursor() as cur:
+        cur.execute("SET SESSION time_zone = '+09:00'")
+        cur.execute(
+            "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje) VALUES (%s, 7, %s, %s)",
+            (session, "+51922000001", TEXT),
+        )
+        cur.execute(
+            "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje, next_attempt_at)"
+            " VALUES (%s, 8, %s, %s, UTC_TIMESTAMP() + INTERVAL 2 HOUR)",
+            (session, "+51922000002", TEXT),
+        )
+        # the same phone twice in one session: the producer gets a duplicate-key error
+        with pytest.raises(pymysql.err.IntegrityError):
+            cur.execute(
+                "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje) VALUES (%s, 7, %s, %s)",
+                (session, "+51922000001", TEXT),
+            )
+    producer.close()
+
+    env = {
+        "WHATSAPP_API_URL": fake_api.base_url,
+        "WHATSAPP_PHONE_NUMBER_ID": fake_api.phone_number_id,
+        "WHATSAPP_ACCESS_TOKEN": fake_api.token,
+        "WORKER_PIDFILE": str(tmp_path / "worker.pid"),
+        "WORKER_POLL_INTERVAL": "0.05",
+        "WORKER_RATE_LIMIT": "0",
+    }
+    result = legacy.run("run", "--once", **env)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    counts = fake_api.counts()
+    expected = pending | {"+51911000001", "+51911000002", "+51922000001"}
+    assert set(counts) == expected and set(counts.values()) == {1}, counts
+    assert not set(counts) & not_to_send
+    states = {r["telefono"]: r["estado"] for r in legacy.sql.rows("SELECT telefono, estado FROM cola_envios")}
+    assert all(states[phone] == "enviado" for phone in expected)
+    assert states["+51922000002"] == "pendiente"  # scheduled two hours ahead: not yet
+    assert legacy.sql.value("SELECT COUNT(*) FROM envios_whatsapp") == history + len(expected)
+    assert legacy.sql.rows(RUNBOOK) == []
+
+    status = legacy.run("status")
+    assert status.returncode == 0, status.stderr
+    assert "adopted" in status.stdout and "desconocido" in status.stdout
+
+
+def test_our_sessions_are_strict_whatever_the_producers_sql_mode(legacy: Legacy) -> None:
+    legacy.migrate()
+    row_id = legacy.sql.value("SELECT MIN(id) FROM cola_envios WHERE estado = 'pendiente'")
+    # a PHP host's session with sql_mode='' stores '' for a value the ENUM lacks...
+    assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = ''") == 0
+
+    async def write_bad_state() -> None:
+        db = await Database.connect(legacy.url)
+        try:
+            await db.update("UPDATE cola_envios SET estado = %s WHERE id = %s", ("perdido", row_id))
+        finally:
+            db.close()
+
+    # ...ours refuses it: the row keeps a state everyone knows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MySQL 9 notes on ERROR_FOR_DIVISION_BY_ZERO
+        with pytest.raises(RowRefused):
+            asyncio.run(write_bad_state())
+    assert legacy.sql.value("SELECT estado FROM cola_envios WHERE id = %s", (row_id,)) == "pendiente"
+
+
+@pytest.mark.parametrize("done", [1, 4, 5])
+def test_a_migrate_killed_after_some_statements_completes_on_the_next_run(
+    legacy: Legacy, server_url: DatabaseURL, request: pytest.FixtureRequest, done: int
+) -> None:
+    plan = legacy.run("migrate", "--dry-run")
+    statements = re.findall(r"^-- .*\n((?:.+\n)*?.*);$", plan.stdout, flags=re.MULTILINE)
+    assert len(statements) > done and statements[0].startswith("ALTER TABLE")
+    with legacy.conn.cursor() as cur:  # what a migrate killed after `done` statements left
+        cur.execute("SET SESSION sql_mode = 'STRICT_ALL_TABLES'")
+        for statement in statements[:done]:
+            cur.execute(statement)
+    again = legacy.run("migrate", "--dry-run")
+    assert again.stdout.count("\n-- ") < plan.stdout.count("\n-- ")  # each step checks first
+
+    assert "to version 2" in legacy.migrate()
+    assert "up to date" in legacy.migrate()
+
+    clean = Legacy(server_url, request.node.callspec.params["legacy"])
+    try:
+        clean.migrate()
+        assert legacy.structure() == clean.structure()
+        states = "SELECT id, estado, legacy_duplicate FROM cola_envios ORDER BY id"
+        assert legacy.sql.rows(states) == clean.sql.rows(states)
+    finally:
+        clean.close()
+
+
+def test_commands_on_a_schema_missing_a_column_stop_with_one_clear_line(
+    legacy: Legacy, fake_api: FakeCloudAPI, tmp_path: Path
+) -> None:
+    env = {
+        "WHATSAPP_API_URL": fake_api.base_url,
+        "WHATSAPP_PHONE_NUMBER_ID": fake_api.phone_number_id,
+        "WHATSAPP_ACCESS_TOKEN": fake_api.token,
+        "WORKER_PIDFILE": str(tmp_path / "worker.pid"),
+    }
+    before = legacy.run("run", "--once", **env)  # the PHP tables as they are
+    assert before.returncode != 0
+    assert "cola_envios.claimed_at is missing" in before.stderr
+    assert "run `whatsapp-worker migrate`" in before.stderr
+
+    legacy.migrate()
+    legacy.sql.execute("ALTER TABLE cola_envios DROP COLUMN claimed_at")  # someone's hand edit
+    for args in (["run", "--once"], ["status"]):
+        result = legacy.run(*args, **env)
+        assert result.returncode != 0, args
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert "Traceback" not in result.stderr, result.stderr
+        assert "cola_envios.claimed_at is missing" in lines[-1]
+        assert "run `whatsapp-worker migrate`" in lines[-1]
+    assert fake_api.requests == []
+
+
+def test_a_database_of_our_own_version_1_is_upgraded_too(server_url: DatabaseURL) -> None:
+    v1 = Legacy(server_url, "worker_v1.sql")
+    try:
+        plan = v1.run("migrate", "--dry-run").stdout
+        # its plain unique keys already give the guarantees: kept, nothing added beside them
+        assert "MODIFY COLUMN next_attempt_at" in plan and "ADD UNIQUE" not in plan
+        assert "to version 2" in v1.migrate()
+        assert v1.sql.value("SELECT MAX(version) FROM whatsapp_worker_migrations") == schema.LATEST
+        column = v1.sql.rows(
+            "SELECT IS_NULLABLE AS nullable, COLUMN_DEFAULT AS dflt FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'cola_envios' AND COLUMN_NAME = 'next_attempt_at'",
+            (v1.name,),
+        )
+        assert column[0]["nullable"] == "YES" and column[0]["dflt"] in (None, "NULL")
+        assert v1.run("status").returncode == 0
+    finally:
+        v1.close()

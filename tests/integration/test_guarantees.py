@@ -1,0 +1,151 @@
+"""Guarantees that must hold when the surroundings misbehave (issue: outside the clean room).
+
+Real database, real HTTP to the local fake Cloud API, a real TCP proxy for lost answers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import SQL, WORKER_BIN, base_env
+from tests.fakeapi import FakeCloudAPI, Step
+from tests.integration.helpers import drain, sent
+from tests.tcpproxy import TcpProxy
+from worker.config import DatabaseURL, Settings
+from worker.store import DatabaseUnavailable, Store
+
+
+@pytest.fixture
+async def store(db_url: DatabaseURL) -> AsyncIterator[Store]:
+    store = await Store.connect(db_url, size=2, worker_id="test-host:1")
+    yield store
+    await store.close()
+
+
+async def test_a_result_the_database_refuses_is_isolated_and_every_other_row_is_recorded(
+    sql: SQL, fake_api: FakeCloudAPI, settings: Callable[..., Settings]
+) -> None:
+    session = sql.add_session()
+    phones = sql.add_rows(session, 20)
+    too_long = "wamid." + "x" * 300  # wamid is VARCHAR(128): refused (1406) under strict mode
+    fake_api.script(phones[3], Step.ok(wamid=too_long))
+    # A row sent before, then set back to pendiente by hand for a deliberate re-send: its
+    # envios_whatsapp row exists already.
+    again = sql.value("SELECT id FROM cola_envios WHERE telefono = %s", (phones[5],))
+    sql.execute(
+        "INSERT INTO envios_whatsapp (cola_id, sesion_id, telefono, wamid) VALUES (%s, %s, %s, 'wamid.OLD')",
+        (again, session, phones[5]),
+    )
+
+    report = await drain(settings(concurrency=8))
+
+    assert report.drained and report.lost == 0
+    assert set(fake_api.counts().values()) == {1} and len(fake_api.counts()) == 20
+    rows = {r["telefono"]: r for r in sql.rows("SELECT telefono, estado, last_error FROM cola_envios")}
+    assert rows[phones[3]]["estado"] == "desconocido"
+    assert "refused by the database" in rows[phones[3]]["last_error"]
+    assert too_long[:60] in rows[phones[3]]["last_error"]
+    assert [p for p, r in rows.items() if r["estado"] != "enviado"] == [phones[3]]
+    deliveries = sql.rows("SELECT cola_id, wamid FROM envios_whatsapp ORDER BY cola_id")
+    assert len(deliveries) == 19 and len({d["cola_id"] for d in deliveries}) == 19
+    assert next(d["wamid"] for d in deliveries if d["cola_id"] == again) != "wamid.OLD"
+
+
+async def test_a_claim_whose_commit_answer_was_lost_gives_its_rows_back(
+    sql: SQL, db_url: DatabaseURL
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 5)
+    with TcpProxy(db_url.host, db_url.port) as proxy:
+        store = await Store.connect(
+            DatabaseURL("127.0.0.1", proxy.port, db_url.user, db_url.password, db_url.database), size=1
+        )
+        try:
+            proxy.break_on(b"COMMIT")
+            with pytest.raises(DatabaseUnavailable):
+                await store.claims.claim(5, lease_seconds=60)
+            assert sql.states() == {"procesando": 5}  # the commit landed; its OK did not
+            assert await store.claims.claim(0, lease_seconds=60) == []
+        finally:
+            await store.close()
+    # Nobody sent those rows: they go back, instead of turning unknown when the lease expires.
+    assert sql.states() == {"pendiente": 5}
+    assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE lease_token IS NOT NULL") == 0
+
+
+def _retry_unknown(db_url: DatabaseURL, session: int) -> str:
+    done = subprocess.run(
+        [*WORKER_BIN, "retry", "--session", str(session), "--include-unknown"],
+        env=base_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_retry_of_unknown_rows_waits_while_their_true_result_may_still_arrive(
+    sql: SQL, store: Store, db_url: DatabaseURL
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 2)
+    first, second = await store.claims.claim(2, lease_seconds=30)
+    # The daemon holding both results was cut off; its leases expired; another recovered them.
+    sql.execute(
+        "UPDATE cola_envios SET claimed_at = UTC_TIMESTAMP(6) - INTERVAL 31 SECOND,"
+        " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
+    )
+    assert await store.claims.recover_expired() == 2
+
+    out = _retry_unknown(db_url, session)
+    assert "0 error and unknown-outcome row(s) queued again" in out
+    assert "2 unknown row(s) left alone" in out
+    assert sql.states() == {"desconocido": 2}
+
+    # The cut-off daemon comes back with the true result of the first row: it lands.
+    assert (await store.results.record([sent(first, "wamid.TRUE")])).written == 1
+    assert sql.value("SELECT wamid FROM cola_envios WHERE id = %s", (first.id,)) == "wamid.TRUE"
+
+    # Once the window (one more lease length) has passed, the second row can be retried,
+    # and a result arriving after that changes nothing.
+    sql.execute(
+        "UPDATE cola_envios SET claimed_at = UTC_TIMESTAMP(6) - INTERVAL 62 SECOND,"
+        " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 31 SECOND WHERE id = %s",
+        (second.id,),
+    )
+    assert "1 error and unknown-outcome row(s) queued again" in _retry_unknown(db_url, session)
+    assert (await store.results.record([sent(second, "wamid.LATE")])).written == 0
+    assert sql.value("SELECT estado FROM cola_envios WHERE id = %s", (second.id,)) == "pendiente"
+
+
+async def test_an_unreachable_api_pauses_sending_and_spends_no_attempt(
+    sql: SQL, fake_api: FakeCloudAPI, settings: Callable[..., Settings]
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 30)
+    api = urlsplit(fake_api.base_url)
+    assert api.hostname and api.port
+    with TcpProxy(api.hostname, api.port) as proxy:
+        proxy.cut()  # connection refused, for longer than the whole retry schedule
+        api_url = f"http://127.0.0.1:{proxy.port}{api.path}"
+        rounds = []
+
+        def retry_schedule_spent() -> bool:
+            rounds.append(1)
+            return len(rounds) > 40  # ~0.8 s: retry_cap 0.2 s x max_attempts 5 = 1 s would burn
+
+        config = settings(api_url=api_url, pause_seconds=0.1, concurrency=4)
+        report = await drain(config, once=False, until=retry_schedule_spent, seconds=30)
+        assert report.outcomes["sent"] == 0 and report.outcomes["error"] == 0
+        assert sql.states() == {"pendiente": 30}
+        assert sql.value("SELECT MAX(attempts) FROM cola_envios") == 0
+
+        proxy.restore()
+        report = await drain(config)
+    assert report.outcomes["sent"] == 30
+    assert sql.states() == {"enviado": 30}

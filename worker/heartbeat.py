@@ -1,0 +1,43 @@
+"""Liveness: the heartbeat file that `health` reads, and systemd's watchdog.
+
+The loop calls `beat()` every time it goes round, and it goes round at least every
+`BEAT_EVERY` seconds in every state (sending, idle, paused, waiting for the database), because
+its only wait has that timeout. Paused or waiting for the database still counts as alive: a
+restart would throw away the results held in memory. Only a loop that stops going round (a
+hung event loop, a log write blocked on a full pipe) goes stale.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from worker.systemd import Notifier
+
+BEAT_EVERY = 5.0  # seconds: the loop's longest wait
+TOUCH_EVERY = 1.0  # the file is touched at most this often
+
+
+class Heartbeat:
+    def __init__(
+        self, *, path: Path, notifier: Notifier, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._path = path
+        self._notifier = notifier
+        self._clock = clock
+        self._touched = float("-inf")
+        self._pinged = float("-inf")
+
+    def beat(self, status: Callable[[], str]) -> None:
+        now = self._clock()
+        if now - self._touched >= TOUCH_EVERY:
+            self._touched = now
+            try:
+                self._path.touch(exist_ok=True)
+            except OSError:
+                pass  # `health` reports the stale file; sending must not stop for it
+        interval = self._notifier.watchdog_interval
+        if interval and now - self._pinged >= interval / 2:
+            self._pinged = now
+            self._notifier.notify(watchdog=1, status=status())

@@ -1,0 +1,67 @@
+"""Two small state machines the daemon composes: the sending pause and template holds.
+
+The sending pause is a circuit breaker: an account-level error or an unreachable API opens it
+for a while; then one probe send goes out, and only a success closes it again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PauseReason:
+    code: int | None
+    text: str
+
+
+class SendingPause:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._until = 0.0
+        self._probing = False
+        self.reason: PauseReason | None = None
+
+    def trip(self, seconds: float, reason: PauseReason) -> bool:
+        """Stop sending for `seconds`, then probe. True when this starts a new pause."""
+        now = self._clock()
+        fresh = now >= self._until and not self._probing
+        self._until = max(self._until, now + seconds)
+        self._probing = True
+        self.reason = reason
+        return fresh
+
+    def remaining(self) -> float:
+        return max(0.0, self._until - self._clock())
+
+    def slots(self, concurrency: int) -> int:
+        """Sends allowed in flight: one probe after a pause, all once a send succeeded."""
+        return 1 if self._probing else concurrency
+
+    def succeeded(self) -> bool:
+        """A send went through; True when that closes a pause."""
+        closed = self._probing
+        self._probing = False
+        self.reason = None
+        return closed
+
+
+class TemplateHolds:
+    """Templates Meta paused or disabled, held back until a monotonic deadline."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._until: dict[str, float] = {}
+
+    def start(self, name: str, seconds: float) -> bool:
+        """True when `name` was not held yet (the caller then holds its rows)."""
+        now = self._clock()
+        if self._until.get(name, 0.0) > now:
+            return False
+        self._until[name] = now + seconds
+        return True
+
+    def cancel(self, name: str) -> None:
+        self._until.pop(name, None)

@@ -1,0 +1,68 @@
+"""The data layer, split by who calls it; the only package that speaks SQL.
+
+- `claims`: the fetch path (claim, give back, recover expired leases, template holds);
+- `results`: the result writer (fenced batches, progress totals);
+- `sessions`: producers' and operators' commands (enqueue, pause, retry, status);
+- `migrations`: the schema;
+- `db`: connections, and driver errors translated into three of ours.
+"""
+
+from __future__ import annotations
+
+from worker.config import DatabaseURL
+from worker.store.claims import Claims
+from worker.store.db import (
+    TRANSACTION_TIMEOUT,
+    Database,
+    DatabaseError,
+    DatabaseUnavailable,
+    RowRefused,
+    StatementRefused,
+)
+from worker.store.migrations import Migrations
+from worker.store.results import Recorded, Results
+from worker.store.sessions import RefusedChange, RetryChange, SessionChange, Sessions
+
+__all__ = [
+    "Claims",
+    "Database",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "Migrations",
+    "Recorded",
+    "RefusedChange",
+    "Results",
+    "RetryChange",
+    "RowRefused",
+    "SessionChange",
+    "Sessions",
+    "StatementRefused",
+    "Store",
+]
+
+
+class Store:
+    """One database, its callers' views of it."""
+
+    def __init__(self, db: Database, *, worker_id: str = "") -> None:
+        self.db = db
+        self.claims = Claims(db, worker_id=worker_id)
+        self.results = Results(db)
+        self.sessions = Sessions(db)
+        self.migrations = Migrations(db)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: DatabaseURL,
+        *,
+        size: int = 4,
+        worker_id: str = "",
+        db_timeout: float = TRANSACTION_TIMEOUT,
+        create_database: bool = False,
+    ) -> Store:
+        db = await Database.connect(url, size=size, db_timeout=db_timeout, create_database=create_database)
+        return cls(db, worker_id=worker_id)
+
+    async def close(self) -> None:
+        self.db.close()

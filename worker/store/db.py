@@ -1,0 +1,267 @@
+"""Connections, transactions, and the translation of driver errors.
+
+No module above the store imports the database driver: every failure leaves here as one of
+three exceptions, so callers can tell "the database is away" (wait and retry) from "this
+statement can never work as written" (stop and say why) from "the server refused a value in
+this statement" (isolate the row and record why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeVar
+
+import aiomysql
+import pymysql
+
+from worker.config import DatabaseURL
+
+T = TypeVar("T")
+DEADLOCK, LOCK_WAIT_TIMEOUT = 1213, 1205
+TRANSACTION_TIMEOUT = 15.0  # seconds (WORKER_DB_TIMEOUT); aiomysql has no read timeout of its own
+USE_TIMEOUT = -1.0  # `connection(deadline=...)`: the Database's own timeout; None: no deadline
+# Our own sessions are strict whatever the server's default: a value a column cannot hold is
+# an error here, never a silent truncation (or an ENUM stored as '').
+SESSION_SQL_MODE = "STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION"
+# The server refused a value of this statement: duplicate key, too long, wrong type, bad JSON...
+ROW_LEVEL_CODES = frozenset({1048, 1062, 1264, 1265, 1292, 1366, 1406, 1452, 3140, 3819, 4025})
+# The server or the network went away; the same statement may work later.
+UNAVAILABLE_CODES = frozenset(
+    {1040, 1053, 1205, 1213, 1317, 1927, 2002, 2003, 2005, 2006, 2013, 2014, 2055, 3024, 4031}
+)
+
+
+class DatabaseError(Exception):
+    """Base of the store's errors; the message is safe to log (no password)."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database could not be reached or dropped the connection: try again later."""
+
+
+class StatementRefused(DatabaseError):
+    """A statement the server will never accept as written (missing column or table,
+    permission): retrying cannot help; usually the schema needs `whatsapp-worker migrate`."""
+
+
+class RowRefused(DatabaseError):
+    """The server refused a value in this statement (duplicate key, too long, invalid):
+    the statement may work for other rows."""
+
+
+def translate(exc: BaseException) -> DatabaseError:
+    """A driver or network exception as one of ours."""
+    if isinstance(exc, DatabaseError):
+        return exc
+    if isinstance(exc, pymysql.err.MySQLError):
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        text = describe(exc)
+        if isinstance(exc, pymysql.err.InterfaceError) or code in UNAVAILABLE_CODES or code is None:
+            return DatabaseUnavailable(text, code=code)
+        if code in ROW_LEVEL_CODES:
+            return RowRefused(text, code=code)
+        return StatementRefused(text, code=code)
+    return DatabaseUnavailable(describe(exc))
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, pymysql.err.MySQLError) and len(exc.args) >= 2:
+        return f"({exc.args[0]}) {exc.args[1]}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {TRANSACTION_TIMEOUT:g}s"
+    return str(exc) or type(exc).__name__
+
+
+DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)
+
+
+async def with_transient_retry(action: Callable[[], Awaitable[T]], attempts: int = 5) -> T:
+    """Retry a whole transaction on deadlock (1213) or lock-wait timeout (1205), with jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await action()
+        except DatabaseUnavailable as exc:
+            if exc.code not in (DEADLOCK, LOCK_WAIT_TIMEOUT) or attempt == attempts:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.02 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def placeholders(count: int) -> str:
+    return ",".join(["%s"] * count)
+
+
+def case(column: str, values: dict[int, Any], *, default: str | None = None) -> tuple[str, list[Any]]:
+    """`CASE id WHEN 1 THEN %s ... ELSE <default> END` for per-row values in one UPDATE."""
+    params: list[Any] = []
+    whens = []
+    for row_id, value in values.items():
+        whens.append("WHEN %s THEN %s")
+        params += [row_id, value]
+    if not whens:
+        return default or column, []
+    return f"CASE id {' '.join(whens)} ELSE {default or column} END", params
+
+
+@contextmanager
+def quiet_notes() -> Iterator[None]:
+    """`IF NOT EXISTS` DDL raises notes ("already exists") as Python warnings: expected here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pymysql.Warning)
+        yield
+
+
+async def open_connection(url: DatabaseURL, *, database: bool = True) -> aiomysql.Connection:
+    conn = await aiomysql.connect(
+        host=url.host,
+        port=url.port,
+        user=url.user,
+        # aiomysql sends `password.encode("latin1")`: hand it the str whose latin-1 bytes are
+        # the password's UTF-8 bytes, or a non-ASCII password could never log in.
+        password=url.password.encode("utf-8").decode("latin-1"),
+        db=url.database if database else None,
+        autocommit=False,
+        charset="utf8mb4",
+        connect_timeout=10,
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SET SESSION sql_mode = %s", (SESSION_SQL_MODE,))
+            await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class ConnectionPool:
+    """A few connections to one database, handed out one transaction at a time.
+
+    Written here rather than using aiomysql's Pool: that pool wakes no waiter when a closed
+    connection is returned, so after an outage a claim could wait forever for a free slot.
+    A semaphore counts the slots; a broken connection is dropped and replaced on demand.
+    """
+
+    def __init__(self, url: DatabaseURL, size: int) -> None:
+        self._url = url
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[aiomysql.Connection] = []
+
+    async def acquire(self) -> aiomysql.Connection:
+        await self._slots.acquire()
+        try:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+            return await open_connection(self._url)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: aiomysql.Connection, *, broken: bool = False) -> None:
+        if broken:
+            conn.close()
+        elif not conn.closed:
+            self._idle.append(conn)
+        self._slots.release()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
+class Database:
+    """The pool plus the two ways to use it: a connection, or a transaction that commits."""
+
+    def __init__(self, url: DatabaseURL, *, size: int = 4, timeout: float = TRANSACTION_TIMEOUT) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._pool = ConnectionPool(url, size)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: DatabaseURL,
+        *,
+        size: int = 4,
+        db_timeout: float = TRANSACTION_TIMEOUT,
+        create_database: bool = False,
+    ) -> Database:
+        """Open the pool and check the database answers (a clear error if it does not)."""
+        if create_database:
+            await _create_database(url)
+        db = cls(url, size=size, timeout=db_timeout)
+        try:
+            await db.ping()
+        except DatabaseError as exc:
+            raise type(exc)(f"cannot connect to {url.redacted()}: {exc}", code=exc.code) from None
+        return db
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @asynccontextmanager
+    async def connection(self, deadline: float | None = USE_TIMEOUT) -> AsyncIterator[aiomysql.Connection]:
+        """A pooled connection; every driver error leaves as one of ours.
+
+        aiomysql has no read timeout: a connection that died silently would hang forever (and
+        keep its row locks), so every use has a deadline.
+        """
+        try:
+            async with asyncio.timeout(self.timeout if deadline == USE_TIMEOUT else deadline):
+                conn = await self._pool.acquire()
+                try:
+                    yield conn
+                except BaseException:
+                    # A broken or cancelled connection must not go back to the pool half-used.
+                    self._pool.release(conn, broken=True)
+                    raise
+                self._pool.release(conn)
+        except DRIVER_ERRORS as exc:
+            raise translate(exc) from None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiomysql.Cursor]:
+        async with self.connection() as conn:
+            async with conn.cursor() as cur:
+                yield cur
+            await conn.commit()
+
+    async def ping(self) -> None:
+        async with self.transaction() as cur:
+            await cur.execute("SELECT 1")
+
+    async def update(self, sql: str, args: Any = ()) -> int:
+        """One statement in its own short transaction, retried on deadlock; rows changed."""
+
+        async def attempt() -> int:
+            async with self.transaction() as cur:
+                await cur.execute(sql, args)
+                return int(cur.rowcount)
+
+        return await with_transient_retry(attempt)
+
+
+async def _create_database(url: DatabaseURL) -> None:
+    try:
+        conn = await open_connection(url, database=False)
+    except DRIVER_ERRORS as exc:
+        raise translate(exc) from None
+    try:
+        async with conn.cursor() as cur:
+            name = url.database.replace("`", "``")
+            with quiet_notes():
+                await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
+    except DRIVER_ERRORS as exc:
+        raise translate(exc) from None
+    finally:
+        conn.close()

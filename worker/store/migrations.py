@@ -1,0 +1,496 @@
+"""Schema migrations (`whatsapp-worker migrate`): read what exists, upgrade it in place.
+
+The tables usually exist already: the PHP application created them years ago and keeps
+writing to them. So a migration is not a fixed list of statements but a plan computed from
+`information_schema` each time: create what is missing, add missing columns (with the same
+definitions a fresh database gets), widen `estado`, number legacy duplicates, add missing keys.
+Every step checks before it alters; MySQL commits each DDL statement on its own, so a migrate
+killed half-way simply finds less to do on its next run. Nothing is dropped, narrowed or
+deleted; the PHP columns and their values are left as they are.
+
+Runs under a named lock so two migrates do not race. `check()` is what every command asks
+at start: the list of what the code needs and does not find.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomysql
+import pymysql
+
+from worker import schema
+from worker.store.db import DRIVER_ERRORS, Database, DatabaseError, StatementRefused, quiet_notes, translate
+
+MIGRATE_LOCK = "whatsapp_worker_migrate"
+DUPLICATE_KEY = 1062
+# Columns each INSERT of ours names: a PHP column outside these must have a default.
+INSERTED = {
+    "sesiones_envio": {"nombre"},
+    "cola_envios": {"sesion_id", "cliente_id", "telefono", "mensaje"},
+    "envios_whatsapp": {"cola_id", "sesion_id", "cliente_id", "telefono", "wamid", "fecha_envio"},
+}
+
+
+class SchemaMismatch(DatabaseError):
+    """The database lacks what this worker needs (or migrate cannot add it safely)."""
+
+    def __init__(self, problems: list[str], *, hint: str = "run `whatsapp-worker migrate`") -> None:
+        super().__init__(f"schema is not ready for this worker: {'; '.join(problems)}: {hint}")
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class FoundColumn:
+    name: str
+    column_type: str  # e.g. enum('pendiente','enviado'), int(11), varchar(32)
+    data_type: str
+    nullable: bool
+    default: str | None  # normalised: None for "no default" and DEFAULT NULL alike
+    extra: str
+    charset: str | None
+    collation: str | None
+    comment: str
+
+    @property
+    def enum_values(self) -> list[str] | None:
+        if self.data_type != "enum":
+            return None
+        return [v.replace("''", "'") for v in re.findall(r"'((?:[^']|'')*)'", self.column_type)]
+
+    @property
+    def generated(self) -> bool:
+        return any(word in self.extra.upper() for word in ("GENERATED", "VIRTUAL", "STORED"))
+
+
+@dataclass(slots=True)
+class FoundTable:
+    name: str
+    engine: str
+    collation: str
+    columns: dict[str, FoundColumn] = field(default_factory=dict)
+    indexes: dict[str, tuple[bool, tuple[str, ...]]] = field(default_factory=dict)  # name -> unique, cols
+
+
+@dataclass(slots=True)
+class Gaps:
+    """What one existing table lacks, compared with the target."""
+
+    columns: list[schema.Column] = field(default_factory=list)
+    state_values: list[str] = field(default_factory=list)
+    state_default: str | None = None  # the wrong default found (or "none")
+    state_unusable: str | None = None  # a state column migrate cannot widen
+    next_attempt: str | None = None  # next_attempt_at is not "NULL DEFAULT NULL"
+    keys: list[schema.Key] = field(default_factory=list)
+    no_default: list[str] = field(default_factory=list)  # NOT NULL, no default, not inserted by us
+
+    def problems(self, table: schema.Table) -> list[str]:
+        out = [f"{table.name}.{c.name} is missing" for c in self.columns]
+        state = f"{table.name}.{table.state.column}"
+        if self.state_unusable:
+            out.append(f"{state} {self.state_unusable}")
+        out += [f"{state} lacks {v!r}" for v in self.state_values]
+        if self.state_default:
+            out.append(f"{state} defaults to {self.state_default}, not {table.state.default!r}")
+        if self.next_attempt:
+            out.append(f"{table.name}.next_attempt_at is {self.next_attempt}, not NULL DEFAULT NULL")
+        for key in self.keys:
+            kind = "unique key" if key.unique else "index"
+            out.append(f"{table.name} has no {kind} on ({', '.join(key.guarantee)})")
+        out += [
+            f"{table.name}.{name} is NOT NULL without a default (our INSERTs do not name it)"
+            for name in self.no_default
+        ]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    sql: str
+    why: str
+    # A unique key may meet a duplicate a producer inserted after the numbering: number again.
+    renumber: str | None = None
+
+
+@dataclass(slots=True)
+class Plan:
+    found: list[str] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    blockers: list[str] = field(default_factory=list)  # what migrate will not change for you
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    found: list[str]
+    steps: list[Step]
+    versions: list[int]  # versions newly recorded in whatsapp_worker_migrations
+
+
+class Migrations:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def plan(self) -> Plan:
+        """What migrate would find and do; reads only (`migrate --dry-run`)."""
+        async with self._db.connection(deadline=None) as conn, conn.cursor() as cur:
+            plan = await _plan(cur)
+            await conn.commit()
+        return plan
+
+    async def migrate(self) -> Applied:
+        """Upgrade in place, step by step; raises SchemaMismatch if it cannot."""
+        try:
+            async with self._db.connection(deadline=None) as conn, conn.cursor() as cur:
+                await cur.execute("SELECT GET_LOCK(%s, 60)", (MIGRATE_LOCK,))
+                (locked,) = await cur.fetchone()
+                if locked != 1:
+                    raise DatabaseError(f"another migrate holds the lock {MIGRATE_LOCK}")
+                try:
+                    return await _migrate(conn, cur)
+                finally:
+                    await conn.rollback()
+                    await cur.execute("DO RELEASE_LOCK(%s)", (MIGRATE_LOCK,))
+                    await conn.commit()
+        except DRIVER_ERRORS as exc:
+            raise translate(exc) from None
+
+    async def check(self) -> list[str]:
+        """Everything the code needs and does not find (tables, columns, keys, states)."""
+        async with self._db.connection() as conn, conn.cursor() as cur:
+            found = await _inspect(cur)
+            await conn.commit()
+        problems: list[str] = []
+        for table in schema.TABLES:
+            if table.name not in found:
+                problems.append(f"table {table.name} is missing")
+            else:
+                problems += _gaps(found[table.name], table).problems(table)
+        return problems
+
+    async def require(self) -> None:
+        """Raise SchemaMismatch naming what is missing."""
+        problems = await self.check()
+        if problems:
+            raise SchemaMismatch(problems)
+
+    async def schema_version(self) -> int:
+        try:
+            async with self._db.transaction() as cur:
+                await cur.execute("SELECT MAX(version) FROM whatsapp_worker_migrations")
+                (version,) = await cur.fetchone()
+        except StatementRefused:
+            return 0
+        return int(version or 0)
+
+
+async def _migrate(conn: aiomysql.Connection, cur: aiomysql.Cursor) -> Applied:
+    with quiet_notes():
+        await cur.execute(schema.VERSION_TABLE)
+    plan = await _plan(cur)
+    if plan.blockers:
+        raise SchemaMismatch(plan.blockers, hint="fix these by hand, then run `whatsapp-worker migrate`")
+    for step in plan.steps:
+        await _execute(conn, cur, step)
+    found = await _inspect(cur)
+    problems = [p for t in schema.TABLES for p in _gaps(found[t.name], t).problems(t)]
+    if problems:
+        raise SchemaMismatch(problems, hint="migrate could not fix this")
+    await cur.execute("SELECT version FROM whatsapp_worker_migrations")
+    done = {row[0] for row in await cur.fetchall()}
+    versions = [m for m in schema.MIGRATIONS if m.version not in done]
+    if versions:
+        await cur.executemany(
+            "INSERT INTO whatsapp_worker_migrations (version, name) VALUES (%s, %s)",
+            [(m.version, m.name) for m in versions],
+        )
+    await conn.commit()
+    return Applied(plan.found, plan.steps, [m.version for m in versions])
+
+
+async def _execute(conn: aiomysql.Connection, cur: aiomysql.Cursor, step: Step) -> None:
+    with quiet_notes():
+        try:
+            await cur.execute(step.sql)
+        except pymysql.err.IntegrityError as exc:
+            if step.renumber is None or exc.args[0] != DUPLICATE_KEY:
+                raise
+            await cur.execute(step.renumber)
+            await conn.commit()
+            await cur.execute(step.sql)
+    await conn.commit()
+
+
+async def _inspect(cur: aiomysql.Cursor) -> dict[str, FoundTable]:
+    """Our three tables as they are. Columns are aliased: key case differs between servers."""
+    names = [t.name for t in schema.TABLES]
+    marks = ",".join(["%s"] * len(names))
+    await cur.execute(
+        "SELECT TABLE_NAME AS name, ENGINE AS engine, TABLE_COLLATION AS collation"
+        f" FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({marks})",
+        names,
+    )
+    tables = {_s(r[0]): FoundTable(_s(r[0]), _s(r[1]), _s(r[2])) for r in await cur.fetchall()}
+    await cur.execute(
+        "SELECT TABLE_NAME AS tbl, COLUMN_NAME AS name, COLUMN_TYPE AS column_type,"
+        " DATA_TYPE AS data_type, IS_NULLABLE AS nullable, COLUMN_DEFAULT AS dflt, EXTRA AS extra,"
+        " CHARACTER_SET_NAME AS charset, COLLATION_NAME AS collation, COLUMN_COMMENT AS comment"
+        " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+        f" AND TABLE_NAME IN ({marks}) ORDER BY TABLE_NAME, ORDINAL_POSITION",
+        names,
+    )
+    for r in await cur.fetchall():
+        table = tables.get(_s(r[0]))
+        if table is not None:
+            name = _s(r[1])
+            table.columns[name] = FoundColumn(
+                name,
+                _s(r[2]),
+                _s(r[3]).lower(),
+                _s(r[4]) == "YES",
+                _default(r[5]),
+                _s(r[6]),
+                _s(r[7]) or None,
+                _s(r[8]) or None,
+                _s(r[9]),
+            )
+    await cur.execute(
+        "SELECT TABLE_NAME AS tbl, INDEX_NAME AS name, NON_UNIQUE AS non_unique, COLUMN_NAME AS col"
+        " FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
+        f" AND TABLE_NAME IN ({marks}) ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX",
+        names,
+    )
+    for r in await cur.fetchall():
+        table = tables.get(_s(r[0]))
+        if table is not None:
+            unique, cols = table.indexes.get(_s(r[1]), (not int(r[2]), ()))
+            table.indexes[_s(r[1])] = (unique, (*cols, _s(r[3])))
+    return tables
+
+
+def _s(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+def _default(raw: Any) -> str | None:
+    """MariaDB quotes literal defaults and says 'NULL'; MySQL does neither."""
+    if raw is None:
+        return None
+    text = _s(raw)
+    if text == "NULL":
+        return None
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1].replace("''", "'")
+    return text
+
+
+def _gaps(found: FoundTable, table: schema.Table) -> Gaps:
+    gaps = Gaps()
+    gaps.columns = [c for c in table.columns if c.name not in found.columns]
+    state = found.columns.get(table.state.column) if table.state.column else None
+    if state is not None:
+        values = state.enum_values
+        if values is not None:
+            gaps.state_values = [v for v in table.state.values if v not in values]
+        elif state.data_type not in ("varchar", "char") or _length(state) < max(map(len, table.state.values)):
+            gaps.state_unusable = f"is {state.column_type}: it cannot hold {table.state.values}"
+        if state.default != table.state.default:
+            gaps.state_default = repr(state.default) if state.default is not None else "nothing"
+    nxt = found.columns.get("next_attempt_at")
+    if table is schema.COLA_ENVIOS and nxt is not None and (not nxt.nullable or nxt.default is not None):
+        gaps.next_attempt = f"{'NULL' if nxt.nullable else 'NOT NULL'} DEFAULT {nxt.default}"
+    gaps.keys = [k for k in table.keys if not _has_key(found, k)]
+    ours = {c.name for c in table.columns}
+    gaps.no_default = [
+        c.name
+        for c in found.columns.values()
+        if not c.nullable
+        and c.default is None
+        and "auto_increment" not in c.extra.lower()
+        and not c.generated
+        and c.name not in INSERTED[table.name]
+        and c.name not in ours
+    ]
+    return gaps
+
+
+def _length(column: FoundColumn) -> int:
+    match = re.search(r"\((\d+)\)", column.column_type)
+    return int(match.group(1)) if match else 0
+
+
+def _has_key(found: FoundTable, key: schema.Key) -> bool:
+    for unique, cols in found.indexes.values():
+        if key.unique:
+            if unique and set(cols) in (set(key.columns), set(key.guarantee)):
+                return True
+        elif cols[: len(key.columns)] == key.columns:
+            return True
+    return False
+
+
+async def _plan(cur: aiomysql.Cursor) -> Plan:
+    found = await _inspect(cur)
+    plan = Plan()
+    for table in schema.TABLES:
+        existing = found.get(table.name)
+        if existing is None:
+            plan.found.append(f"{table.name}: missing")
+            plan.steps.append(Step(table.create(), f"create {table.name}"))
+        else:
+            await _plan_table(cur, plan, existing, table)
+    return plan
+
+
+async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table: schema.Table) -> None:
+    name = table.name
+    await cur.execute(f"SELECT COUNT(*) FROM {name}")
+    (count,) = await cur.fetchone()
+    plan.found.append(f"{name}: {count} row(s), {found.engine}, {found.collation}")
+    ours = {c.name for c in table.columns}
+    theirs = [c for c in found.columns if c not in ours]
+    if theirs:
+        plan.found.append(f"{name}: columns of the PHP application, kept as they are: {', '.join(theirs)}")
+    if "id" not in found.columns:
+        plan.blockers.append(f"{name} has no id column")
+        return
+    gaps = _gaps(found, table)
+    if gaps.no_default:
+        plan.blockers += gaps.problems(table)[-len(gaps.no_default) :]
+    if gaps.state_unusable:
+        plan.blockers.append(f"{name}.{table.state.column} {gaps.state_unusable}")
+
+    alter: list[str] = [f"ADD COLUMN {c.name} {c.ddl}" for c in gaps.columns]
+    if gaps.columns:
+        plan.found.append(f"{name}: missing columns: {', '.join(c.name for c in gaps.columns)}")
+    state = found.columns.get(table.state.column) if table.state.column else None
+    if state is not None:
+        plan.found.append(f"{name}.{state.name}: {state.column_type} DEFAULT {state.default!r}")
+        if gaps.state_values and state.enum_values is not None:
+            plan.found.append(f"{name}.{state.name}: appends {', '.join(map(repr, gaps.state_values))}")
+            alter.append(_widen(state, gaps.state_values, table.state.default))
+        elif gaps.state_default:
+            alter.append(f"ALTER COLUMN {state.name} SET DEFAULT '{table.state.default}'")
+        if gaps.state_default:
+            plan.found.append(
+                f"{name}.{state.name}: default {gaps.state_default} becomes {table.state.default!r}"
+                " (producers insert without naming it)"
+            )
+    if gaps.next_attempt:
+        nxt = found.columns["next_attempt_at"]
+        if nxt.data_type != "datetime":
+            plan.blockers.append(f"{name}.next_attempt_at is {nxt.column_type}, not DATETIME(6)")
+        else:
+            plan.found.append(f"{name}.next_attempt_at: {gaps.next_attempt} becomes NULL DEFAULT NULL (UTC)")
+            alter.append(f"MODIFY COLUMN next_attempt_at {table.column('next_attempt_at').ddl}")
+    if alter:
+        plan.steps.append(Step(f"ALTER TABLE {name} " + ", ".join(alter), f"{name}: columns"))
+
+    keep = _keep_auto_updated(found, ours)
+    for key in gaps.keys:
+        if key.unique and schema.LEGACY_DUPLICATE in key.columns:
+            renumber = _renumber(name, key.guarantee, keep)
+            await _find_duplicates(cur, plan, found, key)
+            plan.steps.append(
+                Step(renumber, f"{name}: number legacy duplicates of ({', '.join(key.guarantee)})")
+            )
+    if table is schema.COLA_ENVIOS and state is not None:
+        await _plan_lost_rows(cur, plan, found, keep)
+    if gaps.keys:
+        plan.found.append(f"{name}: missing keys: {', '.join(k.name for k in gaps.keys)}")
+        unique = next((k for k in gaps.keys if k.unique and schema.LEGACY_DUPLICATE in k.columns), None)
+        plan.steps.append(
+            Step(
+                f"ALTER TABLE {name} " + ", ".join(f"ADD {k.ddl()}" for k in gaps.keys),
+                f"{name}: keys",
+                renumber=_renumber(name, unique.guarantee, keep) if unique else None,
+            )
+        )
+
+
+def _widen(state: FoundColumn, missing: list[str], default: str) -> str:
+    """The ENUM with the missing values appended: never narrowed, never reordered."""
+    values = ",".join(_quote(v) for v in [*(state.enum_values or []), *missing])
+    charset = f" CHARACTER SET {state.charset}" if state.charset else ""
+    collation = f" COLLATE {state.collation}" if state.collation else ""
+    comment = f" COMMENT {_quote(state.comment)}" if state.comment else ""
+    null = "NULL" if state.nullable else "NOT NULL"
+    return (
+        f"MODIFY COLUMN {state.name} ENUM({values}){charset}{collation}"
+        f" {null} DEFAULT {_quote(default)}{comment}"
+    )
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _keep_auto_updated(found: FoundTable, ours: set[str]) -> str:
+    """`SET col = col` for PHP columns with ON UPDATE CURRENT_TIMESTAMP: our UPDATEs leave them."""
+    return "".join(
+        f", t.{c.name} = t.{c.name}"
+        for c in found.columns.values()
+        if c.name not in ours and "on update" in c.extra.lower()
+    )
+
+
+def _renumber(table: str, group: tuple[str, ...], keep: str) -> str:
+    """0 for the first row (lowest id) of each group, 1, 2... for its later copies."""
+    cols = ", ".join(group)
+    present = " AND ".join(f"{c} IS NOT NULL" for c in group)
+    return (
+        f"UPDATE {table} t JOIN (SELECT id, ROW_NUMBER() OVER (PARTITION BY {cols} ORDER BY id) - 1 AS n"
+        f" FROM {table} WHERE {present}) d ON d.id = t.id"
+        f" SET t.{schema.LEGACY_DUPLICATE} = d.n{keep}"
+        f" WHERE d.n > 0 AND t.{schema.LEGACY_DUPLICATE} <> d.n"
+    )
+
+
+async def _find_duplicates(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, key: schema.Key) -> None:
+    group = key.guarantee
+    if any(c not in found.columns for c in group):
+        return
+    cols = ", ".join(group)
+    present = " AND ".join(f"{c} IS NOT NULL" for c in group)
+    has_state = "estado" in found.columns and found.name == schema.COLA_ENVIOS.name
+    pending = "SUM(estado = 'pendiente')" if has_state else "0"
+    await cur.execute(
+        f"SELECT COUNT(*), COALESCE({pending}, 0) FROM (SELECT {'estado, ' if has_state else ''}"
+        f"ROW_NUMBER() OVER (PARTITION BY {cols} ORDER BY id) AS n FROM {found.name} WHERE {present}) d"
+        " WHERE n > 1"
+    )
+    copies, pendientes = await cur.fetchone()
+    if copies:
+        line = (
+            f"{found.name}: {copies} legacy row(s) share a ({cols}) with an earlier row:"
+            f" kept, marked {schema.LEGACY_DUPLICATE}"
+        )
+        if pendientes:
+            line += f" ({pendientes} of them pendiente: they stay pendiente and will be sent)"
+        plan.found.append(line)
+
+
+async def _plan_lost_rows(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, keep: str) -> None:
+    """Rows the PHP cron left in `procesando` (or stored as '') have no lease: unknown outcome."""
+    leased = " AND lease_token IS NULL" if "lease_token" in found.columns else ""
+    await cur.execute(f"SELECT COUNT(*) FROM cola_envios WHERE estado = 'procesando'{leased}")
+    (processing,) = await cur.fetchone()
+    await cur.execute("SELECT COUNT(*) FROM cola_envios WHERE estado = ''")
+    (empty,) = await cur.fetchone()
+    for count, where, reason, what in (
+        (processing, "t.estado = 'procesando' AND t.lease_token IS NULL", schema.LEGACY_PROCESSING_REASON,
+         "in procesando without a lease (a PHP cron run that died mid-send)"),
+        (empty, "t.estado = ''", schema.EMPTY_STATE_REASON, "with an empty estado"),
+    ):  # fmt: skip
+        if count:
+            plan.found.append(f"cola_envios: {count} row(s) {what}: become desconocido, never re-sent")
+            plan.steps.append(
+                Step(
+                    f"UPDATE cola_envios t SET t.estado = 'desconocido', t.last_error = {_quote(reason)}"
+                    f"{keep} WHERE {where}",
+                    f"cola_envios: {count} row(s) {what} become desconocido",
+                )
+            )

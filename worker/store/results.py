@@ -1,0 +1,161 @@
+"""The result writer: one transaction per batch, fenced on each row's lease token.
+
+A sent row becomes `enviado` and gains its `envios_whatsapp` row in the same commit. A row
+recovered as `desconocido` while its worker was cut off keeps its token for one more lease
+length: the true result that worker holds replaces the guess until then, never after (so
+`retry --include-unknown` knows when a row can no longer change under it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import aiomysql
+
+from worker.models import Finished, RowState
+from worker.store.db import Database, case, placeholders, with_transient_retry
+
+NOW = "UTC_TIMESTAMP(6)"
+ERROR_TEXT_MAX = 1000
+# A late result is accepted until the lease expired plus one more lease length.
+LATE_RESULT_WINDOW = (
+    "lease_expires_at + INTERVAL TIMESTAMPDIFF(MICROSECOND, claimed_at, lease_expires_at) MICROSECOND"
+)
+CLEAR_LEASE = "lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
+
+# -- name: lock_claimed :many
+LOCK_CLAIMED = (
+    "SELECT id, lease_token FROM cola_envios WHERE id IN ({ids})"
+    f" AND (estado = 'procesando' OR (estado = 'desconocido' AND {LATE_RESULT_WINDOW} > {NOW}))"
+    " FOR UPDATE"
+)
+# -- name: mark_sent :exec
+MARK_SENT = (
+    "UPDATE cola_envios SET estado = 'enviado', wamid = {wamids}, attempts = attempts + 1,"
+    f" sent_at = {NOW}, last_error_code = NULL, last_error = NULL, {CLEAR_LEASE}"
+    " WHERE id IN ({ids})"
+)
+# -- name: insert_delivery :exec
+# `fecha_envio` is the server's local time, as the PHP application and the runbook read it.
+# A row re-queued by hand and sent again updates its one delivery row: never a second one.
+INSERT_DELIVERY = (
+    "INSERT INTO envios_whatsapp (cola_id, sesion_id, cliente_id, telefono, wamid, fecha_envio)"
+    " SELECT c.id, c.sesion_id, c.cliente_id, c.telefono, c.wamid, NOW() FROM cola_envios c"
+    " WHERE c.id IN ({ids})"
+    " ON DUPLICATE KEY UPDATE wamid = c.wamid, fecha_envio = NOW()"
+)
+# -- name: mark_unsent :exec
+# Retry, error, unknown, pause: per-row state, attempt, delay and error in one UPDATE.
+MARK_UNSENT = (
+    "UPDATE cola_envios SET estado = {states}, attempts = attempts + {spent},"
+    f" next_attempt_at = IF(estado = 'pendiente', {NOW} + INTERVAL {{delays}} MICROSECOND, next_attempt_at),"
+    " last_error_code = {codes}, last_error = {texts}, " + CLEAR_LEASE + " WHERE id IN ({ids})"
+)
+# -- name: mark_refused :exec
+# The database refused this row's result as written: keep what is safe and say why.
+MARK_REFUSED = (
+    "UPDATE cola_envios SET estado = %s, attempts = attempts + 1, last_error_code = NULL,"
+    f" last_error = %s, {CLEAR_LEASE} WHERE id = %s AND lease_token = %s"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    written: int  # rows whose result was stored
+    fenced_out: int  # rows another worker took over (or too late): nothing written for them
+
+
+class Results:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def record(self, finished: Sequence[Finished]) -> Recorded:
+        """Write a batch in one transaction; raises RowRefused if the server refuses a value."""
+        if not finished:
+            return Recorded(0, 0)
+        return await with_transient_retry(lambda: self._record(finished))
+
+    async def _record(self, finished: Sequence[Finished]) -> Recorded:
+        async with self._db.transaction() as cur:
+            ids = [f.job.id for f in finished]
+            await cur.execute(LOCK_CLAIMED.format(ids=placeholders(len(ids))), ids)
+            tokens = dict(await cur.fetchall())
+            mine = [f for f in finished if tokens.get(f.job.id) == f.job.lease_token]
+            sent = {f.job.id: f.decision.wamid for f in mine if f.decision.state is RowState.SENT}
+            if sent:
+                await _write_sent(cur, sent)
+            others = [f for f in mine if f.decision.state is not RowState.SENT]
+            if others:
+                await _write_unsent(cur, others)
+        return Recorded(len(mine), len(finished) - len(mine))
+
+    async def record_refused(self, finished: Finished, reason: str) -> bool:
+        """The last resort for one row whose result the database refused.
+
+        A message Meta accepted becomes `desconocido` (never re-sent automatically) with its
+        wamid in the reason; any other outcome becomes `error`.
+        """
+        decision = finished.decision
+        if decision.state in (RowState.SENT, RowState.UNKNOWN):
+            state = RowState.UNKNOWN
+            wamid = f" (Meta accepted it as {decision.wamid})" if decision.wamid else ""
+            text = f"result refused by the database: {reason}{wamid}"
+        else:
+            state = RowState.ERROR
+            text = f"result refused by the database: {reason}; was: {decision.error_text or decision.state}"
+        changed = await self._db.update(
+            MARK_REFUSED, (state, text[:ERROR_TEXT_MAX], finished.job.id, finished.job.lease_token)
+        )
+        return changed == 1
+
+    async def session_totals(self, session_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """sesion_id -> (rows finished, rows in all), for progress lines."""
+        ids = list(session_ids)
+        if not ids:
+            return {}
+        async with self._db.transaction() as cur:
+            await cur.execute(
+                "SELECT sesion_id, SUM(estado IN ('enviado', 'error', 'desconocido')), COUNT(*)"
+                f" FROM cola_envios WHERE sesion_id IN ({placeholders(len(ids))})"
+                " GROUP BY sesion_id",
+                ids,
+            )
+            return {row[0]: (int(row[1]), int(row[2])) for row in await cur.fetchall()}
+
+    async def complete_session(self, session_id: int) -> bool:
+        """Mark an active session with nothing left to send as completed."""
+        changed = await self._db.update(
+            "UPDATE sesiones_envio SET estado = 'completada' WHERE id = %s"
+            " AND estado = 'activa' AND NOT EXISTS (SELECT 1 FROM cola_envios"
+            " WHERE sesion_id = %s AND estado IN ('pendiente', 'procesando'))",
+            (session_id, session_id),
+        )
+        return changed == 1
+
+
+async def _write_sent(cur: aiomysql.Cursor, wamids: dict[int, str | None]) -> None:
+    """The common case, kept lean: `enviado` plus the `envios_whatsapp` row."""
+    wamid_sql, wamid_params = case("wamid", wamids)
+    in_ids = placeholders(len(wamids))
+    await cur.execute(MARK_SENT.format(wamids=wamid_sql, ids=in_ids), (*wamid_params, *wamids))
+    await cur.execute(INSERT_DELIVERY.format(ids=in_ids), list(wamids))
+
+
+async def _write_unsent(cur: aiomysql.Cursor, rows: list[Finished]) -> None:
+    ids = [f.job.id for f in rows]
+    decisions = {f.job.id: f.decision for f in rows}
+    states, state_params = case("estado", {i: d.state.value for i, d in decisions.items()})
+    spent, spent_params = case("0", {i: int(d.spend_attempt) for i, d in decisions.items()})
+    delays, delay_params = case("0", {i: int(d.delay * 1_000_000) for i, d in decisions.items()})
+    attempted = {i: d for i, d in decisions.items() if d.spend_attempt}
+    codes, code_params = case("last_error_code", {i: d.error_code for i, d in attempted.items()})
+    texts, text_params = case(
+        "last_error", {i: (d.error_text or "")[:ERROR_TEXT_MAX] or None for i, d in attempted.items()}
+    )
+    await cur.execute(
+        MARK_UNSENT.format(
+            states=states, spent=spent, delays=delays, codes=codes, texts=texts, ids=placeholders(len(ids))
+        ),
+        (*state_params, *spent_params, *delay_params, *code_params, *text_params, *ids),
+    )

@@ -1,0 +1,242 @@
+"""Producers' and operators' commands: enqueue, pause / resume / cancel, retry, status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiomysql
+
+from worker.models import RowState, SessionState
+from worker.store.db import Database, placeholders, with_transient_retry
+
+NOW = "UTC_TIMESTAMP(6)"
+
+
+class RefusedChange(Exception):
+    """An operator command that does not apply (no such session, wrong state)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChange:
+    session_id: int
+    before: SessionState
+    after: SessionState
+    rows: int  # rows held back (pause), waiting again (resume) or closed (cancel)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryChange:
+    queued: int
+    waiting: int  # unknown rows whose true result may still arrive
+    until: datetime | None  # UTC; when the last of those can no longer change
+
+
+# The late-result window of results.py: the lease plus one more lease length.
+_LATE_OPEN = (
+    "estado = 'desconocido' AND lease_token IS NOT NULL AND COALESCE(lease_expires_at"
+    " + INTERVAL TIMESTAMPDIFF(MICROSECOND, claimed_at, lease_expires_at) MICROSECOND > " + NOW + ", FALSE)"
+)
+# -- name: result_may_arrive :one
+RESULT_MAY_ARRIVE = (
+    "SELECT COUNT(*), MAX(lease_expires_at + INTERVAL TIMESTAMPDIFF(MICROSECOND, claimed_at,"
+    f" lease_expires_at) MICROSECOND) FROM cola_envios WHERE sesion_id = %s AND {_LATE_OPEN}"
+)
+# -- name: retry_rows :exec
+RETRY_ROWS = (
+    "UPDATE cola_envios SET estado = 'pendiente', attempts = 0, next_attempt_at = NULL,"
+    " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
+    " WHERE sesion_id = %s AND estado IN ({states})"
+    f" AND NOT ({_LATE_OPEN})"
+)
+
+
+class Sessions:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def enqueue(
+        self, session_name: str, rows: Sequence[tuple[int | None, str, str]]
+    ) -> tuple[int, int, int]:
+        """Create (or reuse) a session by name and queue rows `(cliente_id, telefono, mensaje)`.
+
+        One transaction: a failure leaves nothing behind. Returns (session id, new, already queued).
+        """
+
+        async def attempt() -> tuple[int, int, int]:
+            async with self._db.transaction() as cur:
+                await cur.execute(
+                    "INSERT INTO sesiones_envio (nombre) VALUES (%s)"
+                    " ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id)",
+                    (session_name,),
+                )
+                session_id = int(cur.lastrowid)
+                await cur.execute("SELECT estado FROM sesiones_envio WHERE id = %s FOR UPDATE", (session_id,))
+                (state,) = await cur.fetchone()
+                if state == SessionState.CANCELLED:
+                    raise RefusedChange(f"session {session_name!r} (#{session_id}) is cancelled")
+                before = await self._count_rows(cur, session_id)
+                if rows:
+                    await cur.executemany(
+                        "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje)"
+                        " VALUES (%s, %s, %s, %s) ON DUPLICATE KEY UPDATE id = id",
+                        [(session_id, *row) for row in rows],
+                    )
+                added = await self._count_rows(cur, session_id) - before
+                if added and state == SessionState.COMPLETED:
+                    await cur.execute(
+                        "UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (session_id,)
+                    )
+            return session_id, added, len(rows) - added
+
+        return await with_transient_retry(attempt)
+
+    @staticmethod
+    async def _count_rows(cur: aiomysql.Cursor, session_id: int) -> int:
+        await cur.execute("SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s", (session_id,))
+        (count,) = await cur.fetchone()
+        return int(count)
+
+    async def set_session_state(self, session_id: int, state: SessionState) -> SessionChange:
+        """pause / resume / cancel a session; says what changed."""
+        allowed = {
+            SessionState.PAUSED: (SessionState.ACTIVE,),
+            SessionState.ACTIVE: (SessionState.PAUSED,),
+            SessionState.CANCELLED: (SessionState.ACTIVE, SessionState.PAUSED),
+        }[state]
+
+        async def attempt() -> SessionChange:
+            async with self._db.transaction() as cur:
+                before = await self._lock_session(cur, session_id)
+                if before == state:
+                    return SessionChange(session_id, before, before, 0)
+                if before not in allowed:
+                    raise RefusedChange(f"session #{session_id} is {before}: cannot become {state}")
+                await cur.execute("UPDATE sesiones_envio SET estado = %s WHERE id = %s", (state, session_id))
+                rows = await self._park_rows(cur, session_id, state)
+            return SessionChange(session_id, before, state, rows)
+
+        return await with_transient_retry(attempt)
+
+    @staticmethod
+    async def _park_rows(cur: aiomysql.Cursor, session_id: int, state: SessionState) -> int:
+        """Move a held session's waiting rows out of (or back into) the claim range.
+
+        Shifting `next_attempt_at` by a century keeps the claim scan short however many rows a
+        paused session holds, and shifting back restores each row's own schedule exactly.
+        """
+        if state is SessionState.PAUSED:
+            sql = f"next_attempt_at = COALESCE(next_attempt_at, {NOW}) + INTERVAL 100 YEAR"
+            where = ""
+        elif state is SessionState.ACTIVE:
+            sql = "next_attempt_at = next_attempt_at - INTERVAL 100 YEAR"
+            where = f" AND next_attempt_at > {NOW} + INTERVAL 50 YEAR"
+        else:
+            sql = (
+                "estado = 'error', last_error_code = NULL,"
+                " last_error = 'session cancelled by the operator: not sent'"
+            )
+            where = ""
+        await cur.execute(
+            f"UPDATE cola_envios SET {sql} WHERE sesion_id = %s AND estado = 'pendiente'{where}",
+            (session_id,),
+        )
+        if state is SessionState.ACTIVE:
+            await cur.execute(
+                "SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s AND estado = 'pendiente'",
+                (session_id,),
+            )
+            (count,) = await cur.fetchone()
+            return int(count)
+        return int(cur.rowcount)
+
+    async def retry_session(self, session_id: int, *, include_unknown: bool) -> RetryChange:
+        """Send `error` rows (and, only when asked, `desconocido` rows) again.
+
+        An unknown row whose worker may still write its true result (its lease token is set
+        and the late-result window is open) is left alone: re-sending it now could duplicate
+        a message that was in fact delivered.
+        """
+        states = ("error", "desconocido") if include_unknown else ("error",)
+
+        async def attempt() -> RetryChange:
+            async with self._db.transaction() as cur:
+                before = await self._lock_session(cur, session_id)
+                if before == SessionState.CANCELLED:
+                    raise RefusedChange(f"session #{session_id} is cancelled: nothing to retry")
+                waiting, until = 0, None
+                if include_unknown:
+                    await cur.execute(RESULT_MAY_ARRIVE, (session_id,))
+                    waiting, until = await cur.fetchone()
+                await cur.execute(RETRY_ROWS.format(states=placeholders(len(states))), (session_id, *states))
+                count = int(cur.rowcount)
+                if count and before == SessionState.COMPLETED:
+                    await cur.execute(
+                        "UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (session_id,)
+                    )
+            return RetryChange(count, int(waiting or 0), until)
+
+        return await with_transient_retry(attempt)
+
+    @staticmethod
+    async def _lock_session(cur: aiomysql.Cursor, session_id: int) -> SessionState:
+        await cur.execute("SELECT estado FROM sesiones_envio WHERE id = %s FOR UPDATE", (session_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise RefusedChange(f"there is no session #{session_id}")
+        return SessionState(row[0])
+
+    async def status(self, session_id: int | None = None) -> list[dict[str, Any]]:
+        """Per-session progress: counts per state, sends in the last minute, top errors."""
+        where, params = ("WHERE s.id = %s", [session_id]) if session_id is not None else ("", [])
+        sessions: dict[int, dict[str, Any]] = {}
+        async with self._db.transaction() as cur:
+            await cur.execute(
+                f"SELECT s.id, s.nombre, s.estado, s.created_at FROM sesiones_envio s {where} ORDER BY s.id",
+                params,
+            )
+            for sid, name, state, created in await cur.fetchall():
+                sessions[sid] = {
+                    "id": sid,
+                    "name": name,
+                    "state": state,
+                    "created_at": created.isoformat(),
+                    "counts": {s.value: 0 for s in RowState},
+                    "total": 0,
+                    "sent_last_minute": 0,
+                    "errors": [],
+                }
+            if not sessions:
+                return []
+            ids = list(sessions)
+            in_ids = placeholders(len(ids))
+            await cur.execute(
+                f"SELECT sesion_id, estado, COUNT(*) FROM cola_envios WHERE sesion_id IN ({in_ids})"
+                " GROUP BY sesion_id, estado",
+                ids,
+            )
+            for sid, state, count in await cur.fetchall():
+                sessions[sid]["counts"][state] = int(count)
+                sessions[sid]["total"] += int(count)
+            await cur.execute(
+                "SELECT sesion_id, COUNT(*) FROM envios_whatsapp"
+                f" WHERE fecha_envio >= NOW() - INTERVAL 1 MINUTE AND sesion_id IN ({in_ids})"
+                " GROUP BY sesion_id",
+                ids,
+            )
+            for sid, count in await cur.fetchall():
+                sessions[sid]["sent_last_minute"] = int(count)
+            await cur.execute(
+                "SELECT sesion_id, estado, last_error_code, COUNT(*), MAX(last_error)"
+                " FROM cola_envios WHERE estado IN ('error', 'desconocido')"
+                f" AND sesion_id IN ({in_ids}) GROUP BY sesion_id, estado, last_error_code"
+                " ORDER BY COUNT(*) DESC",
+                ids,
+            )
+            for sid, state, code, count, text in await cur.fetchall():
+                sessions[sid]["errors"].append(
+                    {"state": state, "code": code, "count": int(count), "example": text}
+                )
+        return list(sessions.values())

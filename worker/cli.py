@@ -14,7 +14,7 @@ from typing import Any
 
 from worker import __version__, schema
 from worker.config import EX_CONFIG, ConfigError, Settings
-from worker.daemon import Daemon
+from worker.daemon import Daemon, RunReport
 from worker.enqueue import MAX_ERRORS_SHOWN, CsvError, MessageSpec, read_rows
 from worker.log import configure, get_logger, on_sink_lost
 from worker.models import SessionState
@@ -232,17 +232,39 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         )
         return EX_CONFIG
     try:
+        code, reason = EX_OK, ""
         store = await _open_store(settings, size=4)
         try:
             await _require_schema(store)
-            return await _serve(settings, store, once=args.once, log=log)
+            report = await _serve(settings, store, once=args.once, log=log)
+            code, reason = report.exit_code, report.reason or ""
+            if reason:
+                print(f"whatsapp-worker: {reason}", file=sys.stderr)
+            return code
+        except DatabaseError as exc:
+            code, reason = (EX_CONFIG if isinstance(exc, SchemaMismatch) else EX_UNAVAILABLE), str(exc)
+            raise
         finally:
             await store.close()
     finally:
+        _record_last_exit(settings, code, reason)
         pidfile.release()
 
 
-async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> int:
+def _record_last_exit(settings: Settings, code: int, reason: str) -> None:
+    """Leave why the daemon stopped next to its pidfile, for `health` (best effort)."""
+    path = settings.last_exit_path
+    try:
+        if code == EX_OK:
+            path.unlink(missing_ok=True)
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            path.write_text(f"{stamp} exit {code}: {reason or 'see the log'}\n")
+    except OSError:
+        pass
+
+
+async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> RunReport:
     notifier = Notifier()
     sender = make_sender(settings)
     daemon = Daemon(settings=settings, store=store, sender=sender, notifier=notifier)
@@ -266,9 +288,7 @@ async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> i
             report = await daemon.run(once=once)
     finally:
         await sender.close()
-    if report.reason:
-        print(f"whatsapp-worker: {report.reason}", file=sys.stderr)
-    return report.exit_code
+    return report
 
 
 def health(settings: Settings) -> int:
@@ -278,7 +298,11 @@ def health(settings: Settings) -> int:
     """
     holder = PidFile(settings.pidfile).holder()
     if holder is None:
-        print(f"unhealthy: no daemon holds {settings.pidfile}")
+        try:
+            last = f"; the last run stopped {settings.last_exit_path.read_text().strip()}"
+        except OSError:
+            last = ""
+        print(f"unhealthy: no daemon holds {settings.pidfile}{last}")
         return 1
     try:
         age = time.time() - settings.heartbeat_path.stat().st_mtime

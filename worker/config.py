@@ -148,6 +148,11 @@ class Settings:
         return self.pidfile.with_suffix(".heartbeat")
 
     @property
+    def last_exit_path(self) -> Path:
+        """Why the last `run` stopped with an error (e.g. the schema needs `migrate`)."""
+        return self.pidfile.with_suffix(".last-exit")
+
+    @property
     def heartbeat_max_age(self) -> float:
         """Longest quiet spell of a healthy loop. Its one wait lasts at most 5 s and sends run
         beside it, so only database calls hold it up: one turn makes at most three (recover,

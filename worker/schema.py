@@ -169,6 +169,10 @@ TABLES: tuple[Table, ...] = (SESIONES_ENVIO, COLA_ENVIOS, ENVIOS_WHATSAPP)
 LEGACY_PROCESSING_REASON = (
     "procesando before whatsapp-worker adopted this table: may have been sent; not re-sent automatically"
 )
+LEGACY_COPY_REASON = (
+    "a copy of an earlier row of this session for this phone when whatsapp-worker adopted this table:"
+    " not sent (it would have been a second message)"
+)
 EMPTY_STATE_REASON = (
     "estado was empty (an invalid value stored under a non-strict sql_mode) when whatsapp-worker"
     " adopted this table: may have been sent; not re-sent automatically"

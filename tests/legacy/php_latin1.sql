@@ -38,7 +38,8 @@ INSERT INTO sesiones_envio (id, nombre, estado, fecha_creacion) VALUES
   (28, 'sesion #28', 'activa', '2024-03-02 10:00:00');
 
 -- Session 27 is the old bug's: the same phone queued twice, sent twice (three envios rows
--- for cola 1), one copy in error. Session 28 has rows in all four states, two left procesando.
+-- for cola 1), one copy in error. Session 28 has rows in all four states, two left procesando,
+-- and a waiting copy of row 5 (same session, same phone): sending it would be the bug again.
 INSERT INTO cola_envios
   (id, sesion_id, cliente_id, telefono, mensaje, estado, intentos, respuesta_api, error_msg,
    fecha_creacion, fecha_actualizacion) VALUES
@@ -51,7 +52,8 @@ INSERT INTO cola_envios
   (7, 28, 603, '+51987000013', '{"type":"text","text":{"body":"buenos dias"}}', 'procesando', 1, NULL, NULL, '2024-03-02 10:00:00', '2024-03-02 10:01:00'),
   (8, 28, 604, '+51987000014', '{"type":"text","text":{"body":"buenos dias"}}', 'procesando', 1, NULL, NULL, '2024-03-02 10:00:00', '2024-03-02 10:01:00'),
   (9, 28, 605, '+51987000015', '{"type":"text","text":{"body":"buenos dias"}}', 'enviado', 1, '{"messages":[{"id":"wamid.A9"}]}', NULL, '2024-03-02 10:00:00', '2024-03-02 10:02:00'),
-  (10, 28, 606, '+51987000016', '{"type":"text","text":{"body":"buenos dias"}}', 'error', 1, '{"error":{"code":131026}}', 'Message undeliverable', '2024-03-02 10:00:00', '2024-03-02 10:02:00');
+  (10, 28, 606, '+51987000016', '{"type":"text","text":{"body":"buenos dias"}}', 'error', 1, '{"error":{"code":131026}}', 'Message undeliverable', '2024-03-02 10:00:00', '2024-03-02 10:02:00'),
+  (11, 28, 601, '+51987000011', '{"type":"text","text":{"body":"buenos dias"}}', 'pendiente', 0, NULL, NULL, '2024-03-02 10:00:00', '2024-03-02 10:00:00');
 
 INSERT INTO envios_whatsapp (id, cola_id, cliente_id, telefono, wamid, fecha_envio) VALUES
   (1, 1, 501, '+51987000001', 'wamid.A1', '2024-03-01 10:05:00'),

@@ -1,7 +1,8 @@
 -- A second PHP-era schema: utf8 (utf8mb3), estado ENUM in another order with a value of its
 -- own ('archivado') and NULL allowed, different column names (creado, respuesta), session
 -- names duplicated and no session state at all, envios_whatsapp with sesion_id but no
--- cliente_id index; a "next_attempt_at" nobody had. No unique keys anywhere.
+-- cliente_id index; a "next_attempt_at" nobody had; a zero-date default (a non-strict PHP
+-- host's habit, which MySQL refuses under NO_ZERO_DATE). No unique keys anywhere.
 CREATE TABLE sesiones_envio (
   id INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
   nombre VARCHAR(100) NOT NULL,
@@ -19,6 +20,7 @@ CREATE TABLE cola_envios (
   intentos TINYINT NOT NULL DEFAULT 0,
   respuesta TEXT NULL,
   creado DATETIME NULL,
+  actualizado DATETIME NOT NULL DEFAULT '0000-00-00 00:00:00',
   KEY idx_sesion_estado (sesion_id, estado)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8 COLLATE=utf8_general_ci;
 

@@ -26,6 +26,9 @@ TRANSACTION_TIMEOUT = 15.0  # seconds (WORKER_DB_TIMEOUT); aiomysql has no read 
 USE_TIMEOUT = -1.0  # `connection(deadline=...)`: the Database's own timeout; None: no deadline
 # Our own sessions are strict whatever the server's default: a value a column cannot hold is
 # an error here, never a silent truncation (or an ENUM stored as '').
+# Not NO_ZERO_DATE: PHP tables often default a column to '0000-00-00', and an INSERT that does
+# not name that column would be refused. (MySQL warns, 3135, that strict mode should come with
+# the zero-date modes: the mode is set where that warning is not fetched.)
 SESSION_SQL_MODE = "STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION"
 # The server refused a value of this statement: duplicate key, too long, wrong type, bad JSON...
 ROW_LEVEL_CODES = frozenset({1048, 1062, 1264, 1265, 1292, 1366, 1406, 1452, 3140, 3819, 4025})
@@ -131,10 +134,12 @@ async def open_connection(url: DatabaseURL, *, database: bool = True) -> aiomysq
         autocommit=False,
         charset="utf8mb4",
         connect_timeout=10,
+        # As the init command its MySQL warning (3135, see above) is not fetched: a warning
+        # filter would not do, it is process-wide and these connections open concurrently.
+        init_command=f"SET SESSION sql_mode = '{SESSION_SQL_MODE}'",
     )
     try:
         async with conn.cursor() as cur:
-            await cur.execute("SET SESSION sql_mode = %s", (SESSION_SQL_MODE,))
             await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
     except BaseException:
         conn.close()

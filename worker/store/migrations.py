@@ -22,7 +22,14 @@ import aiomysql
 import pymysql
 
 from worker import schema
-from worker.store.db import DRIVER_ERRORS, Database, DatabaseError, StatementRefused, quiet_notes, translate
+from worker.store.db import (
+    DRIVER_ERRORS,
+    Database,
+    DatabaseError,
+    StatementRefused,
+    quiet_notes,
+    translate,
+)
 
 MIGRATE_LOCK = "whatsapp_worker_migrate"
 DUPLICATE_KEY = 1062
@@ -390,15 +397,16 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
         plan.steps.append(Step(f"ALTER TABLE {name} " + ", ".join(alter), f"{name}: columns"))
 
     keep = _keep_auto_updated(found, ours)
+    waiting_copies = 0
     for key in gaps.keys:
         if key.unique and schema.LEGACY_DUPLICATE in key.columns:
             renumber = _renumber(name, key.guarantee, keep)
-            await _find_duplicates(cur, plan, found, key)
+            waiting_copies += await _find_duplicates(cur, plan, found, key)
             plan.steps.append(
                 Step(renumber, f"{name}: number legacy duplicates of ({', '.join(key.guarantee)})")
             )
     if table is schema.COLA_ENVIOS and state is not None:
-        await _plan_lost_rows(cur, plan, found, keep)
+        await _plan_lost_rows(cur, plan, found, keep, waiting_copies)
     if gaps.keys:
         plan.found.append(f"{name}: missing keys: {', '.join(k.name for k in gaps.keys)}")
         unique = next((k for k in gaps.keys if k.unique and schema.LEGACY_DUPLICATE in k.columns), None)
@@ -449,10 +457,11 @@ def _renumber(table: str, group: tuple[str, ...], keep: str) -> str:
     )
 
 
-async def _find_duplicates(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, key: schema.Key) -> None:
+async def _find_duplicates(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, key: schema.Key) -> int:
+    """Report a key's legacy duplicates; returns how many of them still wait (`pendiente`)."""
     group = key.guarantee
     if any(c not in found.columns for c in group):
-        return
+        return 0
     cols = ", ".join(group)
     present = " AND ".join(f"{c} IS NOT NULL" for c in group)
     has_state = "estado" in found.columns and found.name == schema.COLA_ENVIOS.name
@@ -469,12 +478,17 @@ async def _find_duplicates(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, 
             f" kept, marked {schema.LEGACY_DUPLICATE}"
         )
         if pendientes:
-            line += f" ({pendientes} of them pendiente: they stay pendiente and will be sent)"
+            line += f" ({pendientes} of them pendiente: they end in error, never sent)"
         plan.found.append(line)
+    return int(pendientes or 0)
 
 
-async def _plan_lost_rows(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, keep: str) -> None:
-    """Rows the PHP cron left in `procesando` (or stored as '') have no lease: unknown outcome."""
+async def _plan_lost_rows(
+    cur: aiomysql.Cursor, plan: Plan, found: FoundTable, keep: str, waiting_copies: int
+) -> None:
+    """Rows the PHP cron left in `procesando` (or stored as '') have no lease: unknown outcome.
+    A waiting copy of an earlier row (same session, same phone) would be the old bug's second
+    message: it ends in error, never sent."""
     leased = " AND lease_token IS NULL" if "lease_token" in found.columns else ""
     await cur.execute(f"SELECT COUNT(*) FROM cola_envios WHERE estado = 'procesando'{leased}")
     (processing,) = await cur.fetchone()
@@ -494,3 +508,12 @@ async def _plan_lost_rows(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, k
                     f"cola_envios: {count} row(s) {what} become desconocido",
                 )
             )
+    if waiting_copies:
+        copy_reason = _quote(schema.LEGACY_COPY_REASON)
+        plan.steps.append(
+            Step(
+                f"UPDATE cola_envios t SET t.estado = 'error', t.last_error = {copy_reason}"
+                f"{keep} WHERE t.{schema.LEGACY_DUPLICATE} > 0 AND t.estado = 'pendiente'",
+                f"cola_envios: {waiting_copies} waiting legacy copies end in error",
+            )
+        )

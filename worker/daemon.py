@@ -23,9 +23,9 @@ from worker.config import Settings
 from worker.heartbeat import BEAT_EVERY, Heartbeat
 from worker.log import get_logger
 from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, parse_message
-from worker.models import Finished, Job, Outcome, SendResult
+from worker.models import Job, Outcome, SendResult
 from worker.pause import PauseReason, SendingPause, TemplateHolds
-from worker.policy import Decision, decide
+from worker.policy import Decision, Finished, decide
 from worker.ratelimit import RateLimiter
 from worker.recorder import Recorder
 from worker.sender import Sender

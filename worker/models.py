@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from worker.policy import Decision
 
 
 class RowState(StrEnum):
@@ -61,11 +57,3 @@ class SendResult:
     error_code: int | None = None
     error_text: str | None = None
     retry_after: float | None = None  # seconds; set by the daemon for RETRY
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """What a send decided for a row, waiting to be written, with the claim it belongs to."""
-
-    job: Job
-    decision: Decision

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 from worker.config import Settings
-from worker.models import Outcome, RowState, SendResult
+from worker.models import Job, Outcome, RowState, SendResult
 from worker.retry import backoff
 
 MAINTENANCE_CODE = 131057  # account in maintenance / throughput upgrade: pause briefly
@@ -92,6 +92,14 @@ class Decision:
     hold_template: float | None  # hold back this template's waiting rows this long
     event: str  # stable log event name
     metric: str  # whatsapp_worker_messages_total{outcome}: sent, retry, error, unknown, paused
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What a send decided for a row, waiting to be written, with the claim it belongs to."""
+
+    job: Job
+    decision: Decision
 
 
 def decide(result: SendResult, *, attempt: int, settings: Settings, rng: random.Random) -> Decision:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.heartbeat import BEAT_EVERY
-from worker.models import Finished, RowState
+from worker.models import RowState
+from worker.policy import Finished
 from worker.store import DatabaseError, DatabaseUnavailable, Recorded, Results, RowRefused
 
 BATCH_MAX = 500

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import aiomysql
 
-from worker.models import Finished, RowState
+from worker.models import RowState
+from worker.policy import Finished
 from worker.store.db import Database, case, placeholders, with_transient_retry
 
 NOW = "UTC_TIMESTAMP(6)"

@@ -163,20 +163,24 @@ def base_env(url: DatabaseURL, **extra: str) -> dict[str, str]:
     return env
 
 
+def fake_api_env(fake_api: FakeCloudAPI, tmp_path: Path) -> dict[str, str]:
+    """The variables that point a daemon at the fake API, with a pidfile of its own."""
+    return {
+        "WHATSAPP_API_URL": fake_api.base_url,
+        "WHATSAPP_PHONE_NUMBER_ID": fake_api.phone_number_id,
+        "WHATSAPP_ACCESS_TOKEN": fake_api.token,
+        "WORKER_PIDFILE": str(tmp_path / "worker.pid"),
+        "WORKER_POLL_INTERVAL": "0.05",
+        "WORKER_RATE_LIMIT": "0",
+    }
+
+
 @pytest.fixture
 def worker_env(db_url: DatabaseURL, fake_api: FakeCloudAPI, tmp_path: Path) -> Callable[..., dict[str, str]]:
     """Environment for a daemon subprocess that sends to the fake API."""
 
     def make(**extra: str) -> dict[str, str]:
-        values = {
-            "WHATSAPP_API_URL": fake_api.base_url,
-            "WHATSAPP_PHONE_NUMBER_ID": fake_api.phone_number_id,
-            "WHATSAPP_ACCESS_TOKEN": fake_api.token,
-            "WORKER_PIDFILE": str(tmp_path / "worker.pid"),
-            "WORKER_POLL_INTERVAL": "0.05",
-            "WORKER_RATE_LIMIT": "0",
-            "WORKER_LOG_FORMAT": "json",
-        }
+        values = {**fake_api_env(fake_api, tmp_path), "WORKER_LOG_FORMAT": "json"}
         values.update(extra)
         return base_env(db_url, **values)
 

@@ -21,7 +21,7 @@ import pymysql
 import pytest
 
 from tests.acceptance.processes import RUNBOOK
-from tests.conftest import ROOT, SQL, WORKER_BIN, base_env, connect
+from tests.conftest import ROOT, SQL, WORKER_BIN, base_env, connect, fake_api_env
 from tests.fakeapi import FakeCloudAPI
 from worker import schema
 from worker.config import DatabaseURL
@@ -265,14 +265,7 @@ def test_after_adoption_every_pending_row_is_sent_once_and_no_legacy_row(
             )
     producer.close()
 
-    env = {
-        "WHATSAPP_API_URL": fake_api.base_url,
-        "WHATSAPP_PHONE_NUMBER_ID": fake_api.phone_number_id,
-        "WHATSAPP_ACCESS_TOKEN": fake_api.token,
-        "WORKER_PIDFILE": str(tmp_path / "worker.pid"),
-        "WORKER_POLL_INTERVAL": "0.05",
-        "WORKER_RATE_LIMIT": "0",
-    }
+    env = fake_api_env(fake_api, tmp_path)
     result = legacy.run("run", "--once", **env)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -343,12 +336,7 @@ def test_a_migrate_killed_after_some_statements_completes_on_the_next_run(
 def test_commands_on_a_schema_missing_a_column_stop_with_one_clear_line(
     legacy: Legacy, fake_api: FakeCloudAPI, tmp_path: Path
 ) -> None:
-    env = {
-        "WHATSAPP_API_URL": fake_api.base_url,
-        "WHATSAPP_PHONE_NUMBER_ID": fake_api.phone_number_id,
-        "WHATSAPP_ACCESS_TOKEN": fake_api.token,
-        "WORKER_PIDFILE": str(tmp_path / "worker.pid"),
-    }
+    env = fake_api_env(fake_api, tmp_path)
     before = legacy.run("run", "--once", **env)  # the PHP tables as they are
     assert before.returncode == 78  # a configuration problem: systemd does not restart on it
     assert before.stderr.strip().splitlines() == [before.stderr.strip()]  # one line

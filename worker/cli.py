@@ -244,6 +244,9 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         except DatabaseError as exc:
             code, reason = (EX_CONFIG if isinstance(exc, SchemaMismatch) else EX_UNAVAILABLE), str(exc)
             raise
+        except Exception as exc:  # a crash: `health` should still say what happened
+            code, reason = EX_SOFTWARE, f"crashed: {type(exc).__name__}: {exc}"
+            raise
         finally:
             await store.close()
     finally:

@@ -29,7 +29,7 @@ from worker.policy import Decision, Finished, decide
 from worker.ratelimit import RateLimiter
 from worker.recorder import Recorder
 from worker.sender import Sender
-from worker.store import DatabaseError, DatabaseUnavailable, Store
+from worker.store import DatabaseError, DatabaseUnavailable, StatementRefused, Store
 from worker.systemd import Notifier
 
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
@@ -67,7 +67,11 @@ class Daemon:
         self._forced = asyncio.Event()
         self._wake = asyncio.Event()
         self._recorder = Recorder(
-            results=store.results, log=self._log, on_written=self._wake.set, on_fatal=self._on_fatal
+            results=store.results,
+            log=self._log,
+            on_written=self._wake.set,
+            on_fatal=self._on_fatal,
+            on_outage=self._database_failed,
         )
         self._in_flight: set[asyncio.Task[None]] = set()
         self._pause = SendingPause()
@@ -75,6 +79,7 @@ class Daemon:
         self._heartbeat = Heartbeat(path=settings.heartbeat_path, notifier=self._notifier)
         self._db_down = False
         self._once = False
+        self._signals = 0
         self.report = RunReport()
         # Claim in batches when busy: one claim per freed slot would make the database the
         # bottleneck; "no more rows than free slots" still holds.
@@ -102,7 +107,8 @@ class Daemon:
 
         def handler(signame: str) -> None:
             self._notifier.notify(stopping=1, status="draining in-flight sends")
-            if self._stop.is_set():
+            self._signals += 1
+            if self._signals > 1:  # a second signal, not an internal stop, ends the wait
                 self.force_stop()
             self.request_stop()
             self._log.info("stop_requested", signal=signame, in_flight=len(self._in_flight))
@@ -117,7 +123,10 @@ class Daemon:
 
     def _on_fatal(self) -> None:
         error = self._recorder.fatal
-        self.request_stop(exit_code=EX_CONFIG, reason=f"the database refuses our statements: {error}")
+        if isinstance(error, StatementRefused):
+            self.request_stop(exit_code=EX_CONFIG, reason=f"the database refuses our statements: {error}")
+        else:
+            self.request_stop(exit_code=EX_SOFTWARE, reason=f"results cannot be written: {error}")
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -127,10 +136,13 @@ class Daemon:
         try:
             await self._dispatch()
         finally:
-            await self._drain()
-            self._recorder.close(grace=self._settings.drain_timeout)
+            # One budget for the whole stop: in-flight sends, then the results still unwritten.
+            deadline = asyncio.get_running_loop().time() + self._settings.drain_timeout
+            await self._drain(deadline)
+            self._recorder.close(grace=max(1.0, deadline - asyncio.get_running_loop().time()))
             await self._wait_for(recorder)
-        self.report.lost = self._recorder.lost
+            await self._give_back_uncertain()
+        self.report.lost = self._recorder.lost + self._recorder.pending
         if self.report.lost:
             self.report.drained = False
             if self.report.exit_code == EX_OK:
@@ -144,6 +156,12 @@ class Daemon:
             **self.report.outcomes,
         )
         return self.report
+
+    async def _give_back_uncertain(self) -> None:
+        try:
+            await self._claims.give_back_uncertain()
+        except DatabaseError as exc:  # their leases expire; they are recovered as unknown then
+            self._log.error("uncertain_claims_not_given_back", error=str(exc))
 
     async def _wait_for(self, task: asyncio.Task[None]) -> None:
         """Wait for the recorder without giving up the heartbeat."""
@@ -181,7 +199,11 @@ class Daemon:
         free = slots - len(self._in_flight) - self._recorder.pending
         if free < (self._batch_min if self._in_flight else 1):
             return BEAT_EVERY  # a finished send or a written batch wakes the loop
-        claimed = await self._claim(free)
+        tokens = await self._limiter.take(free, max_wait=BEAT_EVERY)
+        if tokens == 0 or self._stop.is_set():
+            self._limiter.refund(tokens)
+            return 0.0  # go round (and beat) before waiting for tokens again
+        claimed = await self._claim(tokens)
         if claimed is None:
             return min(BEAT_EVERY, self._settings.poll_interval * 2)  # database trouble
         if claimed:
@@ -208,9 +230,8 @@ class Daemon:
         )
         self.request_stop(exit_code=EX_TEMPFAIL, reason=f"sending paused ({text}); rows left untouched")
 
-    async def _claim(self, free: int) -> int | None:
-        """Claim and start up to `free` sends; None when the database failed."""
-        tokens = await self._limiter.take(free)
+    async def _claim(self, tokens: int) -> int | None:
+        """Claim and start up to `tokens` sends; None when the database failed."""
         try:
             jobs = await self._claims.claim(tokens, lease_seconds=self._settings.lease_seconds)
         except DatabaseError as exc:
@@ -328,12 +349,11 @@ class Daemon:
 
     # -- stop -----------------------------------------------------------------------------
 
-    async def _drain(self) -> None:
-        """Wait for in-flight sends up to the drain timeout (or a second signal), then cancel."""
+    async def _drain(self, deadline: float) -> None:
+        """Wait for in-flight sends until `deadline` (or a second signal), then cancel."""
         if not self._in_flight:
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.drain_timeout
         self._log.info("draining", in_flight=len(self._in_flight), timeout=self._settings.drain_timeout)
         while self._in_flight and not self._forced.is_set():
             remaining = deadline - loop.time()
@@ -366,6 +386,8 @@ class Daemon:
         if not self._db_down:
             self._db_down = True
             self._log.error("database_unavailable", error=str(exc))
+        if self._once:  # under cron: give the pidfile back; the next run tries again
+            self.request_stop(exit_code=EX_TEMPFAIL, reason=f"database unavailable ({exc}); try again later")
 
     def _database_up(self) -> None:
         if self._db_down:

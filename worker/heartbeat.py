@@ -37,7 +37,9 @@ class Heartbeat:
                 self._path.touch(exist_ok=True)
             except OSError:
                 pass  # `health` reports the stale file; sending must not stop for it
+        # Ping on every beat (at most once a second), not only every WATCHDOG_USEC/2: a beat
+        # just before a turn held up by slow database calls must not be the last for too long.
         interval = self._notifier.watchdog_interval
-        if interval and now - self._pinged >= interval / 2:
+        if interval and now - self._pinged >= min(TOUCH_EVERY, interval / 2):
             self._pinged = now
             self._notifier.notify(watchdog=1, status=status())

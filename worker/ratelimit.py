@@ -32,16 +32,20 @@ class RateLimiter:
         self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
 
-    async def take(self, wanted: int) -> int:
+    async def take(self, wanted: int, *, max_wait: float) -> int:
+        """Up to `wanted` tokens; 0 when none comes within `max_wait` seconds (the caller's
+        loop must go round: a very low rate never holds the heartbeat up)."""
         if self._rate <= 0:
             return wanted
-        while True:
+        self._refill()
+        if self._tokens < 1:
+            await asyncio.sleep(min(max_wait, (1 - self._tokens) / self._rate))
             self._refill()
-            if self._tokens >= 1:
-                got = min(wanted, int(self._tokens))
-                self._tokens -= got
-                return got
-            await asyncio.sleep((1 - self._tokens) / self._rate)
+            if self._tokens < 1:
+                return 0
+        got = min(wanted, int(self._tokens))
+        self._tokens -= got
+        return got
 
     def refund(self, count: int) -> None:
         if self._rate > 0 and count > 0:

@@ -28,11 +28,18 @@ FINAL = frozenset({RowState.SENT, RowState.ERROR, RowState.UNKNOWN})
 
 class Recorder:
     def __init__(
-        self, *, results: Results, log: Any, on_written: Callable[[], None], on_fatal: Callable[[], None]
+        self,
+        *,
+        results: Results,
+        log: Any,
+        on_written: Callable[[], None],
+        on_fatal: Callable[[], None],
+        on_outage: Callable[[DatabaseUnavailable], None],
     ) -> None:
         self._results = results
         self._on_written = on_written
         self._on_fatal = on_fatal
+        self._on_outage = on_outage
         self._log = log
         self._queue: list[Finished] = []
         self._ready = asyncio.Event()
@@ -57,6 +64,15 @@ class Recorder:
         self._ready.set()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as exc:  # a bug must not leave results unwritten with no word
+            self._log.exception("recorder_crashed")
+            self.fatal = DatabaseError(f"the result writer crashed: {type(exc).__name__}: {exc}")
+            self._give_up("results_not_writable", str(self.fatal))
+            self._on_fatal()
+
+    async def _run(self) -> None:
         failures = 0
         while True:
             if not self._queue:
@@ -70,6 +86,7 @@ class Recorder:
                 recorded = await self._write(batch)
             except DatabaseUnavailable as exc:
                 failures += 1
+                self._on_outage(exc)
                 if failures == 1:
                     self._log.error(
                         "results_not_written",
@@ -80,7 +97,7 @@ class Recorder:
                 if self._closing and self._deadline is not None and time.monotonic() > self._deadline:
                     self._give_up("results_lost_at_shutdown", str(exc))
                     return
-                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
                 continue
             except DatabaseError as exc:  # a statement the server will never accept: schema
                 self.fatal = exc
@@ -92,16 +109,29 @@ class Recorder:
                 failures = 0
             del self._queue[: len(batch)]
             self._on_written()
-            if recorded.fenced_out:
-                self._log.warning(
-                    "lease_lost",
-                    rows=recorded.fenced_out,
-                    action="results not written: another worker owns the rows",
-                )
+            self._fenced_out(recorded.fenced_out)
             try:
                 await self._progress.update(batch)
             except DatabaseError:
                 pass  # progress lines are best effort
+
+    def _fenced_out(self, rows: Sequence[Finished]) -> None:
+        """Results nobody may write any more (the row was taken over, or the late-result window
+        closed). A message Meta accepted is named with its wamid: it is the only trace left."""
+        for finished in rows:
+            if finished.decision.state is RowState.SENT:
+                self.lost += 1
+                self._log.error(
+                    "sent_result_fenced_out",
+                    job_id=finished.job.id,
+                    sesion_id=finished.job.sesion_id,
+                    wamid=finished.decision.wamid,
+                    action="Meta accepted it, but the row belongs to someone else now",
+                )
+        if rows:
+            self._log.warning(
+                "lease_lost", rows=len(rows), action="results not written: another worker owns the rows"
+            )
 
     async def _write(self, batch: Sequence[Finished]) -> Recorded:
         """Record a batch; a refused batch is split in halves until the refused row is alone."""
@@ -110,7 +140,7 @@ class Recorder:
         except RowRefused as exc:
             if len(batch) == 1:
                 await self._refused(batch[0], exc)
-                return Recorded(1, 0)
+                return Recorded(1)
             middle = len(batch) // 2
             first = await self._write(batch[:middle])
             second = await self._write(batch[middle:])
@@ -134,6 +164,9 @@ class Recorder:
         self._log.error(
             event, rows=len(self._queue), error=error, action="rows become unknown when their lease expires"
         )
+        for finished in self._queue:
+            if finished.decision.state is RowState.SENT:  # the only trace of an accepted message
+                self._log.error("sent_result_lost", job_id=finished.job.id, wamid=finished.decision.wamid)
         self._queue.clear()
 
 

@@ -169,3 +169,25 @@ def test_a_non_ascii_database_password_logs_in(
         assert done.returncode == 0, done.stderr
     finally:
         sql.execute(f"DROP USER '{user}'@'%'")
+
+
+def test_run_once_gives_the_pidfile_back_when_the_database_goes_away(
+    sql: SQL,
+    db_url: DatabaseURL,
+    fake_api: FakeCloudAPI,
+    worker_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 400)
+    fake_api.latency = 0.05
+    with TcpProxy(db_url.host, db_url.port) as proxy:
+        proxied = DatabaseURL("127.0.0.1", proxy.port, db_url.user, db_url.password, db_url.database)
+        env = worker_env(
+            WORKER_DATABASE_URL=database_url_text(proxied), WORKER_CONCURRENCY="4", WORKER_DRAIN_TIMEOUT="2"
+        )
+        daemon = WorkerProcess(env, "run", "--once", logs=tmp_path)
+        assert fake_api.wait_for_requests(20, timeout=30)
+        proxy.cut()  # for good: cron must get its pidfile back
+        assert daemon.wait(timeout=30) == 75, daemon.stderr
+    assert "database unavailable" in daemon.stderr

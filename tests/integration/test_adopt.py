@@ -374,3 +374,18 @@ def test_a_database_of_our_own_version_1_is_upgraded_too(server_url: DatabaseURL
         assert v1.run("status").returncode == 0
     finally:
         v1.close()
+
+
+def test_retry_never_revives_a_legacy_copy(legacy: Legacy) -> None:
+    legacy.migrate()
+    copies = "SELECT id, estado FROM cola_envios WHERE legacy_duplicate > 0 ORDER BY id"
+    before = legacy.sql.rows(copies)
+    sessions = [r["sesion_id"] for r in legacy.sql.rows("SELECT DISTINCT sesion_id FROM cola_envios")]
+    for session in sessions:
+        result = legacy.run("retry", "--session", str(session), "--include-unknown")
+        assert result.returncode == 0, result.stderr
+    assert legacy.sql.rows(copies) == before  # a copy sent now would be the old bug's second message
+    assert (
+        legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE legacy_duplicate = 0 AND estado = 'error'")
+        == 0
+    )

@@ -33,6 +33,7 @@ async def test_a_result_the_database_refuses_is_isolated_and_every_other_row_is_
     phones = sql.add_rows(session, 20)
     too_long = "wamid." + "x" * 300  # wamid is VARCHAR(128): refused (1406) under strict mode
     fake_api.script(phones[3], Step.ok(wamid=too_long))
+    fake_api.script(phones[4], Step.ok(wamid="wamid.\ud800"))  # valid JSON, not encodable text
     # A row sent before, then set back to pendiente by hand for a deliberate re-send: its
     # envios_whatsapp row exists already.
     again = sql.value("SELECT id FROM cola_envios WHERE telefono = %s", (phones[5],))
@@ -46,12 +47,13 @@ async def test_a_result_the_database_refuses_is_isolated_and_every_other_row_is_
     assert report.drained and report.lost == 0
     assert set(fake_api.counts().values()) == {1} and len(fake_api.counts()) == 20
     rows = {r["telefono"]: r for r in sql.rows("SELECT telefono, estado, last_error FROM cola_envios")}
-    assert rows[phones[3]]["estado"] == "desconocido"
-    assert "refused by the database" in rows[phones[3]]["last_error"]
+    for refused in (phones[3], phones[4]):
+        assert rows[refused]["estado"] == "desconocido"
+        assert "refused by the database" in rows[refused]["last_error"]
     assert too_long[:60] in rows[phones[3]]["last_error"]
-    assert [p for p, r in rows.items() if r["estado"] != "enviado"] == [phones[3]]
+    assert sorted(p for p, r in rows.items() if r["estado"] != "enviado") == [phones[3], phones[4]]
     deliveries = sql.rows("SELECT cola_id, wamid FROM envios_whatsapp ORDER BY cola_id")
-    assert len(deliveries) == 19 and len({d["cola_id"] for d in deliveries}) == 19
+    assert len(deliveries) == 18 and len({d["cola_id"] for d in deliveries}) == 18
     assert next(d["wamid"] for d in deliveries if d["cola_id"] == again) != "wamid.OLD"
 
 
@@ -69,12 +71,18 @@ async def test_a_claim_whose_commit_answer_was_lost_gives_its_rows_back(
             with pytest.raises(DatabaseUnavailable):
                 await store.claims.claim(5, lease_seconds=60)
             assert sql.states() == {"procesando": 5}  # the commit landed; its OK did not
+            # The outage outlasts the lease: another daemon recovers two rows as unknown.
+            sql.execute(
+                "UPDATE cola_envios SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
+                " ORDER BY id LIMIT 2"
+            )
+            assert await store.claims.recover_expired() == 2
             assert await store.claims.claim(0, lease_seconds=60) == []
         finally:
             await store.close()
     # Nobody sent those rows: they go back, instead of turning unknown when the lease expires.
     assert sql.states() == {"pendiente": 5}
-    assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE lease_token IS NOT NULL") == 0
+    assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE lease_token IS NOT NULL OR attempts > 0") == 0
 
 
 def _retry_unknown(db_url: DatabaseURL, session: int) -> str:

@@ -73,7 +73,7 @@ async def test_a_worker_that_lost_its_lease_writes_nothing(sql: SQL, store: Stor
     # another worker recovered and re-claimed the first row: it carries a new token now
     sql.execute("UPDATE cola_envios SET lease_token = REPEAT('f', 32) WHERE id = %s", (stale.id,))
     recorded = await store.results.record([sent(stale, "wamid.X"), sent(kept, "wamid.Y")])
-    assert (recorded.written, recorded.fenced_out) == (1, 1)
+    assert (recorded.written, [f.job.id for f in recorded.fenced_out]) == (1, [stale.id])
     rows = {r["id"]: r for r in sql.rows("SELECT id, estado, wamid FROM cola_envios")}
     assert rows[stale.id]["estado"] == "procesando" and rows[stale.id]["wamid"] is None
     assert rows[kept.id]["estado"] == "enviado"

@@ -15,6 +15,7 @@ from worker.enqueue import CsvError, MessageSpec, read_rows
 from worker.log import configure, get_logger
 from worker.messages import InvalidMessage, normalize_phone, parse_message, request_body
 from worker.models import Outcome
+from worker.ratelimit import RateLimiter
 from worker.retry import backoff
 from worker.sender import parse_response
 
@@ -209,3 +210,13 @@ def test_logging_takes_level_and_format_from_settings() -> None:
         configure(stream=io.StringIO())  # cli.py's call today: falls back to the environment
     finally:
         structlog.reset_defaults()
+
+
+async def test_a_rate_limiter_wait_never_outlasts_the_loops_beat() -> None:
+    """At 0.01 sends/s the next token is 100 s away: `take` returns empty-handed in time."""
+    now = [0.0]
+    limiter = RateLimiter(0.01, burst=1, clock=lambda: now[0])
+    assert await limiter.take(5, max_wait=0.01) == 1
+    assert await limiter.take(5, max_wait=0.01) == 0
+    now[0] += 100.0
+    assert await limiter.take(5, max_wait=0.01) == 1

@@ -16,11 +16,14 @@ from worker.store.db import Database, DatabaseError, placeholders, with_transien
 NOW = "UTC_TIMESTAMP(6)"
 
 # -- name: claim_due :many
-# An index range scan on (estado, next_attempt_at, id), no filesort; NULL sorts first.
+# An index range scan on (estado, next_attempt_at, id), no filesort; NULL sorts first. The
+# index is named: with `IS NULL OR <=` MySQL's sampled statistics sometimes pick a full index
+# scan instead, which would walk every finished row.
 # A `mensaje` over the API's limit is not loaded: the row ends in error from its length alone.
 CLAIM_DUE = (
     "SELECT id, sesion_id, cliente_id, telefono,"
-    " IF(LENGTH(mensaje) > %s, NULL, mensaje), LENGTH(mensaje), attempts FROM cola_envios"
+    " IF(LENGTH(mensaje) > %s, NULL, mensaje), LENGTH(mensaje), attempts"
+    " FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
     f" WHERE estado = 'pendiente' AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW}){{held}}"
     " ORDER BY next_attempt_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
@@ -33,11 +36,14 @@ TAKE_LEASE = (
     " WHERE id IN ({ids})"
 )
 # -- name: give_back :exec
-# Rows of a claim whose commit may or may not have landed: nobody sent them.
+# Rows of claims whose commit may or may not have landed: nobody sent them. If their lease
+# expired meanwhile and another daemon recovered them as unknown, that guess is undone too
+# (attempts first: MySQL assigns left to right, so it still sees the old estado).
 GIVE_BACK = (
-    "UPDATE cola_envios SET estado = 'pendiente', lease_owner = NULL, lease_token = NULL,"
-    " lease_expires_at = NULL, claimed_at = NULL"
-    " WHERE estado = 'procesando' AND lease_token = %s"
+    "UPDATE cola_envios SET attempts = attempts - IF(estado = 'desconocido', 1, 0),"
+    " last_error = IF(estado = 'desconocido', NULL, last_error), estado = 'pendiente',"
+    " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
+    " WHERE estado IN ('procesando', 'desconocido') AND lease_token IN ({tokens})"
 )
 # -- name: recover_expired :exec
 # The token and the lease times stay: the worker that was only cut off may still write the
@@ -66,7 +72,7 @@ class Claims:
 
     async def claim(self, limit: int, *, lease_seconds: float) -> list[Job]:
         """Take up to `limit` due rows of sessions that may send, under a fresh lease token."""
-        await self._give_back_uncertain()
+        await self.give_back_uncertain()
         if limit <= 0:
             return []
         token = secrets.token_hex(16)
@@ -97,10 +103,12 @@ class Claims:
             for r in rows
         ]
 
-    async def _give_back_uncertain(self) -> None:
-        while self._uncertain:
-            await self._db.update(GIVE_BACK, (self._uncertain[0],))
-            self._uncertain.pop(0)
+    async def give_back_uncertain(self) -> None:
+        """Give back the rows of claims whose commit outcome was unknown (one statement)."""
+        if self._uncertain:
+            tokens = list(self._uncertain)
+            await self._db.update(GIVE_BACK.format(tokens=placeholders(len(tokens))), tokens)
+            del self._uncertain[: len(tokens)]
 
     async def recover_expired(self) -> int:
         """Rows whose worker died: their request may have left, so they become unknown."""

@@ -64,6 +64,8 @@ def translate(exc: BaseException) -> DatabaseError:
     """A driver or network exception as one of ours."""
     if isinstance(exc, DatabaseError):
         return exc
+    if isinstance(exc, UnicodeError):  # a parameter the driver cannot encode (a lone surrogate)
+        return RowRefused(f"a value cannot be encoded: {exc}")
     if isinstance(exc, pymysql.err.MySQLError):
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
         text = describe(exc)
@@ -83,7 +85,7 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-DRIVER_ERRORS = (pymysql.err.MySQLError, OSError)
+DRIVER_ERRORS = (pymysql.err.MySQLError, OSError, UnicodeError)
 
 
 async def with_transient_retry(action: Callable[[], Awaitable[T]], attempts: int = 5) -> T:

@@ -406,7 +406,7 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
                 Step(renumber, f"{name}: number legacy duplicates of ({', '.join(key.guarantee)})")
             )
     if table is schema.COLA_ENVIOS and state is not None:
-        await _plan_lost_rows(cur, plan, found, keep, waiting_copies)
+        await _plan_lost_rows(cur, plan, found, keep)
     if gaps.keys:
         plan.found.append(f"{name}: missing keys: {', '.join(k.name for k in gaps.keys)}")
         unique = next((k for k in gaps.keys if k.unique and schema.LEGACY_DUPLICATE in k.columns), None)
@@ -417,6 +417,14 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
                 renumber=_renumber(name, unique.guarantee, keep) if unique else None,
             )
         )
+    if table is schema.COLA_ENVIOS:
+        if schema.LEGACY_DUPLICATE in found.columns:  # numbered by an interrupted earlier run
+            await cur.execute(
+                f"SELECT COUNT(*) FROM cola_envios"
+                f" WHERE {schema.LEGACY_DUPLICATE} > 0 AND estado = 'pendiente'"
+            )
+            waiting_copies += int((await cur.fetchone())[0])
+        _plan_waiting_copies(plan, keep, waiting_copies)
 
 
 def _widen(state: FoundColumn, missing: list[str], default: str) -> str:
@@ -483,12 +491,8 @@ async def _find_duplicates(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, 
     return int(pendientes or 0)
 
 
-async def _plan_lost_rows(
-    cur: aiomysql.Cursor, plan: Plan, found: FoundTable, keep: str, waiting_copies: int
-) -> None:
-    """Rows the PHP cron left in `procesando` (or stored as '') have no lease: unknown outcome.
-    A waiting copy of an earlier row (same session, same phone) would be the old bug's second
-    message: it ends in error, never sent."""
+async def _plan_lost_rows(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, keep: str) -> None:
+    """Rows the PHP cron left in `procesando` (or stored as '') have no lease: unknown outcome."""
     leased = " AND lease_token IS NULL" if "lease_token" in found.columns else ""
     await cur.execute(f"SELECT COUNT(*) FROM cola_envios WHERE estado = 'procesando'{leased}")
     (processing,) = await cur.fetchone()
@@ -508,6 +512,12 @@ async def _plan_lost_rows(
                     f"cola_envios: {count} row(s) {what} become desconocido",
                 )
             )
+
+
+def _plan_waiting_copies(plan: Plan, keep: str, waiting_copies: int) -> None:
+    """A waiting copy of an earlier row (same session, same phone) would be the old bug's
+    second message: it ends in error, never sent. After the key step, so a copy a producer
+    inserted during the migration (renumbered by the key step's retry) is caught too."""
     if waiting_copies:
         copy_reason = _quote(schema.LEGACY_COPY_REASON)
         plan.steps.append(

@@ -64,7 +64,7 @@ MARK_REFUSED = (
 @dataclass(frozen=True, slots=True)
 class Recorded:
     written: int  # rows whose result was stored
-    fenced_out: int  # rows another worker took over (or too late): nothing written for them
+    fenced_out: tuple[Finished, ...] = ()  # taken over by another worker, or too late: not written
 
 
 class Results:
@@ -74,7 +74,7 @@ class Results:
     async def record(self, finished: Sequence[Finished]) -> Recorded:
         """Write a batch in one transaction; raises RowRefused if the server refuses a value."""
         if not finished:
-            return Recorded(0, 0)
+            return Recorded(0)
         return await with_transient_retry(lambda: self._record(finished))
 
     async def _record(self, finished: Sequence[Finished]) -> Recorded:
@@ -89,7 +89,7 @@ class Results:
             others = [f for f in mine if f.decision.state is not RowState.SENT]
             if others:
                 await _write_unsent(cur, others)
-        return Recorded(len(mine), len(finished) - len(mine))
+        return Recorded(len(mine), tuple(f for f in finished if tokens.get(f.job.id) != f.job.lease_token))
 
     async def record_refused(self, finished: Finished, reason: str) -> bool:
         """The last resort for one row whose result the database refused.
@@ -105,8 +105,9 @@ class Results:
         else:
             state = RowState.ERROR
             text = f"result refused by the database: {reason}; was: {decision.error_text or decision.state}"
+        text = text.encode("utf-8", "replace").decode("utf-8")[:ERROR_TEXT_MAX]  # lone surrogates
         changed = await self._db.update(
-            MARK_REFUSED, (state, text[:ERROR_TEXT_MAX], finished.job.id, finished.job.lease_token)
+            MARK_REFUSED, (state, text, finished.job.id, finished.job.lease_token)
         )
         return changed == 1
 

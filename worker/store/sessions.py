@@ -45,10 +45,11 @@ RESULT_MAY_ARRIVE = (
     f" lease_expires_at) MICROSECOND) FROM cola_envios WHERE sesion_id = %s AND {_LATE_OPEN}"
 )
 # -- name: retry_rows :exec
+# Never a legacy copy (`legacy_duplicate > 0`): sending it would be the old bug's second message.
 RETRY_ROWS = (
     "UPDATE cola_envios SET estado = 'pendiente', attempts = 0, next_attempt_at = NULL,"
     " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
-    " WHERE sesion_id = %s AND estado IN ({states})"
+    " WHERE sesion_id = %s AND estado IN ({states}) AND legacy_duplicate = 0"
     f" AND NOT ({_LATE_OPEN})"
 )
 

@@ -1,8 +1,15 @@
-"""Throughput and CPU per message: whatsapp-worker against a bare aiohttp client, one run.
+"""Throughput, CPU and memory per message: whatsapp-worker against a bare aiohttp client.
 
 Both send the same requests at the same concurrency to the same local fake Cloud API (a
 separate process, fixed latency). The bare client has no database; the daemon claims, sends
-and records every row in MySQL/MariaDB. Run: `make bench` (or `python bench/throughput.py -h`).
+and records every row in MySQL/MariaDB. Each run times the bare client before and after the
+daemon (their mean is the run's reference), at every concurrency asked for; every run is
+printed, then the medians. Run: `make bench` (or `python bench/throughput.py -h`).
+
+Both sides run as their own processes: CPU is the process's own user + system time (the
+daemon's less its start-up, measured by a `run --once` on an empty queue), peak RSS is the
+process's own `VmHWM` read from /proc while it runs (a forked child's `ru_maxrss` would count
+the parent's pages too).
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ import argparse
 import asyncio
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -42,8 +51,18 @@ FAKE_API = (
 )
 
 
+@dataclass
+class Figures:
+    rate: float  # messages/s
+    cpu: float  # CPU µs per message
+    rss: float  # peak RSS, MiB
+
+
 def phones(count: int) -> list[str]:
     return [f"+51990{i:07d}" for i in range(count)]
+
+
+# -- the bare client (a child process of its own) -------------------------------------------
 
 
 async def bare_client(url: str, count: int, concurrency: int) -> tuple[float, float]:
@@ -65,72 +84,136 @@ async def bare_client(url: str, count: int, concurrency: int) -> tuple[float, fl
     return count / wall, cpu / count * 1e6
 
 
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+# -- child processes --------------------------------------------------------------------------
 
 
-def worker(env: dict[str, str], *args: str) -> float:
-    """Run the command to completion; the CPU seconds it used."""
-    before = children_cpu()
-    subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL
+def run_child(
+    argv: list[str], env: dict[str, str] | None = None, *, capture: bool = False
+) -> tuple[float, float, str]:
+    """Run to completion; (CPU seconds, peak RSS MiB, stdout if captured) of that process alone."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:  # VmHWM only grows: the last reading before exit is the peak
+        path = f"/proc/{proc.pid}/status"
+        while not done.is_set():
+            try:
+                with open(path) as status:
+                    for line in status:
+                        if line.startswith("VmHWM:"):
+                            peak[0] = max(peak[0], int(line.split()[1]))
+                            break
+            except OSError:
+                return
+            done.wait(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    text = proc.stdout.read() if proc.stdout is not None else ""
+    _, status, usage = os.wait4(proc.pid, 0)  # this process's own rusage
+    done.set()
+    watcher.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[2:]} exited {proc.returncode}")
+    return usage.ru_utime + usage.ru_stime, peak[0] / 1024, text
+
+
+def bare(url: str, count: int, concurrency: int) -> Figures:
+    _, rss, out = run_child(
+        [sys.executable, __file__, "--bare-child", url, str(count), str(concurrency)], capture=True
     )
-    return children_cpu() - before
+    rate, cpu = json.loads(out)
+    return Figures(rate, cpu, rss)
 
 
-def daemon(url: str, db: DatabaseURL, count: int, concurrency: int) -> tuple[float, float, float]:
-    """`run --once` over `count` fresh rows; (messages/s, CPU µs per message, peak RSS MiB)."""
-    admin = pymysql.connect(host=db.host, port=db.port, user=db.user, password=db.password, autocommit=True)
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{db.database}`")
-    env = {
-        **os.environ,
-        "WORKER_DATABASE_URL": f"mysql://{db.user}:{db.password}@{db.host}:{db.port}/{db.database}",
-        "WHATSAPP_API_URL": url,
-        "WHATSAPP_PHONE_NUMBER_ID": PHONE_ID,
-        "WHATSAPP_ACCESS_TOKEN": TOKEN,
-        "WORKER_CONCURRENCY": str(concurrency),
-        "WORKER_RATE_LIMIT": "0",
-        "WORKER_LOG_FORMAT": "json",
-        "WORKER_PIDFILE": f"/tmp/whatsapp-worker-bench-{os.getpid()}.pid",
-        "PYTHONPATH": str(ROOT),
-    }
-    worker(env, "migrate")
-    startup = worker(env, "run", "--once")  # empty queue: the fixed cost of starting up
-    with admin.cursor() as cur:
-        cur.execute(f"USE `{db.database}`")
-        cur.execute("INSERT INTO sesiones_envio (nombre) VALUES ('bench')")
-        message = json.dumps(MESSAGE)
-        cur.executemany(
-            "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje) VALUES (1, %s, %s, %s)",
-            [(i, p, message) for i, p in enumerate(phones(count), 1)],
+class DaemonBench:
+    """One database for the whole bench; each run refills it and drains it with `run --once`."""
+
+    def __init__(self, url: str, db: DatabaseURL, extra_env: dict[str, str]) -> None:
+        self._db = db
+        self._admin = pymysql.connect(
+            host=db.host, port=db.port, user=db.user, password=db.password, autocommit=True
         )
-    cpu = worker(env, "run", "--once") - startup
-    with admin.cursor() as cur:
-        cur.execute(
-            "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(sent_at), MAX(sent_at))"
-            " FROM cola_envios WHERE estado = 'enviado'"
-        )
-        sent, span_us = cur.fetchone()
-        cur.execute(f"DROP DATABASE `{db.database}`")
-    admin.close()
-    assert sent == count, f"only {sent} of {count} rows were sent"
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return (count - 1) / (span_us / 1e6), cpu / count * 1e6, rss
+        with self._admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{db.database}`")
+        self._env = {
+            **os.environ,
+            "WORKER_DATABASE_URL": f"mysql://{db.user}:{db.password}@{db.host}:{db.port}/{db.database}",
+            "WHATSAPP_API_URL": url,
+            "WHATSAPP_PHONE_NUMBER_ID": PHONE_ID,
+            "WHATSAPP_ACCESS_TOKEN": TOKEN,
+            "WORKER_RATE_LIMIT": "0",
+            "WORKER_LOG_FORMAT": "json",
+            "WORKER_PIDFILE": f"/tmp/whatsapp-worker-bench-{os.getpid()}.pid",
+            "PYTHONPATH": str(ROOT),
+            **extra_env,
+        }
+        self._worker("migrate")
+
+    def _worker(self, *args: str, concurrency: int = 32) -> tuple[float, float]:
+        env = {**self._env, "WORKER_CONCURRENCY": str(concurrency)}
+        cpu, rss, _ = run_child([sys.executable, "-m", "worker", *args], env)
+        return cpu, rss
+
+    def run(self, count: int, concurrency: int) -> Figures:
+        with self._admin.cursor() as cur:
+            cur.execute(f"USE `{self._db.database}`")
+            for table in ("envios_whatsapp", "cola_envios", "sesiones_envio"):
+                cur.execute(f"DELETE FROM {table}")
+        startup, _ = self._worker("run", "--once", concurrency=concurrency)  # the fixed cost
+        with self._admin.cursor() as cur:
+            cur.execute("INSERT INTO sesiones_envio (nombre) VALUES ('bench')")
+            session = cur.lastrowid
+            message = json.dumps(MESSAGE)
+            cur.executemany(
+                "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje) VALUES (%s, %s, %s, %s)",
+                [(session, i, p, message) for i, p in enumerate(phones(count), 1)],
+            )
+        cpu, rss = self._worker("run", "--once", concurrency=concurrency)
+        with self._admin.cursor() as cur:
+            cur.execute(
+                "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(sent_at), MAX(sent_at))"
+                " FROM cola_envios WHERE estado = 'enviado'"
+            )
+            sent, span_us = cur.fetchone()
+        assert sent == count, f"only {sent} of {count} rows were sent"
+        return Figures((count - 1) / (span_us / 1e6), (cpu - startup) / count * 1e6, rss)
+
+    def close(self) -> None:
+        with self._admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{self._db.database}`")
+        self._admin.close()
+
+
+def row(name: str, f: Figures, ref: Figures | None = None) -> str:
+    line = f"  {name:22}{f.rate:10.0f}{f.cpu:10.0f}{f.rss:9.1f}"
+    if ref is not None:
+        line += f"   x{f.rate / ref.rate:5.2f} throughput  x{f.cpu / ref.cpu:5.2f} CPU"
+    return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument(
+        "--messages", type=int, default=0, help="per run; default max(3000, 50 x concurrency)"
+    )
+    parser.add_argument("--concurrency", default="200,32", help="comma-separated")
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--latency", type=float, default=0.05, help="fake API latency, seconds")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="extra daemon setting"
+    )
     parser.add_argument(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL", "mysql://root@127.0.0.1:3306/whatsapp_worker_bench"),
     )
     args = parser.parse_args()
     db = DatabaseURL.parse(args.database_url, "--database-url")
+    extra = dict(item.split("=", 1) for item in args.env)
+    levels = [int(c) for c in args.concurrency.split(",")]
 
     fake = subprocess.Popen(
         [sys.executable, "-c", FAKE_API, TOKEN, str(args.latency), PHONE_ID],
@@ -139,28 +222,60 @@ def main() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert fake.stdout is not None
+    url = fake.stdout.readline().strip()
+    bench = DaemonBench(url, db, extra)
+    print(
+        f"fake API latency {args.latency * 1000:.0f} ms, database {db.redacted()}, {args.runs} run(s)",
+        flush=True,
+    )
+    summary = []
     try:
-        assert fake.stdout is not None
-        url = fake.stdout.readline().strip()
-        bare_rate, bare_cpu = asyncio.run(bare_client(url, args.messages, args.concurrency))
-        rate, cpu, rss = daemon(url, db, args.messages, args.concurrency)
+        for concurrency in levels:
+            count = args.messages or max(3000, 50 * concurrency)
+            print(f"\nconcurrency {concurrency}, {count} messages per run", flush=True)
+            print(f"  {'':22}{'msg/s':>10}{'CPU µs':>10}{'RSS MiB':>9}", flush=True)
+            bares, daemons, rates, cpus = [], [], [], []
+            for n in range(1, args.runs + 1):
+                before = bare(url, count, concurrency)
+                mine = bench.run(count, concurrency)
+                after = bare(url, count, concurrency)
+                ref = Figures(
+                    *((a + b) / 2 for a, b in zip(vars(before).values(), vars(after).values(), strict=True))
+                )
+                bares.append(ref)
+                daemons.append(mine)
+                rates.append(mine.rate / ref.rate)
+                cpus.append(mine.cpu / ref.cpu)
+                print(row(f"run {n} bare (mean)", ref), flush=True)
+                print(row(f"run {n} whatsapp-worker", mine, ref), flush=True)
+            med_bare = Figures(
+                *(statistics.median(getattr(f, k) for f in bares) for k in ("rate", "cpu", "rss"))
+            )
+            med = Figures(
+                *(statistics.median(getattr(f, k) for f in daemons) for k in ("rate", "cpu", "rss"))
+            )
+            print(row("median bare", med_bare), flush=True)
+            print(row("median whatsapp-worker", med), flush=True)
+            line = (
+                f"  median of the per-run ratios: x{statistics.median(rates):.2f} throughput"
+                f" (runs {min(rates):.2f}-{max(rates):.2f}), x{statistics.median(cpus):.2f} CPU"
+                f" (runs {min(cpus):.2f}-{max(cpus):.2f}); target >= 0.80 and <= 1.10"
+            )
+            print(line, flush=True)
+            summary.append(f"c={concurrency}:{line.strip()}")
     finally:
+        bench.close()
         if fake.stdin is not None:
             fake.stdin.close()
         fake.wait(10)
-
-    print(
-        f"{args.messages} messages, concurrency {args.concurrency}, "
-        f"fake API latency {args.latency * 1000:.0f} ms, database {db.redacted()}"
-    )
-    print(f"{'':24}{'messages/s':>12}{'CPU µs/msg':>12}")
-    print(f"{'bare aiohttp client':24}{bare_rate:12.0f}{bare_cpu:12.0f}")
-    print(
-        f"{'whatsapp-worker':24}{rate:12.0f}{cpu:12.0f}"
-        f"   ({rate / bare_rate:.0%} of the throughput, {cpu / bare_cpu:.0%} of the CPU;"
-        f" peak RSS {rss:.0f} MiB)"
-    )
+    print()
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 5 and sys.argv[1] == "--bare-child":
+        result = asyncio.run(bare_client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+        print(json.dumps(result))
+    else:
+        main()

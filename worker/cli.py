@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -254,6 +255,9 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         pidfile.release()
 
 
+GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
+
+
 def _record_last_exit(settings: Settings, code: int, reason: str) -> None:
     """Leave why the daemon stopped next to its pidfile, for `health` (best effort)."""
     path = settings.last_exit_path
@@ -282,6 +286,7 @@ async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> R
         pidfile=str(settings.pidfile),
     )
     notifier.notify(ready=1, status="sending")
+    _tune_gc()
     # A log reader that went away (a closed pipe) must not cost a result: logging only
     # observes. The daemon then drains, records everything and exits 74 so the supervisor
     # restarts it with a working log sink, instead of sending on with nobody watching.
@@ -292,6 +297,16 @@ async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> R
     finally:
         await sender.close()
     return report
+
+
+def _tune_gc() -> None:
+    """Start-up objects (modules, settings, the pool) never die: move them out of the
+    collector's sight, and collect young objects less often. Per-message objects are freed by
+    reference counting; the collector only looks for cycles, and the default thresholds made
+    it run every few hundred allocations (16-18% of the daemon's CPU)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 50, 100)
 
 
 def health(settings: Settings) -> int:

@@ -80,6 +80,7 @@ class Settings:
     access_token: str = field(default="", repr=False)
     sender: str = "cloud"
     concurrency: int = 32
+    max_unwritten: int = 0  # results not yet written before claiming stops; 0: concurrency // 2
     rate_limit: float = 80.0
     poll_interval: float = 1.0
     lease_seconds: float = 300.0
@@ -110,6 +111,7 @@ class Settings:
             access_token=reader.header_secret("WHATSAPP_ACCESS_TOKEN"),
             sender=sender,
             concurrency=reader.integer("WORKER_CONCURRENCY", 32, minimum=1, maximum=10_000),
+            max_unwritten=reader.integer("WORKER_MAX_UNWRITTEN", 0, minimum=0, maximum=10_000),
             rate_limit=reader.number("WORKER_RATE_LIMIT", 80.0, minimum=0.0, maximum=10_000.0),
             poll_interval=reader.number("WORKER_POLL_INTERVAL", 1.0, minimum=0.01, maximum=3600.0),
             lease_seconds=reader.number("WORKER_LEASE_SECONDS", 300.0, minimum=1.0, maximum=DAY),
@@ -151,6 +153,11 @@ class Settings:
     def last_exit_path(self) -> Path:
         """Why the last `run` stopped with an error (e.g. the schema needs `migrate`)."""
         return self.pidfile.with_suffix(".last-exit")
+
+    @property
+    def unwritten_cap(self) -> int:
+        """Results held in memory, not yet written, before the loop stops claiming."""
+        return self.max_unwritten or max(1, self.concurrency // 2)
 
     @property
     def heartbeat_max_age(self) -> float:

@@ -133,6 +133,7 @@ class Daemon:
     async def run(self, *, once: bool = False) -> RunReport:
         self._once = once
         recorder = asyncio.create_task(self._recorder.run(), name="recorder")
+        progress = asyncio.create_task(self._recorder.progress.run(), name="progress")
         try:
             await self._dispatch()
         finally:
@@ -141,6 +142,8 @@ class Daemon:
             await self._drain(deadline)
             self._recorder.close(grace=max(1.0, deadline - asyncio.get_running_loop().time()))
             await self._wait_for(recorder)
+            self._recorder.progress.stop()  # a last progress line, then completion
+            await self._wait_for(progress)
             await self._give_back_uncertain()
         self.report.lost = self._recorder.lost + self._recorder.pending
         if self.report.lost:
@@ -194,9 +197,13 @@ class Daemon:
                 return 0.0
             return paused
         slots = self._pause.slots(self._settings.concurrency)
-        # A row holds its slot until its result is written: the rows this worker has claimed
-        # never exceed WORKER_CONCURRENCY, so a crash leaves at most that many unknown.
-        free = slots - len(self._in_flight) - self._recorder.pending
+        # A send frees its slot when its answer arrives; results not yet written have their
+        # own cap. The rows this worker holds never exceed WORKER_CONCURRENCY plus
+        # WORKER_MAX_UNWRITTEN, so a crash leaves at most that many unknown.
+        pending = self._recorder.pending
+        if pending >= self._settings.unwritten_cap:
+            return BEAT_EVERY  # a written batch wakes the loop
+        free = slots - len(self._in_flight)
         if free < (self._batch_min if self._in_flight else 1):
             return BEAT_EVERY  # a finished send or a written batch wakes the loop
         tokens = await self._limiter.take(free, max_wait=BEAT_EVERY)

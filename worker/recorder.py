@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from worker.heartbeat import BEAT_EVERY
 from worker.models import RowState
 from worker.policy import Finished
+from worker.progress import Progress
 from worker.store import DatabaseError, DatabaseUnavailable, Recorded, Results, RowRefused
 
 BATCH_MAX = 500
-PROGRESS_EVERY = 1.0  # seconds between progress lines per session
-TOTALS_REFRESH = 10.0  # seconds before session totals are re-read (other daemons send too)
-FINAL = frozenset({RowState.SENT, RowState.ERROR, RowState.UNKNOWN})
 
 
 class Recorder:
@@ -45,7 +41,7 @@ class Recorder:
         self._ready = asyncio.Event()
         self._closing = False
         self._deadline: float | None = None
-        self._progress = Progress(results=results, log=log)
+        self.progress = Progress(results=results, log=log)
         self.lost = 0  # results that could not be written at all
         self.fatal: DatabaseError | None = None  # a statement the database will never accept
 
@@ -79,7 +75,7 @@ class Recorder:
                 if self._closing:
                     return
                 self._ready.clear()
-                await _wait(self._ready, BEAT_EVERY)
+                await wait(self._ready, BEAT_EVERY)
                 continue
             batch = self._queue[:BATCH_MAX]
             try:
@@ -110,10 +106,7 @@ class Recorder:
             del self._queue[: len(batch)]
             self._on_written()
             self._fenced_out(recorded.fenced_out)
-            try:
-                await self._progress.update(batch)
-            except DatabaseError:
-                pass  # progress lines are best effort
+            self.progress.note(batch)
 
     def _fenced_out(self, rows: Sequence[Finished]) -> None:
         """Results nobody may write any more (the row was taken over, or the late-result window
@@ -170,65 +163,9 @@ class Recorder:
         self._queue.clear()
 
 
-async def _wait(event: asyncio.Event, seconds: float) -> None:
+async def wait(event: asyncio.Event, seconds: float) -> None:
+    """Until `event` is set, at most `seconds`."""
     try:
         await asyncio.wait_for(event.wait(), seconds)
     except TimeoutError:
         pass
-
-
-@dataclass
-class _SessionProgress:
-    done: int
-    total: int
-    read_at: float
-    logged_at: float = 0.0
-    completed: bool = False
-
-
-class Progress:
-    """`[12/27]`-style progress per session at info level, at most once a second."""
-
-    def __init__(self, *, results: Results, log: Any) -> None:
-        self._results = results
-        self._log = log
-        self._sessions: dict[int, _SessionProgress] = {}
-
-    async def update(self, batch: list[Finished]) -> None:
-        finished = Counter(f.job.sesion_id for f in batch if f.decision.state in FINAL)
-        if not finished:
-            return
-        now = time.monotonic()
-        stale = [
-            sid
-            for sid in finished
-            if sid not in self._sessions or now - self._sessions[sid].read_at > TOTALS_REFRESH
-        ]
-        fresh = await self._results.session_totals(stale)
-        for sid, count in finished.items():
-            if sid in fresh:
-                done, total = fresh[sid]
-                logged = self._sessions[sid].logged_at if sid in self._sessions else 0.0
-                self._sessions[sid] = _SessionProgress(done, total, now, logged)
-            elif sid in self._sessions:
-                self._sessions[sid].done += count
-            else:
-                continue
-            await self._report(sid, self._sessions[sid], now)
-
-    async def _report(self, sid: int, entry: _SessionProgress, now: float) -> None:
-        complete = entry.done >= entry.total
-        if not complete and now - entry.logged_at < PROGRESS_EVERY:
-            return
-        entry.logged_at = now
-        self._log.info(
-            "session_progress",
-            sesion_id=sid,
-            done=entry.done,
-            total=entry.total,
-            progress=f"[{entry.done}/{entry.total}]",
-        )
-        if complete and not entry.completed:
-            entry.completed = True  # one attempt per totals refresh, not one per batch
-            if await self._results.complete_session(sid):
-                self._log.info("session_completed", sesion_id=sid, total=entry.total)

@@ -118,6 +118,7 @@ def test_chaos_kills_and_faults_never_duplicate_and_leave_every_row_final(
         i: worker_env(
             WORKER_PIDFILE=str(tmp_path / f"host{i}.pid"),
             WORKER_CONCURRENCY="10",
+            WORKER_MAX_UNWRITTEN="5",
             WORKER_LEASE_SECONDS="3",
             WORKER_SEND_TIMEOUT="1",
             WORKER_RETRY_BASE="0.2",
@@ -170,12 +171,13 @@ def test_chaos_kills_and_faults_never_duplicate_and_leave_every_row_final(
     # accepted but not recorded: only rows in flight at a kill, or answered after the timeout
     unrecorded = set(accepted) - sent
     assert all(rows[p]["estado"] == "desconocido" for p in unrecorded)
-    # unknown because a lease expired: only rows a killed daemon held, at most its in-flight sends
+    # unknown because a lease expired: only rows a killed daemon held, at most its in-flight
+    # sends plus its results not yet written (WORKER_CONCURRENCY + WORKER_MAX_UNWRITTEN)
     owners: Counter[int] = Counter()
     for r in rows.values():
         match = re.search(r"lease of .*:(\d+) expired", r["last_error"] or "")
         if r["estado"] == "desconocido" and match:
             owners[int(match.group(1))] += 1
     assert set(owners) <= set(killed), (owners, killed)
-    assert all(count <= 10 for count in owners.values()), owners
+    assert all(count <= 10 + 5 for count in owners.values()), owners
     assert sql.rows(RUNBOOK) == []

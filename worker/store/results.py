@@ -53,12 +53,31 @@ MARK_UNSENT = (
     f" next_attempt_at = IF(estado = 'pendiente', {NOW} + INTERVAL {{delays}} MICROSECOND, next_attempt_at),"
     " last_error_code = {codes}, last_error = {texts}, " + CLEAR_LEASE + " WHERE id IN ({ids})"
 )
+# -- name: session_totals :many
+SESSION_TOTALS = (
+    "SELECT sesion_id, SUM(estado IN ('enviado', 'error', 'desconocido')), COUNT(*), MAX(id)"
+    " FROM cola_envios WHERE sesion_id IN ({ids}) GROUP BY sesion_id"
+)
+# -- name: rows_added :one
+ROWS_ADDED = "SELECT COUNT(*), MAX(id) FROM cola_envios WHERE id > %s AND sesion_id = %s"
+# -- name: live_rows :many
+LIVE_ROWS = (
+    "SELECT sesion_id, COUNT(*) FROM cola_envios"
+    " WHERE estado IN ('pendiente', 'procesando') AND sesion_id IN ({ids}) GROUP BY sesion_id"
+)
 # -- name: mark_refused :exec
 # The database refused this row's result as written: keep what is safe and say why.
 MARK_REFUSED = (
     "UPDATE cola_envios SET estado = %s, attempts = attempts + 1, last_error_code = NULL,"
     f" last_error = %s, {CLEAR_LEASE} WHERE id = %s AND lease_token = %s"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTotals:
+    done: int
+    total: int
+    highest_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,19 +130,34 @@ class Results:
         )
         return changed == 1
 
-    async def session_totals(self, session_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
-        """sesion_id -> (rows finished, rows in all), for progress lines."""
+    async def session_totals(self, session_ids: Iterable[int]) -> dict[int, SessionTotals]:
+        """Finished and all rows of each session, and its highest row id. Reads every row of
+        the sessions: the progress task does it once per session, then follows the changes
+        with `live_rows` and `rows_added`, whose cost does not grow with finished rows."""
         ids = list(session_ids)
         if not ids:
             return {}
         async with self._db.transaction() as cur:
-            await cur.execute(
-                "SELECT sesion_id, SUM(estado IN ('enviado', 'error', 'desconocido')), COUNT(*)"
-                f" FROM cola_envios WHERE sesion_id IN ({placeholders(len(ids))})"
-                " GROUP BY sesion_id",
-                ids,
-            )
-            return {row[0]: (int(row[1]), int(row[2])) for row in await cur.fetchall()}
+            await cur.execute(SESSION_TOTALS.format(ids=placeholders(len(ids))), ids)
+            return {int(r[0]): SessionTotals(int(r[1]), int(r[2]), int(r[3])) for r in await cur.fetchall()}
+
+    async def rows_added(self, session_id: int, after_id: int) -> tuple[int, int]:
+        """(rows a producer added to the session since `after_id`, the highest id now): a
+        primary-key range over new rows only."""
+        async with self._db.transaction() as cur:
+            await cur.execute(ROWS_ADDED, (after_id, session_id))
+            count, highest = await cur.fetchone()
+        return int(count), int(highest or after_id)
+
+    async def live_rows(self, session_ids: Iterable[int]) -> dict[int, int]:
+        """sesion_id -> rows waiting or in flight: the claim index's live range only."""
+        ids = list(session_ids)
+        if not ids:
+            return {}
+        async with self._db.transaction() as cur:
+            await cur.execute(LIVE_ROWS.format(ids=placeholders(len(ids))), ids)
+            live = {int(row[0]): int(row[1]) for row in await cur.fetchall()}
+        return {sid: live.get(sid, 0) for sid in ids}
 
     async def complete_session(self, session_id: int) -> bool:
         """Mark an active session with nothing left to send as completed."""

@@ -83,7 +83,7 @@ class Daemon:
         self.report = RunReport()
         # Claim in batches when busy: one claim per freed slot would make the database the
         # bottleneck; "no more rows than free slots" still holds.
-        self._batch_min = max(1, settings.concurrency // 10)
+        self._batch_min = max(1, settings.concurrency // 4)
 
     # -- control --------------------------------------------------------------------------
 
@@ -306,18 +306,19 @@ class Daemon:
         return decision
 
     def _log_decision(self, job: Job, decision: Decision) -> None:
-        log = self._log.bind(job_id=job.id, sesion_id=job.sesion_id, attempt=job.attempts + 1)
+        context = {"job_id": job.id, "sesion_id": job.sesion_id, "attempt": job.attempts + 1}
         if decision.event == "message_sent":
-            log.info("message_sent", wamid=decision.wamid)
+            self._log.info("message_sent", **context, wamid=decision.wamid)
         elif decision.event == "message_retry_scheduled":
-            log.warning(
+            self._log.warning(
                 decision.event,
+                **context,
                 code=decision.error_code,
                 reason=decision.error_text,
                 delay=round(decision.delay, 3),
             )
         elif decision.event in ("message_failed", "message_outcome_unknown"):
-            log.error(decision.event, code=decision.error_code, reason=decision.error_text)
+            self._log.error(decision.event, **context, code=decision.error_code, reason=decision.error_text)
 
     def _start_pause(self, decision: Decision) -> None:
         assert decision.pause is not None

@@ -61,8 +61,9 @@ SESSION_TOTALS = (
 # -- name: rows_added :one
 ROWS_ADDED = "SELECT COUNT(*), MAX(id) FROM cola_envios WHERE id > %s AND sesion_id = %s"
 # -- name: live_rows :many
+# The claim index's live range only (named: the session's unique key would walk every row).
 LIVE_ROWS = (
-    "SELECT sesion_id, COUNT(*) FROM cola_envios"
+    "SELECT sesion_id, COUNT(*) FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
     " WHERE estado IN ('pendiente', 'procesando') AND sesion_id IN ({ids}) GROUP BY sesion_id"
 )
 # -- name: mark_refused :exec

@@ -13,7 +13,9 @@ import pytest
 from tests.conftest import SQL, connect, eventually
 from tests.integration.helpers import sent
 from worker.config import DatabaseURL
+from worker.log import get_logger
 from worker.models import Job
+from worker.progress import Progress
 from worker.store import Store
 from worker.store.claims import CLAIM_DUE
 
@@ -143,3 +145,29 @@ async def _deadlock_with(other: Any, store: Store, first: Job, second: Job, sql:
 
     await asyncio.to_thread(close_the_cycle)  # raises if InnoDB chose the other side instead
     assert (await write).written == 2
+
+
+async def test_progress_follows_rows_added_to_a_running_session(sql: SQL, store: Store) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 3)
+    jobs = await store.claims.claim(3, lease_seconds=30)
+    await store.results.record([sent(job, f"wamid.{job.id}") for job in jobs])
+    progress = Progress(results=store.results, log=get_logger())
+    progress.note([sent(job, "") for job in jobs])
+    await progress.report()
+    state = "SELECT estado FROM sesiones_envio WHERE id = %s"
+    assert sql.value(state, (session,)) == "completada"
+
+    # A producer adds two rows (enqueue re-activates the session); they are counted, and the
+    # session completes again only once they are sent.
+    sql.add_rows(session, 2, start=10)
+    sql.execute("UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (session,))
+    more = await store.claims.claim(2, lease_seconds=30)
+    await store.results.record([sent(more[0], "wamid.more")])
+    progress.note([sent(more[0], "")])
+    await progress.report()
+    assert sql.value(state, (session,)) == "activa"
+    await store.results.record([sent(more[1], "wamid.last")])
+    progress.note([sent(more[1], "")])
+    await progress.report()
+    assert sql.value(state, (session,)) == "completada"

@@ -49,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the daemon")
     run.add_argument("--once", action="store_true", help="drain what is due, then exit")
+    run.add_argument(
+        "--max", type=_positive, metavar="N", help="with --once: send at most N rows, then exit (a cron cap)"
+    )
 
     retry = commands.add_parser("retry", help="send a session's failed rows again")
-    retry.add_argument("--session", type=int, required=True, help="session id")
+    retry.add_argument("--session", required=True, help="session id or name")
     retry.add_argument(
         "--include-unknown",
         action="store_true",
@@ -63,18 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "stop a session for good: its waiting rows end in error"),
     ):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--session", type=int, required=True, help="session id")
+        command.add_argument("--session", required=True, help="session id or name")
 
     commands.add_parser("health", help="exit 0 if the local daemon is alive and making progress")
 
     status = commands.add_parser("status", help="per-session progress")
-    status.add_argument("--session", type=int, help="only this session id")
+    status.add_argument("--session", help="only this session (id or name)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "max", None) is not None and not args.once:
+        parser.error("--max goes with --once")
     try:
         settings = Settings.from_env(need_sender=args.command == "run")
         if args.command == "health":
@@ -237,7 +253,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         store = await _open_store(settings, size=4)
         try:
             await _require_schema(store)
-            report = await _serve(settings, store, once=args.once, log=log)
+            report = await _serve(settings, store, once=args.once, max_rows=args.max, log=log)
             code, reason = report.exit_code, report.reason or ""
             if reason:
                 print(f"whatsapp-worker: {reason}", file=sys.stderr)
@@ -271,7 +287,9 @@ def _record_last_exit(settings: Settings, code: int, reason: str) -> None:
         pass
 
 
-async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> RunReport:
+async def _serve(
+    settings: Settings, store: Store, *, once: bool, max_rows: int | None, log: Any
+) -> RunReport:
     notifier = Notifier()
     sender = make_sender(settings)
     daemon = Daemon(settings=settings, store=store, sender=sender, notifier=notifier)
@@ -293,7 +311,7 @@ async def _serve(settings: Settings, store: Store, *, once: bool, log: Any) -> R
     on_sink_lost(lambda: daemon.request_stop(exit_code=EX_IOERR, reason="the log output was closed"))
     try:
         with daemon.signals():
-            report = await daemon.run(once=once)
+            report = await daemon.run(once=once, max_rows=max_rows)
     finally:
         await sender.close()
     return report
@@ -341,15 +359,16 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     store = await _open_store(settings)
     try:
         await _require_schema(store)
-        sessions = await store.sessions.status(args.session)
+        session_id = None if args.session is None else await store.sessions.resolve(args.session)
+        sessions = await store.sessions.status(session_id)
     finally:
         await store.close()
     if args.json:
         print(json.dumps({"sessions": sessions}, indent=2, default=str))
         return EX_OK
     if not sessions:
-        print("no sessions" if args.session is None else f"no session #{args.session}")
-        return EX_OK if args.session is None else 1
+        print("no sessions")
+        return EX_OK
     for session in sessions:
         print(_format_session(session))
     return EX_OK
@@ -375,15 +394,16 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     store = await _open_store(settings)
     try:
         await _require_schema(store)
-        change = await store.sessions.retry_session(args.session, include_unknown=args.include_unknown)
+        session_id = await store.sessions.resolve(args.session)
+        change = await store.sessions.retry_session(session_id, include_unknown=args.include_unknown)
     finally:
         await store.close()
     which = "error and unknown-outcome" if args.include_unknown else "error"
-    print(f"session #{args.session}: {change.queued} {which} row(s) queued again")
+    print(f"session #{session_id}: {change.queued} {which} row(s) queued again")
     if change.waiting:
         until = change.until.strftime("%Y-%m-%d %H:%M:%S UTC") if change.until else "?"
         print(
-            f"session #{args.session}: {change.waiting} unknown row(s) left alone: the daemon that sent"
+            f"session #{session_id}: {change.waiting} unknown row(s) left alone: the daemon that sent"
             f" them may still record their true result (until {until}); retry after that"
         )
     return EX_OK
@@ -401,13 +421,14 @@ async def cmd_session_state(settings: Settings, args: argparse.Namespace) -> int
     store = await _open_store(settings)
     try:
         await _require_schema(store)
-        change = await store.sessions.set_session_state(args.session, state)
+        session_id = await store.sessions.resolve(args.session)
+        change = await store.sessions.set_session_state(session_id, state)
     finally:
         await store.close()
     if change.before == change.after:
-        print(f"session #{args.session} was already {change.after}: nothing changed")
+        print(f"session #{session_id} was already {change.after}: nothing changed")
     else:
-        print(f"session #{args.session} {message.format(rows=change.rows)}")
+        print(f"session #{session_id} {message.format(rows=change.rows)}")
     return EX_OK
 
 

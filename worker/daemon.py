@@ -79,6 +79,7 @@ class Daemon:
         self._heartbeat = Heartbeat(path=settings.heartbeat_path, notifier=self._notifier)
         self._db_down = False
         self._once = False
+        self._rows_left: int | None = None  # `run --once --max N`
         self._signals = 0
         self.report = RunReport()
         # Claim in batches when busy: one claim per freed slot would make the database the
@@ -130,8 +131,10 @@ class Daemon:
 
     # -- the loop -------------------------------------------------------------------------
 
-    async def run(self, *, once: bool = False) -> RunReport:
+    async def run(self, *, once: bool = False, max_rows: int | None = None) -> RunReport:
+        """`once`: drain what is due, then stop; `max_rows`: claim at most that many rows."""
         self._once = once
+        self._rows_left = max_rows
         recorder = asyncio.create_task(self._recorder.run(), name="recorder")
         progress = asyncio.create_task(self._recorder.progress.run(), name="progress")
         try:
@@ -204,7 +207,12 @@ class Daemon:
         if pending >= self._settings.unwritten_cap:
             return BEAT_EVERY  # a written batch wakes the loop
         free = slots - len(self._in_flight)
-        if free < (self._batch_min if self._in_flight else 1):
+        if self._rows_left is not None:
+            if self._rows_left <= 0:  # the cap of this cron run is reached: finish what is out
+                return BEAT_EVERY if self._in_flight or self._recorder.pending else None
+            free = min(free, self._rows_left)
+        batch = self._batch_min if self._rows_left is None else min(self._batch_min, self._rows_left)
+        if free < (batch if self._in_flight else 1):
             return BEAT_EVERY  # a finished send or a written batch wakes the loop
         tokens = await self._limiter.take(free, max_wait=BEAT_EVERY)
         if tokens == 0 or self._stop.is_set():
@@ -247,6 +255,8 @@ class Daemon:
             return None
         self._database_up()
         self._limiter.refund(tokens - len(jobs))
+        if self._rows_left is not None:
+            self._rows_left -= len(jobs)
         for job in jobs:
             task = asyncio.create_task(self._process(job), name=f"send-{job.id}")
             self._in_flight.add(task)

@@ -69,22 +69,55 @@ class _SinkLogger:
     """Writes each rendered line; a failing sink is dropped, never raised into the caller.
 
     Logging observes, it never carries: an exception here would surface in the middle of
-    recording a send result or handling a signal.
+    recording a send result or handling a signal. When the stream is systemd's journal (its
+    `JOURNAL_STREAM`), each line starts with the syslog priority (`<3>`), which journald reads
+    and strips: `journalctl -p err` then shows the errors. Elsewhere (docker) lines stay plain.
     """
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._priorities = _to_journal(stream)
 
-    def msg(self, message: str) -> None:
+    def _write(self, message: str, priority: int) -> None:
         if _sink.lost:
             return
         try:
+            if self._priorities:
+                message = f"<{priority}>{message}"
             self._stream.write(message + "\n")
             self._stream.flush()
         except (OSError, ValueError):
             _sink.lose(self._stream)
 
-    log = debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
+    def debug(self, message: str) -> None:
+        self._write(message, 7)
+
+    def info(self, message: str) -> None:
+        self._write(message, 6)
+
+    def warning(self, message: str) -> None:
+        self._write(message, 4)
+
+    def error(self, message: str) -> None:
+        self._write(message, 3)
+
+    def critical(self, message: str) -> None:
+        self._write(message, 2)
+
+    msg = log = info
+    warn = warning
+    err = exception = error
+    fatal = failure = critical
+
+
+def _to_journal(stream: TextIO) -> bool:
+    """Is `stream` the journal stream systemd connected us to (`JOURNAL_STREAM=dev:inode`)?"""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return f"{status.st_dev}:{status.st_ino}" == f"{device}:{inode}"
 
 
 def configure(

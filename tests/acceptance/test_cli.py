@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from tests.acceptance.processes import RUNBOOK, WorkerProcess
 from tests.conftest import SQL, WORKER_BIN, base_env, eventually
-from tests.fakeapi import FakeCloudAPI
+from tests.fakeapi import FakeCloudAPI, Step
 from worker.config import DatabaseURL
 
 
@@ -198,3 +199,40 @@ def test_health_reports_whether_the_local_daemon_is_alive(
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
     assert health().returncode == 1
+
+
+def test_run_once_max_caps_a_cron_run(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 120)
+    env = worker_env(WORKER_CONCURRENCY="16")
+    first = subprocess.run(
+        [*WORKER_BIN, "run", "--once", "--max", "50"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert first.returncode == 0, first.stderr
+    assert len(fake_api.requests) == 50 and sql.states() == {"enviado": 50, "pendiente": 70}
+    subprocess.run([*WORKER_BIN, "run", "--once", "--max", "50"], env=env, capture_output=True, timeout=60)
+    subprocess.run([*WORKER_BIN, "run", "--once", "--max", "50"], env=env, capture_output=True, timeout=60)
+    assert sql.states() == {"enviado": 120} and set(fake_api.counts().values()) == {1}
+    refused = subprocess.run(
+        [*WORKER_BIN, "run", "--max", "5"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "--max goes with --once" in refused.stderr
+
+
+def test_error_events_reach_journald_at_error_priority(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    session = sql.add_session()
+    rejected, _sent = sql.add_rows(session, 2)
+    fake_api.script(rejected, Step.error(131026))
+    journal = tmp_path / "journal"
+    with journal.open("w") as stream:  # stands in for the socket systemd gives a service
+        status = os.fstat(stream.fileno())
+        env = worker_env(JOURNAL_STREAM=f"{status.st_dev}:{status.st_ino}")
+        done = subprocess.run([*WORKER_BIN, "run", "--once"], env=env, stdout=stream, timeout=60)
+    assert done.returncode == 0
+    lines = journal.read_text().splitlines()
+    priority = {json.loads(line[3:])["event"]: line[:3] for line in lines}
+    assert priority["message_sent"] == "<6>" and priority["message_failed"] == "<3>"

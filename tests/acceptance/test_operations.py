@@ -59,7 +59,12 @@ def test_operator_commands_pause_resume_cancel_and_retry(
     refused = worker(db_url, "resume", "--session", str(closed))
     assert refused.returncode == 1 and "is cancelada: cannot become activa" in refused.stderr
     missing = worker(db_url, "pause", "--session", "999")
-    assert missing.returncode == 1 and "there is no session #999" in missing.stderr
+    assert missing.returncode == 1 and "there is no session '999'" in missing.stderr
+    # every session command takes a name as well as an id
+    by_name = worker(db_url, "pause", "--session", "held")
+    assert by_name.returncode == 0 and f"session #{held} paused" in by_name.stdout
+    status = worker(db_url, "status", "--session", "held")
+    assert status.returncode == 0 and status.stdout.startswith(f"#{held} held")
 
 
 def test_database_outage_mid_drain_completes_without_restart_or_duplicates(

@@ -58,6 +58,24 @@ class Sessions:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    async def resolve(self, ref: str) -> int:
+        """A session's id from its id or its name (an id wins when a name is also digits)."""
+        ref = ref.strip()
+        async with self._db.transaction() as cur:
+            if ref.isdigit():
+                await cur.execute("SELECT id FROM sesiones_envio WHERE id = %s", (int(ref),))
+                if (row := await cur.fetchone()) is not None:
+                    return int(row[0])
+            await cur.execute("SELECT id FROM sesiones_envio WHERE nombre = %s ORDER BY id", (ref,))
+            ids = [int(row[0]) for row in await cur.fetchall()]
+        if not ids:
+            raise RefusedChange(f"there is no session {ref!r} (neither an id nor a name)")
+        if len(ids) > 1:  # legacy sessions may share a name
+            raise RefusedChange(
+                f"several sessions are named {ref!r} (#{', #'.join(map(str, ids))}): use the id"
+            )
+        return ids[0]
+
     async def enqueue(
         self, session_name: str, rows: Sequence[tuple[int | None, str, str]]
     ) -> tuple[int, int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import gc
 import json
 import os
@@ -18,7 +19,7 @@ from worker.config import EX_CONFIG, ConfigError, Settings
 from worker.daemon import Daemon, RunReport
 from worker.enqueue import MAX_ERRORS_SHOWN, CsvError, MessageSpec, read_rows
 from worker.log import configure, get_logger, on_sink_lost
-from worker.models import SessionState
+from worker.models import RowState, SessionState
 from worker.pidfile import AlreadyRunning, PidFile
 from worker.sender import make_sender
 from worker.store import DatabaseError, RefusedChange, Store
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     retry = commands.add_parser("retry", help="send a session's failed rows again")
     retry.add_argument("--session", required=True, help="session id or name")
+    retry.add_argument("--code", type=int, help="only rows whose last error had this code (e.g. 131026)")
     retry.add_argument(
         "--include-unknown",
         action="store_true",
@@ -67,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("--session", required=True, help="session id or name")
+
+    rows = commands.add_parser("rows", help="list a session's rows in a state (failed work, for a person)")
+    rows.add_argument("--session", required=True, help="session id or name")
+    rows.add_argument(
+        "--state",
+        action="append",
+        choices=[state.value for state in RowState],
+        help="repeatable; default: error and desconocido",
+    )
+    rows.add_argument("--code", type=int, help="only rows whose last error had this code")
+    rows.add_argument("--csv", action="store_true", help="CSV with a header, for a spreadsheet")
 
     commands.add_parser("health", help="exit 0 if the local daemon is alive and making progress")
 
@@ -351,7 +364,13 @@ def health(settings: Settings) -> int:
             f"(more than {settings.heartbeat_max_age:.0f}s)"
         )
         return 1
-    print(f"healthy: daemon {holder}, last went round {age:.1f}s ago")
+    try:
+        state = settings.heartbeat_path.read_text().strip()
+    except OSError:
+        state = ""
+    # A pause (account error, API unreachable) is not a crash: still healthy, but said.
+    paused = f" ({state.split(';')[0]})" if state.startswith("paused") else ""
+    print(f"healthy{paused}: daemon {holder}, last went round {age:.1f}s ago")
     return EX_OK
 
 
@@ -395,7 +414,9 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     try:
         await _require_schema(store)
         session_id = await store.sessions.resolve(args.session)
-        change = await store.sessions.retry_session(session_id, include_unknown=args.include_unknown)
+        change = await store.sessions.retry_session(
+            session_id, include_unknown=args.include_unknown, code=args.code
+        )
     finally:
         await store.close()
     which = "error and unknown-outcome" if args.include_unknown else "error"
@@ -406,6 +427,41 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
             f"session #{session_id}: {change.waiting} unknown row(s) left alone: the daemon that sent"
             f" them may still record their true result (until {until}); retry after that"
         )
+    return EX_OK
+
+
+ROW_COLUMNS = ("id", "telefono", "cliente_id", "estado", "attempts", "last_error_code", "last_error", "wamid")
+ROWS_PAGE = 1000
+
+
+async def cmd_rows(settings: Settings, args: argparse.Namespace) -> int:
+    """Page through the rows by id, printing as it goes: memory stays flat for any session."""
+    states = args.state or [RowState.ERROR.value, RowState.UNKNOWN.value]
+    writer = csv.writer(sys.stdout) if args.csv else None
+    if writer:
+        writer.writerow(ROW_COLUMNS)
+    store = await _open_store(settings)
+    try:
+        await _require_schema(store)
+        session_id = await store.sessions.resolve(args.session)
+        after, shown = 0, 0
+        while page := await store.sessions.rows(
+            session_id, states=states, code=args.code, after_id=after, limit=ROWS_PAGE
+        ):
+            for row in page:
+                if writer:
+                    writer.writerow([row[c] if row[c] is not None else "" for c in ROW_COLUMNS])
+                else:
+                    code = row["last_error_code"] if row["last_error_code"] is not None else "-"
+                    print(
+                        f"#{row['id']}  {row['telefono']}  {row['estado']}  attempts {row['attempts']}"
+                        f"  code {code}  {row['last_error'] or ''}"
+                    )
+            after, shown = page[-1]["id"], shown + len(page)
+    finally:
+        await store.close()
+    if not writer:
+        print(f"{shown} row(s) of session #{session_id} in {', '.join(states)}", file=sys.stderr)
     return EX_OK
 
 
@@ -438,6 +494,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any,
     "run": cmd_run,
     "status": cmd_status,
     "retry": cmd_retry,
+    "rows": cmd_rows,
     "pause": cmd_session_state,
     "resume": cmd_session_state,
     "cancel": cmd_session_state,

@@ -414,4 +414,9 @@ class Daemon:
 
     def _status_line(self) -> str:
         counts = self.report.outcomes
-        return f"in flight {len(self._in_flight)}, sent {counts['sent']}, errors {counts['error']}"
+        totals = f"in flight {len(self._in_flight)}, sent {counts['sent']}, errors {counts['error']}"
+        reason = self._pause.reason
+        if reason is None:
+            return f"sending: {totals}"
+        code = f"code {reason.code}: " if reason.code is not None else ""
+        return f"paused: {code}{reason.text}; probing in {self._pause.remaining():.0f}s; {totals}"

@@ -9,6 +9,7 @@ hung event loop, a log write blocked on a full pipe) goes stale.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,16 +31,24 @@ class Heartbeat:
         self._pinged = float("-inf")
 
     def beat(self, status: Callable[[], str]) -> None:
+        """The loop went round. `status` is one line (`sending: ...` or `paused: ...`) that
+        `health` prints and systemd shows as the unit's status."""
         now = self._clock()
         if now - self._touched >= TOUCH_EVERY:
             self._touched = now
-            try:
-                self._path.touch(exist_ok=True)
-            except OSError:
-                pass  # `health` reports the stale file; sending must not stop for it
+            self._write(status())
         # Ping on every beat (at most once a second), not only every WATCHDOG_USEC/2: a beat
         # just before a turn held up by slow database calls must not be the last for too long.
         interval = self._notifier.watchdog_interval
         if interval and now - self._pinged >= min(TOUCH_EVERY, interval / 2):
             self._pinged = now
             self._notifier.notify(watchdog=1, status=status())
+
+    def _write(self, line: str) -> None:
+        """Replace the file whole (a reader never sees half a line); its mtime is the beat."""
+        scratch = self._path.with_name(self._path.name + ".new")
+        try:
+            scratch.write_text(line + "\n")
+            os.replace(scratch, self._path)
+        except OSError:
+            pass  # `health` reports the stale file; sending must not stop for it

@@ -236,3 +236,23 @@ def test_error_events_reach_journald_at_error_priority(
     lines = journal.read_text().splitlines()
     priority = {json.loads(line[3:])["event"]: line[:3] for line in lines}
     assert priority["message_sent"] == "<6>" and priority["message_failed"] == "<3>"
+
+
+def test_health_says_when_sending_is_paused(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 5)
+    env = worker_env(WHATSAPP_ACCESS_TOKEN="expired-token", WORKER_PAUSE_SECONDS="600")
+    daemon = WorkerProcess(env, "run", logs=tmp_path)
+
+    def health() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*WORKER_BIN, "health"], env=env, capture_output=True, text=True, timeout=30)
+
+    assert eventually(lambda: "paused" in health().stdout, 20), daemon.stderr
+    during = health()
+    assert during.returncode == 0  # a pause is not a crash
+    assert "healthy (paused: code 190" in during.stdout
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    assert sql.states() == {"pendiente": 5}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import random
 import re
 import signal
@@ -186,3 +188,29 @@ def test_chaos_kills_and_faults_never_duplicate_and_leave_every_row_final(
     assert set(owners) <= set(killed), (owners, killed)
     assert all(count <= 10 + 5 for count in owners.values()), owners
     assert sql.rows(RUNBOOK) == []
+
+
+def test_failed_rows_are_listed_exported_and_retried_by_code(
+    sql: SQL, db_url: DatabaseURL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+) -> None:
+    session = sql.add_session("failed-work")
+    phones = sql.add_rows(session, 6)
+    for phone in phones[:2]:
+        fake_api.script(phone, Step.error(131026))
+    fake_api.script(phones[2], Step.error(100))
+    fake_api.script(phones[3], Step.drop())
+    subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
+
+    listed = worker(db_url, "rows", "--session", "failed-work")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(line.split()[1] for line in listed.stdout.splitlines()) == sorted(phones[:4])
+    assert "4 row(s)" in listed.stderr
+    exported = worker(db_url, "rows", "--session", "failed-work", "--code", "131026", "--csv")
+    table = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert sorted(r["telefono"] for r in table) == sorted(phones[:2])
+    assert {r["estado"] for r in table} == {"error"} and {r["last_error_code"] for r in table} == {"131026"}
+
+    retried = worker(db_url, "retry", "--session", "failed-work", "--code", "131026")
+    assert "2 error row(s) queued again" in retried.stdout
+    assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = 'pendiente'") == 2
+    assert sql.value("SELECT last_error_code FROM cola_envios WHERE telefono = %s", (phones[2],)) == 100

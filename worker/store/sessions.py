@@ -44,12 +44,18 @@ RESULT_MAY_ARRIVE = (
     "SELECT COUNT(*), MAX(lease_expires_at + INTERVAL TIMESTAMPDIFF(MICROSECOND, claimed_at,"
     f" lease_expires_at) MICROSECOND) FROM cola_envios WHERE sesion_id = %s AND {_LATE_OPEN}"
 )
+# -- name: list_rows :many
+LIST_ROWS = (
+    "SELECT id, telefono, cliente_id, estado, attempts, last_error_code, last_error, wamid"
+    " FROM cola_envios WHERE sesion_id = %s AND estado IN ({states}){code} AND id > %s"
+    " ORDER BY id LIMIT %s"
+)
 # -- name: retry_rows :exec
 # Never a legacy copy (`legacy_duplicate > 0`): sending it would be the old bug's second message.
 RETRY_ROWS = (
     "UPDATE cola_envios SET estado = 'pendiente', attempts = 0, next_attempt_at = NULL,"
     " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
-    " WHERE sesion_id = %s AND estado IN ({states}) AND legacy_duplicate = 0"
+    " WHERE sesion_id = %s AND estado IN ({states}) AND legacy_duplicate = 0{code}"
     f" AND NOT ({_LATE_OPEN})"
 )
 
@@ -171,14 +177,30 @@ class Sessions:
             return int(count)
         return int(cur.rowcount)
 
-    async def retry_session(self, session_id: int, *, include_unknown: bool) -> RetryChange:
+    async def rows(
+        self, session_id: int, *, states: Sequence[str], code: int | None, after_id: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """One page of a session's rows in the given states, by id (keyset: flat however deep)."""
+        code_sql, code_args = (" AND last_error_code = %s", (code,)) if code is not None else ("", ())
+        async with self._db.transaction() as cur:
+            await cur.execute(
+                LIST_ROWS.format(states=placeholders(len(states)), code=code_sql),
+                (session_id, *states, *code_args, after_id, limit),
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+    async def retry_session(
+        self, session_id: int, *, include_unknown: bool, code: int | None = None
+    ) -> RetryChange:
         """Send `error` rows (and, only when asked, `desconocido` rows) again.
 
         An unknown row whose worker may still write its true result (its lease token is set
         and the late-result window is open) is left alone: re-sending it now could duplicate
-        a message that was in fact delivered.
+        a message that was in fact delivered. `code`: only rows whose last error had it.
         """
         states = ("error", "desconocido") if include_unknown else ("error",)
+        code_sql, code_args = (" AND last_error_code = %s", (code,)) if code is not None else ("", ())
 
         async def attempt() -> RetryChange:
             async with self._db.transaction() as cur:
@@ -189,7 +211,10 @@ class Sessions:
                 if include_unknown:
                     await cur.execute(RESULT_MAY_ARRIVE, (session_id,))
                     waiting, until = await cur.fetchone()
-                await cur.execute(RETRY_ROWS.format(states=placeholders(len(states))), (session_id, *states))
+                await cur.execute(
+                    RETRY_ROWS.format(states=placeholders(len(states)), code=code_sql),
+                    (session_id, *states, *code_args),
+                )
                 count = int(cur.rowcount)
                 if count and before == SessionState.COMPLETED:
                     await cur.execute(

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from worker import __version__, schema
 from worker.config import EX_CONFIG, ConfigError, Settings
@@ -81,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     rows.add_argument("--code", type=int, help="only rows whose last error had this code")
     rows.add_argument("--csv", action="store_true", help="CSV with a header, for a spreadsheet")
 
+    prune = commands.add_parser("prune", help="delete finished rows (enviado, error) in small batches")
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        type=_age,
+        metavar="AGE",
+        help="e.g. 30d, 12h: rows finished before that",
+    )
+    prune.add_argument(
+        "--deliveries", action="store_true", help="also delete envios_whatsapp rows older than AGE"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count only")
+
     commands.add_parser("health", help="exit 0 if the local daemon is alive and making progress")
 
     status = commands.add_parser("status", help="per-session progress")
@@ -97,6 +110,22 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+AGE_UNITS = {"d": 86400, "h": 3600, "m": 60}
+
+
+class Age(NamedTuple):
+    seconds: int
+    text: str
+
+
+def _age(text: str) -> Age:
+    """`30d`, `12h`, `90m`."""
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in AGE_UNITS or not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError(f"an age like 30d, 12h or 90m, got {text!r}")
+    return Age(int(number) * AGE_UNITS[unit], text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,6 +494,22 @@ async def cmd_rows(settings: Settings, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _open_store(settings)
+    try:
+        await _require_schema(store)
+        pruned = await store.pruner.prune(
+            args.older_than.seconds, deliveries=args.deliveries, dry_run=args.dry_run
+        )
+    finally:
+        await store.close()
+    verb = "would delete" if args.dry_run else "deleted"
+    kept = "" if args.deliveries else "; envios_whatsapp kept"
+    print(f"{verb} {pruned.rows} finished row(s) of cola_envios older than {args.older_than.text}", end="")
+    print(f", {pruned.deliveries} of envios_whatsapp" if args.deliveries else kept)
+    return EX_OK
+
+
 SESSION_COMMANDS = {
     "pause": (SessionState.PAUSED, "paused: {rows} waiting row(s) held back"),
     "resume": (SessionState.ACTIVE, "resumed: {rows} row(s) waiting to be sent"),
@@ -495,6 +540,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any,
     "status": cmd_status,
     "retry": cmd_retry,
     "rows": cmd_rows,
+    "prune": cmd_prune,
     "pause": cmd_session_state,
     "resume": cmd_session_state,
     "cancel": cmd_session_state,

@@ -214,3 +214,35 @@ def test_failed_rows_are_listed_exported_and_retried_by_code(
     assert "2 error row(s) queued again" in retried.stdout
     assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = 'pendiente'") == 2
     assert sql.value("SELECT last_error_code FROM cola_envios WHERE telefono = %s", (phones[2],)) == 100
+
+
+def test_prune_deletes_old_finished_rows_and_keeps_the_rest(sql: SQL, db_url: DatabaseURL) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 10)
+    ids = [r["id"] for r in sql.rows("SELECT id FROM cola_envios ORDER BY id")]
+    old = "updated_at = NOW(6) - INTERVAL 40 DAY"
+    for state, chosen in (("enviado", ids[:3]), ("error", ids[3:5]), ("desconocido", ids[5:6])):
+        sql.execute(f"UPDATE cola_envios SET estado = %s, {old} WHERE id IN %s", (state, chosen))
+    sql.execute("UPDATE cola_envios SET estado = 'enviado' WHERE id IN %s", (ids[6:8],))  # recent
+    sql.execute(f"UPDATE cola_envios SET {old} WHERE id = %s", (ids[8],))  # old but still waiting
+    sql.execute(
+        "INSERT INTO envios_whatsapp (cola_id, sesion_id, telefono, wamid, fecha_envio)"
+        " SELECT id, sesion_id, telefono, CONCAT('wamid.', id), NOW() - INTERVAL 40 DAY FROM cola_envios"
+        " WHERE id IN %s",
+        (ids[:3],),
+    )
+
+    dry = worker(db_url, "prune", "--older-than", "30d", "--dry-run")
+    assert dry.returncode == 0 and "would delete 5 finished row(s)" in dry.stdout
+    assert sql.value("SELECT COUNT(*) FROM cola_envios") == 10
+
+    done = worker(db_url, "prune", "--older-than", "30d")
+    assert "deleted 5 finished row(s)" in done.stdout and "envios_whatsapp kept" in done.stdout
+    left = {r["id"]: r["estado"] for r in sql.rows("SELECT id, estado FROM cola_envios")}
+    assert sorted(left) == ids[5:] and left[ids[5]] == "desconocido"
+    assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3  # the history the runbook reads
+
+    history = worker(db_url, "prune", "--older-than", "30d", "--deliveries")
+    assert "3 of envios_whatsapp" in history.stdout
+    assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 0
+    assert worker(db_url, "prune", "--older-than", "soon").returncode == 2

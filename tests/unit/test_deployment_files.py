@@ -385,3 +385,25 @@ def test_compose_secrets_are_files_never_values() -> None:
     worker_env = spec["services"]["worker"]["environment"]
     assert worker_env["WORKER_DATABASE_URL_FILE"] == "/run/secrets/database_url"
     assert worker_env["WHATSAPP_ACCESS_TOKEN_FILE"] == "/run/secrets/whatsapp_token"
+
+
+def test_prune_timer_and_service_pass_systemd_analyze(tmp_path: Path) -> None:
+    service, timer = (
+        UNIT.with_name("whatsapp-worker-prune.service"),
+        UNIT.with_name("whatsapp-worker-prune.timer"),
+    )
+    installed = tool("whatsapp-worker", venv=True)
+    text = service.read_text(encoding="utf-8")
+    line = "ExecStart=/opt/whatsapp-worker/venv/bin/whatsapp-worker prune --older-than 30d"
+    assert text.count(f"\n{line}\n") == 1
+    (tmp_path / service.name).write_text(text.replace(line, f"ExecStart={installed} prune --older-than 30d"))
+    (tmp_path / timer.name).write_text(timer.read_text(encoding="utf-8"))
+    result = verify(tmp_path / timer.name)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    result = verify(tmp_path / service.name)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    security = run([tool("systemd-analyze", venv=False), "security", "--offline=yes", str(service)])
+    match = re.search(
+        r"Overall exposure level for whatsapp-worker-prune\.service: (\d+(?:\.\d+)?)", security.stdout
+    )
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, security.stdout

@@ -4,6 +4,7 @@
 - `results`: the result writer (fenced batches, progress totals);
 - `sessions`: producers' and operators' commands (enqueue, pause, retry, status);
 - `migrations`: the schema;
+- `prune`: deleting finished rows in small batches;
 - `db`: connections, and driver errors translated into three of ours.
 """
 
@@ -20,6 +21,7 @@ from worker.store.db import (
     StatementRefused,
 )
 from worker.store.migrations import Migrations
+from worker.store.prune import Pruned, Pruner
 from worker.store.results import Recorded, Results
 from worker.store.sessions import RefusedChange, RetryChange, SessionChange, Sessions
 
@@ -29,6 +31,8 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailable",
     "Migrations",
+    "Pruned",
+    "Pruner",
     "Recorded",
     "RefusedChange",
     "Results",
@@ -50,6 +54,7 @@ class Store:
         self.results = Results(db)
         self.sessions = Sessions(db)
         self.migrations = Migrations(db)
+        self.pruner = Pruner(db)
 
     @classmethod
     async def connect(

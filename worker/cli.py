@@ -14,11 +14,15 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from aiohttp import web
+
 from worker import __version__, schema
 from worker.config import EX_CONFIG, ConfigError, Settings
 from worker.daemon import Daemon, RunReport
 from worker.enqueue import MAX_ERRORS_SHOWN, CsvError, MessageSpec, read_rows
 from worker.log import configure, get_logger, on_sink_lost
+from worker.metrics import Metrics
+from worker.metrics import serve as serve_metrics
 from worker.models import RowState, SessionState
 from worker.pidfile import AlreadyRunning, PidFile
 from worker.sender import make_sender
@@ -149,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[args.command]
     try:
         return _run_loop(command(settings, args))
+    except ConfigError as exc:  # found after start-up (e.g. the metrics port is taken)
+        print(f"whatsapp-worker: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except SchemaMismatch as exc:
         print(f"whatsapp-worker: {exc}", file=sys.stderr)
         return EX_CONFIG  # systemd does not restart on it: a restart cannot fix the schema
@@ -334,7 +341,9 @@ async def _serve(
 ) -> RunReport:
     notifier = Notifier()
     sender = make_sender(settings)
-    daemon = Daemon(settings=settings, store=store, sender=sender, notifier=notifier)
+    metrics = Metrics() if settings.metrics_port else None
+    daemon = Daemon(settings=settings, store=store, sender=sender, notifier=notifier, metrics=metrics)
+    endpoint = await _serve_metrics(settings, store, metrics) if metrics else None
     log.info(
         "started",
         version=__version__,
@@ -356,7 +365,28 @@ async def _serve(
             report = await daemon.run(once=once, max_rows=max_rows)
     finally:
         await sender.close()
+        if endpoint:
+            await endpoint.cleanup()
     return report
+
+
+async def _serve_metrics(settings: Settings, store: Store, metrics: Metrics) -> web.AppRunner:
+    async def refresh() -> None:
+        try:
+            due, age = await store.claims.queue_due()
+        except DatabaseError:
+            return  # the scrape still answers, with the last known values
+        metrics.queue_due.set(due)
+        metrics.oldest_due_age.set(age)
+
+    try:
+        return await serve_metrics(
+            metrics, host=settings.metrics_host, port=settings.metrics_port, refresh=refresh
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"WORKER_METRICS_PORT {settings.metrics_port} on {settings.metrics_host}: {exc.strerror}"
+        ) from None
 
 
 def _tune_gc() -> None:

@@ -93,6 +93,8 @@ class Settings:
     pause_seconds: float = 60.0
     template_pause_seconds: float = 3600.0
     http_keepalive: float = 10.0  # seconds an idle connection to the API is kept; 0 = no reuse
+    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     log_format: str = "auto"
     pidfile: Path = Path("/run/whatsapp-worker/whatsapp-worker.pid")
@@ -126,6 +128,8 @@ class Settings:
                 "WORKER_TEMPLATE_PAUSE_SECONDS", 3600.0, minimum=1.0, maximum=7 * DAY
             ),
             http_keepalive=reader.number("WORKER_HTTP_KEEPALIVE", 10.0, minimum=0.0, maximum=300.0),
+            metrics_port=reader.integer("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535),
+            metrics_host=reader.text("WORKER_METRICS_HOST", "127.0.0.1"),
             log_level=reader.choice("WORKER_LOG_LEVEL", "info", LOG_LEVELS),
             log_format=reader.choice("WORKER_LOG_FORMAT", "auto", LOG_FORMATS),
             pidfile=Path(reader.text("WORKER_PIDFILE", _default_pidfile(env))),

@@ -14,6 +14,7 @@ import asyncio
 import json
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from worker.config import Settings
 from worker.heartbeat import BEAT_EVERY, Heartbeat
 from worker.log import get_logger
 from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, parse_message
+from worker.metrics import Metrics
 from worker.models import Job, Outcome, SendResult
 from worker.pause import PauseReason, SendingPause, TemplateHolds
 from worker.policy import Decision, Finished, decide
@@ -55,12 +57,14 @@ class Daemon:
         sender: Sender,
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._claims = store.claims
         self._sender = sender
         self._notifier = notifier or Notifier()
         self._rng = rng or random.Random()
+        self._metrics = metrics
         self._log = get_logger(worker_id=settings.worker_id)
         self._limiter = RateLimiter(settings.rate_limit)
         self._stop = asyncio.Event()
@@ -82,6 +86,9 @@ class Daemon:
         self._rows_left: int | None = None  # `run --once --max N`
         self._signals = 0
         self.report = RunReport()
+        if metrics:
+            metrics.in_flight.set_function(lambda: len(self._in_flight))
+            metrics.unwritten.set_function(lambda: self._recorder.pending)
         # Claim in batches when busy: one claim per freed slot would make the database the
         # bottleneck; "no more rows than free slots" still holds.
         self._batch_min = max(1, settings.concurrency // 4)
@@ -280,15 +287,17 @@ class Daemon:
     # -- one row --------------------------------------------------------------------------
 
     async def _process(self, job: Job) -> None:
+        started = time.monotonic()
         try:
             result = await self._attempt(job)
         except asyncio.CancelledError:
             # Cancelled after the drain timeout: the request may already be on the wire.
-            self._finish(job, SendResult(Outcome.UNKNOWN, error_text="send cancelled at shutdown"))
+            result = SendResult(Outcome.UNKNOWN, error_text="send cancelled at shutdown")
+            self._finish(job, result, time.monotonic() - started)
             raise
         except Exception as exc:  # a bug must not leave the row claimed with no word
             result = SendResult(Outcome.UNKNOWN, error_text=f"worker error: {type(exc).__name__}: {exc}")
-        decision = self._finish(job, result)
+        decision = self._finish(job, result, time.monotonic() - started)
         if decision.hold_template:
             await self._hold_template(job, decision)
 
@@ -303,15 +312,19 @@ class Daemon:
             return SendResult(Outcome.PERMANENT, error_text=f"invalid row: {exc}")
         return await self._sender.send(job, message)
 
-    def _finish(self, job: Job, result: SendResult) -> Decision:
+    def _finish(self, job: Job, result: SendResult, seconds: float) -> Decision:
         """Record first; everything after (pause, counters, the log line) only observes."""
         decision = decide(result, attempt=job.attempts + 1, settings=self._settings, rng=self._rng)
         self._recorder.add(Finished(job, decision))
         self.report.outcomes[decision.metric] += 1
+        if self._metrics:
+            self._metrics.finished(decision.metric, seconds)
         if decision.pause:
             self._start_pause(decision)
         elif result.outcome is Outcome.SENT and self._pause.succeeded():
             self._log.warning("sending_resumed")
+            if self._metrics:
+                self._metrics.paused(None)
         self._log_decision(job, decision)
         return decision
 
@@ -333,6 +346,10 @@ class Daemon:
     def _start_pause(self, decision: Decision) -> None:
         assert decision.pause is not None
         reason = PauseReason(decision.error_code, decision.error_text or decision.event)
+        if self._metrics:
+            self._metrics.paused(
+                str(decision.error_code) if decision.error_code is not None else "unreachable"
+            )
         if self._pause.trip(decision.pause, reason):
             self._log.error(
                 decision.event,

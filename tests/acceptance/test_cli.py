@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -256,3 +258,35 @@ def test_health_says_when_sending_is_paused(
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
     assert sql.states() == {"pendiente": 5}
+
+
+def test_metrics_count_what_the_database_says_was_sent(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    session = sql.add_session()
+    phones = sql.add_rows(session, 60)
+    fake_api.script(phones[0], Step.error(131026))
+    with socket.socket() as probe:  # a free port for the endpoint
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = WorkerProcess(worker_env(WORKER_METRICS_PORT=str(port)), "run", logs=tmp_path)
+    assert eventually(lambda: sql.states().get("pendiente", 0) == 0 and "procesando" not in sql.states(), 30)
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        return {
+            name: float(value)
+            for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+        }
+
+    assert eventually(lambda: scrape().get('whatsapp_worker_messages_total{outcome="sent"}') == 59, 10)
+    metrics = scrape()
+    sent = sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = 'enviado'")
+    assert metrics['whatsapp_worker_messages_total{outcome="sent"}'] == sent == 59
+    assert metrics['whatsapp_worker_messages_total{outcome="error"}'] == 1
+    assert metrics["whatsapp_worker_send_seconds_count"] == 60
+    assert metrics["whatsapp_worker_queue_due"] == 0 and metrics["whatsapp_worker_in_flight"] == 0
+    assert not any("+51" in name for name in metrics)  # no phone numbers in labels
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0

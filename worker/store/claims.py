@@ -55,6 +55,15 @@ RECOVER_EXPIRED = (
     " ' expired while the message may have been in flight')"
     f" WHERE estado = 'procesando' AND lease_expires_at < {NOW}"
 )
+# -- name: queue_due :one
+# For the metrics: rows due now and how long the oldest has waited (a NULL `next_attempt_at`
+# is due since the row was created, in the server's time zone).
+QUEUE_DUE = (
+    f"SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(COALESCE(next_attempt_at,"
+    f" CONVERT_TZ(created_at, @@session.time_zone, '+00:00'))), {NOW})"
+    " FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
+    f" WHERE estado = 'pendiente' AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
+)
 # -- name: defer_template :exec
 DEFER_TEMPLATE = (
     f"UPDATE cola_envios SET next_attempt_at = {NOW} + INTERVAL %s MICROSECOND"
@@ -113,6 +122,13 @@ class Claims:
     async def recover_expired(self) -> int:
         """Rows whose worker died: their request may have left, so they become unknown."""
         return await self._db.update(RECOVER_EXPIRED)
+
+    async def queue_due(self) -> tuple[int, float]:
+        """(rows due now, seconds the oldest of them has waited)."""
+        async with self._db.transaction() as cur:
+            await cur.execute(QUEUE_DUE)
+            count, age_us = await cur.fetchone()
+        return int(count), max(0.0, float(age_us or 0) / 1e6)
 
     async def defer_template(self, name: str, seconds: float) -> int:
         """Hold back the waiting rows of one template (paused or disabled by Meta)."""

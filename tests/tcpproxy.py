@@ -6,6 +6,8 @@ import asyncio
 import threading
 from typing import Any
 
+from worker.config import DatabaseURL
+
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; `cut()` drops every connection and refuses new ones."""
@@ -29,6 +31,11 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+    def database_url(self, url: DatabaseURL) -> str:
+        """`url` as seen through this proxy (WORKER_DATABASE_URL for a daemon subprocess)."""
+        auth = f"{url.user}:{url.password}" if url.password else url.user
+        return f"mysql://{auth}@127.0.0.1:{self.port}/{url.database}"
 
     def cut(self) -> None:
         self._call(self._close())

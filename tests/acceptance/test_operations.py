@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.acceptance.processes import RUNBOOK, WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, base_env, database_url_text, eventually
+from tests.conftest import SQL, WORKER_BIN, base_env, eventually
 from tests.fakeapi import FakeCloudAPI, Step
 from tests.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
@@ -80,9 +80,8 @@ def test_database_outage_mid_drain_completes_without_restart_or_duplicates(
     phones = sql.add_rows(session, 400)
     fake_api.latency = 0.02
     with TcpProxy(db_url.host, db_url.port) as proxy:
-        proxied = DatabaseURL("127.0.0.1", proxy.port, db_url.user, db_url.password, db_url.database)
         env = worker_env(
-            WORKER_DATABASE_URL=database_url_text(proxied), WORKER_CONCURRENCY="8", WORKER_RATE_LIMIT="100"
+            WORKER_DATABASE_URL=proxy.database_url(db_url), WORKER_CONCURRENCY="8", WORKER_RATE_LIMIT="100"
         )
         daemon = WorkerProcess(env, "run", logs=tmp_path)
         assert fake_api.wait_for_requests(100, timeout=30)

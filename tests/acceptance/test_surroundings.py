@@ -56,9 +56,8 @@ def test_the_heartbeat_beats_through_a_database_outage_longer_than_the_health_to
     sql.add_rows(session, 300)
     fake_api.latency = 0.02
     with TcpProxy(db_url.host, db_url.port) as proxy:
-        proxied = DatabaseURL("127.0.0.1", proxy.port, db_url.user, db_url.password, db_url.database)
         env = worker_env(
-            WORKER_DATABASE_URL=database_url_text(proxied),
+            WORKER_DATABASE_URL=proxy.database_url(db_url),
             WORKER_CONCURRENCY="4",
             WORKER_RATE_LIMIT="200",
             WORKER_DB_TIMEOUT="1",  # health tolerance shrinks with it: 3 x 1 + 2 x 5 = 13 s
@@ -182,9 +181,8 @@ def test_run_once_gives_the_pidfile_back_when_the_database_goes_away(
     sql.add_rows(session, 400)
     fake_api.latency = 0.05
     with TcpProxy(db_url.host, db_url.port) as proxy:
-        proxied = DatabaseURL("127.0.0.1", proxy.port, db_url.user, db_url.password, db_url.database)
         env = worker_env(
-            WORKER_DATABASE_URL=database_url_text(proxied), WORKER_CONCURRENCY="4", WORKER_DRAIN_TIMEOUT="2"
+            WORKER_DATABASE_URL=proxy.database_url(db_url), WORKER_CONCURRENCY="4", WORKER_DRAIN_TIMEOUT="2"
         )
         daemon = WorkerProcess(env, "run", "--once", logs=tmp_path)
         assert fake_api.wait_for_requests(20, timeout=30)

@@ -275,13 +275,17 @@ class Daemon:
         self._wake.set()
 
     async def _recover(self) -> bool:
+        """The periodic sweep: rows of dead workers, and rows of cancelled sessions."""
         try:
             count = await self._claims.recover_expired()
+            closed = await self._claims.close_cancelled()
         except DatabaseError as exc:
             self._database_failed(exc)
             return False
         if count:
             self._log.warning("expired_leases_recovered", rows=count, state="desconocido")
+        if closed:
+            self._log.warning("cancelled_rows_closed", rows=closed, state="error")
         return True
 
     # -- one row --------------------------------------------------------------------------

@@ -49,7 +49,9 @@ def read_rows(path: Path, spec: MessageSpec) -> list[tuple[int | None, str, str]
     """(cliente_id, telefono, mensaje JSON) for every row, or CsvError naming each bad line."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            return _parse(path, csv.reader(handle), spec)
+            delimiter = _delimiter(handle.readline())
+            handle.seek(0)
+            return _parse(path, csv.reader(handle, delimiter=delimiter), spec)
     except OSError as exc:
         raise CsvError(path, [f"cannot read the file: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
@@ -92,10 +94,15 @@ def _parse(path: Path, reader: Any, spec: MessageSpec) -> list[tuple[int | None,
     return rows
 
 
+def _delimiter(header: str) -> str:
+    """`,`, or the `;` a Spanish-locale spreadsheet saves, or a tab: whichever the header uses."""
+    return max((",", ";", "\t"), key=header.count)
+
+
 def _client_id(raw: str) -> int | None:
     raw = raw.strip()
     if not raw:
         return None
-    if not raw.lstrip("-").isdigit():
+    if not (raw.isascii() and raw.lstrip("-").isdigit()):  # not '²', which isdigit() accepts
         raise InvalidMessage(f"client_id {raw!r} is not a whole number")
     return int(raw)

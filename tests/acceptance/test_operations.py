@@ -245,3 +245,23 @@ def test_prune_deletes_old_finished_rows_and_keeps_the_rest(sql: SQL, db_url: Da
     assert "3 of envios_whatsapp" in history.stdout
     assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 0
     assert worker(db_url, "prune", "--older-than", "soon").returncode == 2
+
+
+def test_a_cancelled_session_ends_every_row_whenever_it_was_inserted(
+    sql: SQL, db_url: DatabaseURL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+) -> None:
+    session = sql.add_session("done-then-more")
+    sql.add_rows(session, 2)
+    subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
+    assert sql.value("SELECT estado FROM sesiones_envio WHERE id = %s", (session,)) == "completada"
+    # a completed session still sends what producers add: it can be paused and cancelled
+    paused = worker(db_url, "pause", "--session", "done-then-more")
+    assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
+    cancelled = worker(db_url, "cancel", "--session", "done-then-more")
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
+    sql.add_rows(session, 3, start=50)  # a producer that did not hear of the cancel
+    subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
+    assert len(fake_api.requests) == 2
+    late = sql.rows("SELECT estado, last_error FROM cola_envios WHERE cliente_id > 50")
+    assert [r["estado"] for r in late] == ["error"] * 3
+    assert all("session cancelled" in r["last_error"] for r in late)

@@ -106,6 +106,28 @@ def test_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
     assert json.loads(message)["text"]["body"] == "Hola Ana"
 
 
+def test_csv_files_from_spreadsheets_are_read_whatever_their_separator(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    spec = MessageSpec(text="Hola {{1}}, debe {{2}}")
+    for text in (
+        "phone;client_id;name;amount\n+51987000001;7;Ana;S/ 1,50\n",  # a Spanish-locale spreadsheet
+        "phone\tclient_id\tname\tamount\n+51987000001\t7\tAna\tS/ 1,50\n",
+        'phone,client_id,name,amount\n+51987000001,7,Ana,"S/ 1,50"\n',
+    ):
+        path.write_text(text)
+        ((client, phone, message),) = read_rows(path, spec)
+        assert (client, phone) == (7, "+51987000001"), text
+        assert json.loads(message)["text"]["body"] == "Hola Ana, debe S/ 1,50", text
+
+
+def test_a_client_id_that_only_looks_like_a_digit_is_a_reported_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("phone,client_id\n+51987000001,\u00b2\n")  # '²': str.isdigit() says yes
+    with pytest.raises(CsvError) as caught:
+        read_rows(path, MessageSpec(text="hola"))
+    assert caught.value.problems == ["line 2: client_id '\u00b2' is not a whole number"]
+
+
 def test_messages_that_cannot_be_serialised_are_invalid() -> None:
     """Caught before any request: a lone surrogate fails UTF-8, deep nesting json's recursion."""
     surrogate = parse_message('{"type":"text","text":{"body":"\\ud800"}}')  # parses ...

@@ -64,6 +64,15 @@ QUEUE_DUE = (
     " FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
     f" WHERE estado = 'pendiente' AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
 )
+# -- name: close_cancelled :exec
+# Rows a producer inserted into a cancelled session after the cancel (or that waited for a
+# retry then) would wait forever: they end like the session's other waiting rows.
+CLOSE_CANCELLED = (
+    "UPDATE cola_envios c JOIN sesiones_envio s ON s.id = c.sesion_id"
+    " SET c.estado = 'error', c.last_error_code = NULL,"
+    " c.last_error = 'session cancelled by the operator: not sent'"
+    " WHERE s.estado = 'cancelada' AND c.estado = 'pendiente'"
+)
 # -- name: defer_template :exec
 DEFER_TEMPLATE = (
     f"UPDATE cola_envios SET next_attempt_at = {NOW} + INTERVAL %s MICROSECOND"
@@ -122,6 +131,10 @@ class Claims:
     async def recover_expired(self) -> int:
         """Rows whose worker died: their request may have left, so they become unknown."""
         return await self._db.update(RECOVER_EXPIRED)
+
+    async def close_cancelled(self) -> int:
+        """Waiting rows of cancelled sessions end in error (the daemon's periodic sweep)."""
+        return await self._db.update(CLOSE_CANCELLED)
 
     async def queue_due(self) -> tuple[int, float]:
         """(rows due now, seconds the oldest of them has waited)."""

@@ -126,10 +126,12 @@ class Sessions:
 
     async def set_session_state(self, session_id: int, state: SessionState) -> SessionChange:
         """pause / resume / cancel a session; says what changed."""
+        # A completed session still sends the rows producers add to it: it can be paused or
+        # cancelled like an active one.
         allowed = {
-            SessionState.PAUSED: (SessionState.ACTIVE,),
+            SessionState.PAUSED: (SessionState.ACTIVE, SessionState.COMPLETED),
             SessionState.ACTIVE: (SessionState.PAUSED,),
-            SessionState.CANCELLED: (SessionState.ACTIVE, SessionState.PAUSED),
+            SessionState.CANCELLED: (SessionState.ACTIVE, SessionState.PAUSED, SessionState.COMPLETED),
         }[state]
 
         async def attempt() -> SessionChange:

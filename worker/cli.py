@@ -17,20 +17,20 @@ from typing import Any, NamedTuple
 from aiohttp import web
 
 from worker import __version__, schema
-from worker.config import EX_CONFIG, ConfigError, Settings
+from worker.config import ConfigError, Settings
 from worker.daemon import Daemon, RunReport
 from worker.enqueue import MAX_ERRORS_SHOWN, CsvError, MessageSpec, read_rows
+from worker.exits import EX_CONFIG, EX_DATAERR, EX_IOERR, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from worker.log import configure, get_logger, on_sink_lost
 from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
 from worker.models import RowState, SessionState
 from worker.pidfile import AlreadyRunning, PidFile
 from worker.sender import make_sender
+from worker.signals import stop_signals
 from worker.store import DatabaseError, RefusedChange, Store
 from worker.store.migrations import SchemaMismatch
 from worker.systemd import Notifier
-
-EX_OK, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_IOERR = 0, 65, 69, 70, 74
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +310,9 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         except DatabaseError as exc:
             code, reason = (EX_CONFIG if isinstance(exc, SchemaMismatch) else EX_UNAVAILABLE), str(exc)
             raise
+        except ConfigError as exc:  # found after start-up (the metrics port is taken)
+            code, reason = EX_CONFIG, str(exc)
+            raise
         except Exception as exc:  # a crash: `health` should still say what happened
             code, reason = EX_SOFTWARE, f"crashed: {type(exc).__name__}: {exc}"
             raise
@@ -318,9 +321,6 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         _record_last_exit(settings, code, reason)
         pidfile.release()
-
-
-GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
 
 
 def _record_last_exit(settings: Settings, code: int, reason: str) -> None:
@@ -361,7 +361,7 @@ async def _serve(
     # restarts it with a working log sink, instead of sending on with nobody watching.
     on_sink_lost(lambda: daemon.request_stop(exit_code=EX_IOERR, reason="the log output was closed"))
     try:
-        with daemon.signals():
+        with stop_signals(daemon.on_signal):
             report = await daemon.run(once=once, max_rows=max_rows)
     finally:
         await sender.close()
@@ -387,6 +387,9 @@ async def _serve_metrics(settings: Settings, store: Store, metrics: Metrics) -> 
         raise ConfigError(
             f"WORKER_METRICS_PORT {settings.metrics_port} on {settings.metrics_host}: {exc.strerror}"
         ) from None
+
+
+GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
 
 
 def _tune_gc() -> None:

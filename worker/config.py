@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 DAY = 86_400.0
-EX_CONFIG = 78  # sysexits.h: the systemd unit does not restart on this status
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 # What an HTTP header value or a URL may carry: visible ASCII, no space, no control character.

@@ -3,31 +3,25 @@ to the recorder, drain.
 
 A claimed row is sent at once (tokens are taken before the claim), so the rows a worker holds
 are exactly its sends in flight plus its results not yet written. The loop has one wait, and
-it always has a timeout: the heartbeat beats in every state. What a send's answer means is
-decided by `policy.decide` (pure); the loop only carries the decision out: record it first,
-then pause, hold or log.
+it always has a timeout: the heartbeat beats in every state. Each claimed row is carried
+through its send by `processor.RowProcessor` (validate, send, `policy.decide`, record); the
+loop composes it with the heartbeat, the sending pause, the rate limiter and the drain.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import signal
-import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from worker.config import Settings
+from worker.exits import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_TEMPFAIL
 from worker.heartbeat import BEAT_EVERY, Heartbeat
 from worker.log import get_logger
-from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, parse_message
 from worker.metrics import Metrics
-from worker.models import Job, Outcome, SendResult
-from worker.pause import PauseReason, SendingPause, TemplateHolds
-from worker.policy import Decision, Finished, decide
+from worker.pause import SendingPause
+from worker.processor import RowProcessor
 from worker.ratelimit import RateLimiter
 from worker.recorder import Recorder
 from worker.sender import Sender
@@ -35,8 +29,6 @@ from worker.store import DatabaseError, DatabaseUnavailable, StatementRefused, S
 from worker.systemd import Notifier
 
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-EX_OK, EX_SOFTWARE, EX_IOERR, EX_TEMPFAIL, EX_CONFIG = 0, 70, 74, 75, 78
 
 
 @dataclass
@@ -61,10 +53,8 @@ class Daemon:
     ) -> None:
         self._settings = settings
         self._claims = store.claims
-        self._sender = sender
         self._notifier = notifier or Notifier()
         self._rng = rng or random.Random()
-        self._metrics = metrics
         self._log = get_logger(worker_id=settings.worker_id)
         self._limiter = RateLimiter(settings.rate_limit)
         self._stop = asyncio.Event()
@@ -79,13 +69,23 @@ class Daemon:
         )
         self._in_flight: set[asyncio.Task[None]] = set()
         self._pause = SendingPause()
-        self._holds = TemplateHolds()
+        self._rows = RowProcessor(
+            settings=settings,
+            sender=sender,
+            recorder=self._recorder,
+            claims=store.claims,
+            pause=self._pause,
+            log=self._log,
+            rng=self._rng,
+            metrics=metrics,
+            on_pause=self._paused,
+        )
         self._heartbeat = Heartbeat(path=settings.heartbeat_path, notifier=self._notifier)
         self._db_down = False
         self._once = False
         self._rows_left: int | None = None  # `run --once --max N`
         self._signals = 0
-        self.report = RunReport()
+        self.report = RunReport(outcomes=self._rows.outcomes)
         if metrics:
             metrics.in_flight.set_function(lambda: len(self._in_flight))
             metrics.unwritten.set_function(lambda: self._recorder.pending)
@@ -107,27 +107,14 @@ class Daemon:
         self._forced.set()
         self.request_stop()
 
-    @contextmanager
-    def signals(self) -> Iterator[None]:
-        """SIGTERM, SIGINT and SIGHUP request a graceful stop while inside; the old handlers
-        come back after. (SIGHUP: a closed terminal must not kill a drain half-way.)"""
-        loop = asyncio.get_running_loop()
-
-        def handler(signame: str) -> None:
-            self._notifier.notify(stopping=1, status="draining in-flight sends")
-            self._signals += 1
-            if self._signals > 1:  # a second signal, not an internal stop, ends the wait
-                self.force_stop()
-            self.request_stop()
-            self._log.info("stop_requested", signal=signame, in_flight=len(self._in_flight))
-
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, handler, sig.name)
-        try:
-            yield
-        finally:
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
+    def on_signal(self, name: str) -> None:
+        """A stop signal (see `worker.signals`): the first drains, a second stops waiting."""
+        self._notifier.notify(stopping=1, status="draining in-flight sends")
+        self._signals += 1
+        if self._signals > 1:  # a second signal, not an internal stop, ends the wait
+            self.force_stop()
+        self.request_stop()
+        self._log.info("stop_requested", signal=name, in_flight=len(self._in_flight))
 
     def _on_fatal(self) -> None:
         error = self._recorder.fatal
@@ -202,10 +189,8 @@ class Daemon:
         """Do what is due now; returns how long to wait (0: go round at once; None: done)."""
         paused = self._pause.remaining()
         if paused > 0:
-            if self._once:
-                self._stop_once_for_pause()
-                return 0.0
-            return paused
+            self._paused()
+            return 0.0 if self._once else paused
         slots = self._pause.slots(self._settings.concurrency)
         # A send frees its slot when its answer arrives; results not yet written have their
         # own cap. The rows this worker holds never exceed WORKER_CONCURRENCY plus
@@ -243,14 +228,11 @@ class Daemon:
         except TimeoutError:
             pass
 
-    def _stop_once_for_pause(self) -> None:
-        reason = self._pause.reason
-        text = (
-            f"code {reason.code}: {reason.text}"
-            if reason and reason.code is not None
-            else (reason.text if reason else "sending paused")
-        )
-        self.request_stop(exit_code=EX_TEMPFAIL, reason=f"sending paused ({text}); rows left untouched")
+    def _paused(self) -> None:
+        """Sending paused: under `run --once` (cron) the run ends here, rows untouched."""
+        if self._once:
+            reason = self._pause.reason or "sending paused"
+            self.request_stop(exit_code=EX_TEMPFAIL, reason=f"sending paused ({reason}); rows left untouched")
 
     async def _claim(self, tokens: int) -> int | None:
         """Claim and start up to `tokens` sends; None when the database failed."""
@@ -265,7 +247,7 @@ class Daemon:
         if self._rows_left is not None:
             self._rows_left -= len(jobs)
         for job in jobs:
-            task = asyncio.create_task(self._process(job), name=f"send-{job.id}")
+            task = asyncio.create_task(self._rows.process(job), name=f"send-{job.id}")
             self._in_flight.add(task)
             task.add_done_callback(self._on_done)
         return len(jobs)
@@ -287,104 +269,6 @@ class Daemon:
         if closed:
             self._log.warning("cancelled_rows_closed", rows=closed, state="error")
         return True
-
-    # -- one row --------------------------------------------------------------------------
-
-    async def _process(self, job: Job) -> None:
-        started = time.monotonic()
-        try:
-            result = await self._attempt(job)
-        except asyncio.CancelledError:
-            # Cancelled after the drain timeout: the request may already be on the wire.
-            result = SendResult(Outcome.UNKNOWN, error_text="send cancelled at shutdown")
-            self._finish(job, result, time.monotonic() - started)
-            raise
-        except Exception as exc:  # a bug must not leave the row claimed with no word
-            result = SendResult(Outcome.UNKNOWN, error_text=f"worker error: {type(exc).__name__}: {exc}")
-        decision = self._finish(job, result, time.monotonic() - started)
-        if decision.hold_template:
-            await self._hold_template(job, decision)
-
-    async def _attempt(self, job: Job) -> SendResult:
-        try:
-            if job.mensaje is None:
-                raise InvalidMessage(f"mensaje is {job.mensaje_bytes} bytes, more than {MESSAGE_MAX_BYTES}")
-            if normalize_phone(job.telefono) != job.telefono:
-                raise InvalidMessage(f"phone {job.telefono!r} is not in E.164 form")
-            message = parse_message(job.mensaje)
-        except InvalidMessage as exc:
-            return SendResult(Outcome.PERMANENT, error_text=f"invalid row: {exc}")
-        return await self._sender.send(job, message)
-
-    def _finish(self, job: Job, result: SendResult, seconds: float) -> Decision:
-        """Record first; everything after (pause, counters, the log line) only observes."""
-        decision = decide(result, attempt=job.attempts + 1, settings=self._settings, rng=self._rng)
-        self._recorder.add(Finished(job, decision))
-        self.report.outcomes[decision.metric] += 1
-        if self._metrics:
-            self._metrics.finished(decision.metric, seconds)
-        if decision.pause:
-            self._start_pause(decision)
-        elif result.outcome is Outcome.SENT and self._pause.succeeded():
-            self._log.warning("sending_resumed")
-            if self._metrics:
-                self._metrics.paused(None)
-        self._log_decision(job, decision)
-        return decision
-
-    def _log_decision(self, job: Job, decision: Decision) -> None:
-        context = {"job_id": job.id, "sesion_id": job.sesion_id, "attempt": job.attempts + 1}
-        if decision.event == "message_sent":
-            self._log.info("message_sent", **context, wamid=decision.wamid)
-        elif decision.event == "message_retry_scheduled":
-            self._log.warning(
-                decision.event,
-                **context,
-                code=decision.error_code,
-                reason=decision.error_text,
-                delay=round(decision.delay, 3),
-            )
-        elif decision.event in ("message_failed", "message_outcome_unknown"):
-            self._log.error(decision.event, **context, code=decision.error_code, reason=decision.error_text)
-
-    def _start_pause(self, decision: Decision) -> None:
-        assert decision.pause is not None
-        reason = PauseReason(decision.error_code, decision.error_text or decision.event)
-        if self._metrics:
-            self._metrics.paused(
-                str(decision.error_code) if decision.error_code is not None else "unreachable"
-            )
-        if self._pause.trip(decision.pause, reason):
-            self._log.error(
-                decision.event,
-                code=decision.error_code,
-                reason=decision.error_text,
-                seconds=decision.pause,
-                action="rows go back untouched; one probe send after the pause",
-            )
-        if self._once:
-            self._stop_once_for_pause()
-
-    async def _hold_template(self, job: Job, decision: Decision) -> None:
-        """Meta paused or disabled a template: hold back its other waiting rows."""
-        assert decision.hold_template is not None and job.mensaje is not None
-        name = str(json.loads(job.mensaje)["template"]["name"])
-        if not self._holds.start(name, decision.hold_template):
-            return
-        try:
-            held = await self._claims.defer_template(name, decision.hold_template)
-        except DatabaseError as exc:
-            self._holds.cancel(name)
-            self._log.error("template_hold_failed", template=name, error=str(exc))
-            return
-        self._log.error(
-            "template_held",
-            template=name,
-            code=decision.error_code,
-            reason=decision.error_text,
-            rows=held,
-            seconds=decision.hold_template,
-        )
 
     # -- stop -----------------------------------------------------------------------------
 
@@ -436,8 +320,6 @@ class Daemon:
     def _status_line(self) -> str:
         counts = self.report.outcomes
         totals = f"in flight {len(self._in_flight)}, sent {counts['sent']}, errors {counts['error']}"
-        reason = self._pause.reason
-        if reason is None:
+        if self._pause.reason is None:
             return f"sending: {totals}"
-        code = f"code {reason.code}: " if reason.code is not None else ""
-        return f"paused: {code}{reason.text}; probing in {self._pause.remaining():.0f}s; {totals}"
+        return f"paused: {self._pause.reason}; probing in {self._pause.remaining():.0f}s; {totals}"

@@ -16,6 +16,14 @@ class PauseReason:
     code: int | None
     text: str
 
+    def __str__(self) -> str:
+        return f"code {self.code}: {self.text}" if self.code is not None else self.text
+
+    @property
+    def label(self) -> str:
+        """For a metric label: the code, or what happened (never a phone or a row)."""
+        return str(self.code) if self.code is not None else "unreachable"
+
 
 class SendingPause:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:

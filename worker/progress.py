@@ -63,6 +63,8 @@ class Progress:
                 await self._report(sid, self._sessions[sid])
         except DatabaseError:
             self._touched |= touched  # best effort: the next turn tries again
+        except Exception:  # progress lines are best effort: never take the daemon's stop with them
+            self._log.exception("progress_failed")
 
     async def _refresh(self, touched: set[int]) -> None:
         first = await self._results.session_totals(t for t in touched if t not in self._sessions)

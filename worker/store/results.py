@@ -15,9 +15,9 @@ import aiomysql
 
 from worker.models import RowState
 from worker.policy import Finished
+from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, case, placeholders, with_transient_retry
 
-NOW = "UTC_TIMESTAMP(6)"
 ERROR_TEXT_MAX = 1000
 # A late result is accepted until the lease expired plus one more lease length.
 LATE_RESULT_WINDOW = (

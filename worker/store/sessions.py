@@ -10,9 +10,9 @@ from typing import Any
 import aiomysql
 
 from worker.models import RowState, SessionState
+from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, placeholders, with_transient_retry
-
-NOW = "UTC_TIMESTAMP(6)"
+from worker.store.results import LATE_RESULT_WINDOW
 
 
 class RefusedChange(Exception):
@@ -36,13 +36,11 @@ class RetryChange:
 
 # The late-result window of results.py: the lease plus one more lease length.
 _LATE_OPEN = (
-    "estado = 'desconocido' AND lease_token IS NOT NULL AND COALESCE(lease_expires_at"
-    " + INTERVAL TIMESTAMPDIFF(MICROSECOND, claimed_at, lease_expires_at) MICROSECOND > " + NOW + ", FALSE)"
+    f"estado = 'desconocido' AND lease_token IS NOT NULL AND COALESCE({LATE_RESULT_WINDOW} > {NOW}, FALSE)"
 )
 # -- name: result_may_arrive :one
 RESULT_MAY_ARRIVE = (
-    "SELECT COUNT(*), MAX(lease_expires_at + INTERVAL TIMESTAMPDIFF(MICROSECOND, claimed_at,"
-    f" lease_expires_at) MICROSECOND) FROM cola_envios WHERE sesion_id = %s AND {_LATE_OPEN}"
+    f"SELECT COUNT(*), MAX({LATE_RESULT_WINDOW}) FROM cola_envios WHERE sesion_id = %s AND {_LATE_OPEN}"
 )
 # -- name: list_rows :many
 LIST_ROWS = (

@@ -1,0 +1,146 @@
+"""One claimed row, from its send to its record: validate, send, decide, hand the decision to
+the recorder; then, only observing, trip the sending pause, hold a template, count and log.
+
+The daemon's loop decides when rows are claimed; this decides nothing about the loop except
+through `on_pause` (a sending pause under `run --once` ends the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from worker.config import Settings
+from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, parse_message
+from worker.metrics import Metrics
+from worker.models import Job, Outcome, SendResult
+from worker.pause import PauseReason, SendingPause, TemplateHolds
+from worker.policy import Decision, Finished, decide
+from worker.recorder import Recorder
+from worker.sender import Sender
+from worker.store import Claims, DatabaseError
+
+
+class RowProcessor:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sender: Sender,
+        recorder: Recorder,
+        claims: Claims,
+        pause: SendingPause,
+        log: Any,
+        rng: random.Random,
+        metrics: Metrics | None,
+        on_pause: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._sender = sender
+        self._recorder = recorder
+        self._claims = claims
+        self._pause = pause
+        self._holds = TemplateHolds()
+        self._log = log
+        self._rng = rng
+        self._metrics = metrics
+        self._on_pause = on_pause
+        self.outcomes: Counter[str] = Counter()  # by Decision.metric
+
+    async def process(self, job: Job) -> None:
+        started = time.monotonic()
+        try:
+            result = await self._attempt(job)
+        except asyncio.CancelledError:
+            # Cancelled after the drain timeout: the request may already be on the wire.
+            result = SendResult(Outcome.UNKNOWN, error_text="send cancelled at shutdown")
+            self._finish(job, result, time.monotonic() - started)
+            raise
+        except Exception as exc:  # a bug must not leave the row claimed with no word
+            result = SendResult(Outcome.UNKNOWN, error_text=f"worker error: {type(exc).__name__}: {exc}")
+        decision = self._finish(job, result, time.monotonic() - started)
+        if decision.hold_template:
+            await self._hold_template(job, decision)
+
+    async def _attempt(self, job: Job) -> SendResult:
+        try:
+            if job.mensaje is None:
+                raise InvalidMessage(f"mensaje is {job.mensaje_bytes} bytes, more than {MESSAGE_MAX_BYTES}")
+            if normalize_phone(job.telefono) != job.telefono:
+                raise InvalidMessage(f"phone {job.telefono!r} is not in E.164 form")
+            message = parse_message(job.mensaje)
+        except InvalidMessage as exc:
+            return SendResult(Outcome.PERMANENT, error_text=f"invalid row: {exc}")
+        return await self._sender.send(job, message)
+
+    def _finish(self, job: Job, result: SendResult, seconds: float) -> Decision:
+        """Record first; everything after (pause, counters, the log line) only observes."""
+        decision = decide(result, attempt=job.attempts + 1, settings=self._settings, rng=self._rng)
+        self._recorder.add(Finished(job, decision))
+        self.outcomes[decision.metric] += 1
+        if self._metrics:
+            self._metrics.finished(decision.metric, seconds)
+        if decision.pause:
+            self._start_pause(decision)
+        elif result.outcome is Outcome.SENT and self._pause.succeeded():
+            self._log.warning("sending_resumed")
+            if self._metrics:
+                self._metrics.paused(None)
+        self._log_decision(job, decision)
+        return decision
+
+    def _log_decision(self, job: Job, decision: Decision) -> None:
+        context = {"job_id": job.id, "sesion_id": job.sesion_id, "attempt": job.attempts + 1}
+        if decision.event == "message_sent":
+            self._log.info("message_sent", **context, wamid=decision.wamid)
+        elif decision.event == "message_retry_scheduled":
+            self._log.warning(
+                decision.event,
+                **context,
+                code=decision.error_code,
+                reason=decision.error_text,
+                delay=round(decision.delay, 3),
+            )
+        elif decision.event in ("message_failed", "message_outcome_unknown"):
+            self._log.error(decision.event, **context, code=decision.error_code, reason=decision.error_text)
+
+    def _start_pause(self, decision: Decision) -> None:
+        assert decision.pause is not None
+        reason = PauseReason(decision.error_code, decision.error_text or decision.event)
+        if self._metrics:
+            self._metrics.paused(reason.label)
+        if self._pause.trip(decision.pause, reason):
+            self._log.error(
+                decision.event,
+                code=decision.error_code,
+                reason=decision.error_text,
+                seconds=decision.pause,
+                action="rows go back untouched; one probe send after the pause",
+            )
+        self._on_pause()
+
+    async def _hold_template(self, job: Job, decision: Decision) -> None:
+        """Meta paused or disabled a template: hold back its other waiting rows."""
+        assert decision.hold_template is not None and job.mensaje is not None
+        name = str(json.loads(job.mensaje)["template"]["name"])
+        if not self._holds.start(name, decision.hold_template):
+            return
+        try:
+            held = await self._claims.defer_template(name, decision.hold_template)
+        except DatabaseError as exc:
+            self._holds.cancel(name)
+            self._log.error("template_hold_failed", template=name, error=str(exc))
+            return
+        self._log.error(
+            "template_held",
+            template=name,
+            code=decision.error_code,
+            reason=decision.error_text,
+            rows=held,
+            seconds=decision.hold_template,
+        )

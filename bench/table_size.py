@@ -149,15 +149,7 @@ def table_bench(url: DatabaseURL, repeat: int) -> None:
 def memory_bench(url: DatabaseURL, sizes: list[int]) -> None:
     import throughput
 
-    fake = subprocess.Popen(
-        [sys.executable, "-c", throughput.FAKE_API, throughput.TOKEN, "0.05", throughput.PHONE_ID],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert fake.stdout is not None
-    api = fake.stdout.readline().strip()
+    fake, api = throughput.start_fake_api(0.05)
     bench = throughput.DaemonBench(api, url, {})
     print(f"\ndaemon peak RSS draining the queue, concurrency 200, {url.redacted()}", flush=True)
     try:

@@ -58,6 +58,20 @@ class Figures:
     rss: float  # peak RSS, MiB
 
 
+def start_fake_api(latency: float) -> tuple[subprocess.Popen[str], str]:
+    """The fake Cloud API in its own process; (the process, its base URL). Closing its stdin
+    stops it."""
+    fake = subprocess.Popen(
+        [sys.executable, "-c", FAKE_API, TOKEN, str(latency), PHONE_ID],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert fake.stdout is not None
+    return fake, fake.stdout.readline().strip()
+
+
 def phones(count: int) -> list[str]:
     return [f"+51990{i:07d}" for i in range(count)]
 
@@ -215,15 +229,7 @@ def main() -> None:
     extra = dict(item.split("=", 1) for item in args.env)
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    fake = subprocess.Popen(
-        [sys.executable, "-c", FAKE_API, TOKEN, str(args.latency), PHONE_ID],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert fake.stdout is not None
-    url = fake.stdout.readline().strip()
+    fake, url = start_fake_api(args.latency)
     bench = DaemonBench(url, db, extra)
     print(
         f"fake API latency {args.latency * 1000:.0f} ms, database {db.redacted()}, {args.runs} run(s)",

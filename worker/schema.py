@@ -98,6 +98,12 @@ SESIONES_ENVIO = Table(
             "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)",
         ),
         Column(LEGACY_DUPLICATE, LEGACY_DUPLICATE_DDL),
+        # The sending number (Meta's phone_number_id); NULL: the daemon's WHATSAPP_PHONE_NUMBER_ID.
+        Column("phone_number_id", "VARCHAR(64) CHARACTER SET ascii NULL"),
+        # Quiet hours: rows go out only between these local times ("08:00-20:00") in time_zone
+        # (an IANA name; NULL: UTC). NULL window: any time (the daemon's WORKER_SEND_WINDOW).
+        Column("send_window", "VARCHAR(11) CHARACTER SET ascii NULL"),
+        Column("time_zone", "VARCHAR(64) CHARACTER SET ascii NULL"),
     ),
     (Key("uq_sesiones_envio_nombre", ("nombre", LEGACY_DUPLICATE), unique=True),),
     SESSION_STATE,
@@ -130,10 +136,17 @@ COLA_ENVIOS = Table(
         ),
         Column("sent_at", "DATETIME(6) NULL"),
         Column(LEGACY_DUPLICATE, LEGACY_DUPLICATE_DDL),
+        # From Meta's status webhooks (UTC): what the campaign owner wants to know.
+        Column("delivered_at", "DATETIME(6) NULL"),
+        Column("read_at", "DATETIME(6) NULL"),
+        # When a status webhook settled this row's unknown outcome (`desconocido`).
+        Column("settled_at", "DATETIME(6) NULL"),
     ),
     (
         Key("uq_cola_envios_sesion_telefono", ("sesion_id", "telefono", LEGACY_DUPLICATE), unique=True),
         Key("ix_cola_envios_claim", ("estado", "next_attempt_at", "id")),
+        # The fair claim: per session, due rows in order, an index range with no filesort.
+        Key("ix_cola_envios_session_due", ("estado", "sesion_id", "next_attempt_at", "id")),
         Key("ix_cola_envios_lease", ("estado", "lease_expires_at")),
     ),
     ROW_STATE,
@@ -163,7 +176,73 @@ ENVIOS_WHATSAPP = Table(
     NO_STATE,
 )
 
-TABLES: tuple[Table, ...] = (SESIONES_ENVIO, COLA_ENVIOS, ENVIOS_WHATSAPP)
+# Tables only whatsapp-worker writes (the PHP application never had them).
+UTC = "DATETIME(6) NOT NULL"
+
+DAEMONS = Table(
+    "whatsapp_worker_daemons",
+    (
+        Column("id", ID),
+        Column("worker_id", f"VARCHAR(128) {TEXT} NOT NULL"),
+        Column("host", f"VARCHAR(255) {TEXT} NOT NULL"),
+        Column("pid", "INT UNSIGNED NOT NULL"),
+        Column("version", "VARCHAR(32) CHARACTER SET ascii NOT NULL"),
+        Column("started_at", UTC),
+        Column("beat_at", UTC),  # the daemon's last beat; a row older than the horizon is dead
+        Column("state", "VARCHAR(16) CHARACTER SET ascii NOT NULL"),  # sending, paused, draining...
+        Column("in_flight", "INT UNSIGNED NOT NULL DEFAULT 0"),
+        Column("sent_total", "BIGINT UNSIGNED NOT NULL DEFAULT 0"),
+        Column("rate", "DOUBLE NOT NULL DEFAULT 0"),  # sends/s over the last minute
+        Column("rate_share", "DOUBLE NOT NULL DEFAULT 0"),  # sends/s this daemon may use now
+        Column("paused_reason", f"VARCHAR(1000) {TEXT} NULL"),
+        Column("paused_since", "DATETIME(6) NULL"),
+        Column("paused_until", "DATETIME(6) NULL"),
+        Column("stopped_at", "DATETIME(6) NULL"),
+    ),
+    (
+        Key("uq_whatsapp_worker_daemons_worker", ("worker_id",), unique=True),
+        Key("ix_whatsapp_worker_daemons_beat", ("beat_at",)),
+    ),
+    NO_STATE,
+)
+
+STATUSES = Table(
+    "whatsapp_worker_statuses",
+    (
+        Column("id", ID),
+        Column("wamid", f"VARCHAR(128) {TEXT} NOT NULL"),
+        Column("status", "VARCHAR(16) CHARACTER SET ascii NOT NULL"),  # sent, delivered, read, failed
+        Column("cola_id", "BIGINT UNSIGNED NULL"),  # from biz_opaque_callback_data `cola:<id>`
+        Column("status_at", "DATETIME(6) NULL"),  # Meta's timestamp, UTC
+        Column("recipient_id", "VARCHAR(32) NULL"),
+        Column("error_code", "INT NULL"),
+        Column("error_title", f"VARCHAR(1000) {TEXT} NULL"),
+        Column("raw", f"MEDIUMTEXT {TEXT} NOT NULL"),  # the status object as received, for audit
+        Column("received_at", "DATETIME(6) NOT NULL"),
+        Column("applied_at", "DATETIME(6) NULL"),  # NULL: not yet applied to its row
+    ),
+    (
+        Key("uq_whatsapp_worker_statuses", ("wamid", "status"), unique=True),
+        Key("ix_whatsapp_worker_statuses_pending", ("applied_at", "id")),
+        Key("ix_whatsapp_worker_statuses_cola", ("cola_id",)),
+    ),
+    NO_STATE,
+)
+
+OPTOUTS = Table(
+    "whatsapp_worker_optouts",
+    (
+        Column("id", ID),
+        Column("telefono", "VARCHAR(32) NOT NULL"),
+        Column("source", "VARCHAR(32) CHARACTER SET ascii NOT NULL"),  # keyword, 131050, operator
+        Column("detail", f"VARCHAR(1000) {TEXT} NULL"),
+        Column("created_at", "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)"),
+    ),
+    (Key("uq_whatsapp_worker_optouts_telefono", ("telefono",), unique=True),),
+    NO_STATE,
+)
+
+TABLES: tuple[Table, ...] = (SESIONES_ENVIO, COLA_ENVIOS, ENVIOS_WHATSAPP, DAEMONS, STATUSES, OPTOUTS)
 
 # Rows the PHP cron left mid-send (no lease: the daemon never took them).
 LEGACY_PROCESSING_REASON = (
@@ -190,6 +269,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "queue tables"),
     Migration(2, "adopt and upgrade in place"),
+    Migration(3, "daemons, sending numbers and windows, status webhooks, opt-outs"),
 )
 
 VERSION_TABLE = f"""CREATE TABLE IF NOT EXISTS whatsapp_worker_migrations (

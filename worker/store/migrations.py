@@ -318,7 +318,7 @@ def _gaps(found: FoundTable, table: schema.Table) -> Gaps:
         and c.default is None
         and "auto_increment" not in c.extra.lower()
         and not c.generated
-        and c.name not in INSERTED[table.name]
+        and c.name not in INSERTED.get(table.name, set())
         and c.name not in ours
     ]
     return gaps

@@ -1,0 +1,149 @@
+"""Acting on a session's rows: `retry`, `pause`, `resume`, `cancel`, `rows`, `prune`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+from worker.cli.common import age, open_checked_store
+from worker.config import Settings
+from worker.exits import EX_OK
+from worker.models import RowState, SessionState
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    retry = commands.add_parser("retry", help="send a session's failed rows again")
+    retry.add_argument("--session", required=True, help="session id or name")
+    retry.add_argument("--code", type=int, help="only rows whose last error had this code (e.g. 131026)")
+    retry.add_argument(
+        "--include-unknown",
+        action="store_true",
+        help="also re-send rows whose outcome is unknown (they may have been delivered already)",
+    )
+    retry.set_defaults(handler=cmd_retry)
+    for name, text in (
+        ("pause", "stop sending a session (in-flight sends finish)"),
+        ("resume", "send a paused session again"),
+        ("cancel", "stop a session for good: its waiting rows end in error"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--session", required=True, help="session id or name")
+        command.set_defaults(handler=cmd_session_state)
+
+    rows = commands.add_parser("rows", help="list a session's rows in a state (failed work, for a person)")
+    rows.add_argument("--session", required=True, help="session id or name")
+    rows.add_argument(
+        "--state",
+        action="append",
+        choices=[state.value for state in RowState],
+        help="repeatable; default: error and desconocido",
+    )
+    rows.add_argument("--code", type=int, help="only rows whose last error had this code")
+    rows.add_argument("--csv", action="store_true", help="CSV with a header, for a spreadsheet")
+    rows.set_defaults(handler=cmd_rows)
+
+    prune = commands.add_parser("prune", help="delete finished rows (enviado, error) in small batches")
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        type=age,
+        metavar="AGE",
+        help="e.g. 30d, 12h: rows finished before that",
+    )
+    prune.add_argument(
+        "--deliveries", action="store_true", help="also delete envios_whatsapp rows older than AGE"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count only")
+    prune.set_defaults(handler=cmd_prune)
+
+
+async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    store = await open_checked_store(settings)
+    try:
+        session_id = await store.sessions.resolve(args.session)
+        change = await store.sessions.retry_session(
+            session_id, include_unknown=args.include_unknown, code=args.code
+        )
+    finally:
+        await store.close()
+    which = "error and unknown-outcome" if args.include_unknown else "error"
+    print(f"session #{session_id}: {change.queued} {which} row(s) queued again")
+    if change.waiting:
+        until = change.until.strftime("%Y-%m-%d %H:%M:%S UTC") if change.until else "?"
+        print(
+            f"session #{session_id}: {change.waiting} unknown row(s) left alone: the daemon that sent"
+            f" them may still record their true result (until {until}); retry after that"
+        )
+    return EX_OK
+
+
+ROW_COLUMNS = ("id", "telefono", "cliente_id", "estado", "attempts", "last_error_code", "last_error", "wamid")
+ROWS_PAGE = 1000
+
+
+async def cmd_rows(settings: Settings, args: argparse.Namespace) -> int:
+    """Page through the rows by id, printing as it goes: memory stays flat for any session."""
+    states = args.state or [RowState.ERROR.value, RowState.UNKNOWN.value]
+    writer = csv.writer(sys.stdout) if args.csv else None
+    if writer:
+        writer.writerow(ROW_COLUMNS)
+    store = await open_checked_store(settings)
+    try:
+        session_id = await store.sessions.resolve(args.session)
+        after, shown = 0, 0
+        while page := await store.sessions.rows(
+            session_id, states=states, code=args.code, after_id=after, limit=ROWS_PAGE
+        ):
+            for row in page:
+                if writer:
+                    writer.writerow([row[c] if row[c] is not None else "" for c in ROW_COLUMNS])
+                else:
+                    code = row["last_error_code"] if row["last_error_code"] is not None else "-"
+                    print(
+                        f"#{row['id']}  {row['telefono']}  {row['estado']}  attempts {row['attempts']}"
+                        f"  code {code}  {row['last_error'] or ''}"
+                    )
+            after, shown = page[-1]["id"], shown + len(page)
+    finally:
+        await store.close()
+    if not writer:
+        print(f"{shown} row(s) of session #{session_id} in {', '.join(states)}", file=sys.stderr)
+    return EX_OK
+
+
+async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    store = await open_checked_store(settings)
+    try:
+        pruned = await store.pruner.prune(
+            args.older_than.seconds, deliveries=args.deliveries, dry_run=args.dry_run
+        )
+    finally:
+        await store.close()
+    verb = "would delete" if args.dry_run else "deleted"
+    kept = "" if args.deliveries else "; envios_whatsapp kept"
+    print(f"{verb} {pruned.rows} finished row(s) of cola_envios older than {args.older_than.text}", end="")
+    print(f", {pruned.deliveries} of envios_whatsapp" if args.deliveries else kept)
+    return EX_OK
+
+
+SESSION_COMMANDS = {
+    "pause": (SessionState.PAUSED, "paused: {rows} waiting row(s) held back"),
+    "resume": (SessionState.ACTIVE, "resumed: {rows} row(s) waiting to be sent"),
+    "cancel": (SessionState.CANCELLED, "cancelled: {rows} waiting row(s) closed as error, not sent"),
+}
+
+
+async def cmd_session_state(settings: Settings, args: argparse.Namespace) -> int:
+    state, message = SESSION_COMMANDS[args.command]
+    store = await open_checked_store(settings)
+    try:
+        session_id = await store.sessions.resolve(args.session)
+        change = await store.sessions.set_session_state(session_id, state)
+    finally:
+        await store.close()
+    if change.before == change.after:
+        print(f"session #{session_id} was already {change.after}: nothing changed")
+    else:
+        print(f"session #{session_id} {message.format(rows=change.rows)}")
+    return EX_OK

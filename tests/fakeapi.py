@@ -19,6 +19,7 @@ import itertools
 import json
 import random
 import threading
+import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable
@@ -94,6 +95,8 @@ class Received:
     authorization: str | None
     outcome: str  # "ok", "error:<code>", "drop", "late" or "stale" (see drop_stale_after)
     wamid: str | None
+    number: str = ""  # the phone_number_id in the URL
+    at: float = 0.0  # time.monotonic() when the request arrived
 
 
 def _error_body(code: int, details: str) -> dict[str, Any]:
@@ -297,6 +300,16 @@ class FakeCloudAPI:
         with self._cond:
             return Counter(self._counts)
 
+    def busiest_second(self, number: str | None = None) -> int:
+        """The most requests (for one number, or all) in any sliding one-second window."""
+        times = sorted(r.at for r in self.requests if number is None or r.number == number)
+        most, start = 0, 0
+        for end, at in enumerate(times):
+            while at - times[start] >= 1.0:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
+
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Block until `predicate()` is true (re-checked on every state change); False on timeout.
 
@@ -356,6 +369,7 @@ class FakeCloudAPI:
                 self._cond.notify_all()
 
     async def _respond(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
         raw = await request.read()
         authorization = request.headers.get("Authorization")
         try:
@@ -388,7 +402,8 @@ class FakeCloudAPI:
 
         wamid = (step.wamid or f"wamid.FAKE{next(self._wamids):08d}") if step.kind in ("ok", "late") else None
         outcome = f"error:{step.code}" if step.kind == "error" else step.kind
-        self._record(Received(phone, body, callback_data, authorization, outcome, wamid))
+        number = request.match_info["phone_number_id"]
+        self._record(Received(phone, body, callback_data, authorization, outcome, wamid, number, arrived))
 
         delay = self.latency + (step.delay if step.kind == "late" else 0.0)
         if delay > 0:

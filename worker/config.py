@@ -92,12 +92,21 @@ class Settings:
     pause_seconds: float = 60.0
     template_pause_seconds: float = 3600.0
     http_keepalive: float = 10.0  # seconds an idle connection to the API is kept; 0 = no reuse
+    fleet_beat: float = 1.0  # seconds between beats of this daemon's row in the daemons table
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     log_format: str = "auto"
     pidfile: Path = Path("/run/whatsapp-worker/whatsapp-worker.pid")
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # `whatsapp-worker webhook` (status webhooks, opt-outs); the secrets are required there only.
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 8080  # 0: any free port (tests; the port is logged)
+    webhook_metrics_port: int = 0  # 0: no metrics endpoint for the receiver
+    webhook_max_body: int = 1_048_576  # bytes; a larger POST is refused (413) unread
+    verify_token: str = field(default="", repr=False)
+    app_secret: str = field(default="", repr=False)
+    optout_keywords: tuple[str, ...] = ("BAJA", "STOP", "CANCELAR")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_sender: bool = True) -> Settings:
@@ -127,11 +136,21 @@ class Settings:
                 "WORKER_TEMPLATE_PAUSE_SECONDS", 3600.0, minimum=1.0, maximum=7 * DAY
             ),
             http_keepalive=reader.number("WORKER_HTTP_KEEPALIVE", 10.0, minimum=0.0, maximum=300.0),
+            fleet_beat=reader.number("WORKER_FLEET_BEAT", 1.0, minimum=0.1, maximum=10.0),
             metrics_port=reader.integer("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535),
             metrics_host=reader.text("WORKER_METRICS_HOST", "127.0.0.1"),
             log_level=reader.choice("WORKER_LOG_LEVEL", "info", LOG_LEVELS),
             log_format=reader.choice("WORKER_LOG_FORMAT", "auto", LOG_FORMATS),
             pidfile=Path(reader.text("WORKER_PIDFILE", _default_pidfile(env))),
+            webhook_host=reader.text("WORKER_WEBHOOK_HOST", "127.0.0.1"),
+            webhook_port=reader.integer("WORKER_WEBHOOK_PORT", 8080, minimum=0, maximum=65535),
+            webhook_metrics_port=reader.integer("WORKER_WEBHOOK_METRICS_PORT", 0, minimum=0, maximum=65535),
+            webhook_max_body=reader.integer(
+                "WORKER_WEBHOOK_MAX_BODY", 1_048_576, minimum=1024, maximum=64 * 1_048_576
+            ),
+            verify_token=reader.secret("WHATSAPP_VERIFY_TOKEN"),
+            app_secret=reader.secret("WHATSAPP_APP_SECRET"),
+            optout_keywords=reader.words("WORKER_OPTOUT_KEYWORDS", ("BAJA", "STOP", "CANCELAR")),
         )
         if need_sender and sender == "cloud":
             if not settings.phone_number_id:
@@ -171,7 +190,8 @@ class Settings:
 
     def secrets(self) -> tuple[str, ...]:
         """Strings the logs must never show."""
-        return tuple(s for s in (self.access_token, self.database.password) if len(s) >= 4)
+        candidates = (self.access_token, self.database.password, self.app_secret, self.verify_token)
+        return tuple(s for s in candidates if len(s) >= 4)
 
 
 def _default_pidfile(env: Mapping[str, str]) -> str:
@@ -252,6 +272,16 @@ class _Reader:
         if math.isnan(value) or not minimum <= value <= maximum:  # NaN compares false anyway
             raise ConfigError(f"{name} must be a number between {minimum:g} and {maximum:g}, got {raw!r}")
         return value
+
+    def words(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """A comma-separated list (e.g. opt-out keywords); blanks dropped, at least one word."""
+        raw = self._get(name)
+        if raw is None:
+            return default
+        words = tuple(dict.fromkeys(w.strip() for w in raw.split(",") if w.strip()))
+        if not words:
+            raise ConfigError(f"{name} must list at least one word (comma-separated), got {raw!r}")
+        return words
 
     def header_secret(self, name: str) -> str:
         """A secret that goes into an HTTP header: checked without ever being shown."""

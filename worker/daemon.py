@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from worker.config import Settings
 from worker.exits import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_TEMPFAIL
+from worker.fleet import Fleet
 from worker.heartbeat import BEAT_EVERY, Heartbeat
 from worker.log import get_logger
 from worker.metrics import Metrics
@@ -25,7 +26,7 @@ from worker.processor import RowProcessor
 from worker.ratelimit import RateLimiter
 from worker.recorder import Recorder
 from worker.sender import Sender
-from worker.store import DatabaseError, DatabaseUnavailable, StatementRefused, Store
+from worker.store import Beat, DatabaseError, DatabaseUnavailable, StatementRefused, Store
 from worker.systemd import Notifier
 
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
@@ -79,6 +80,15 @@ class Daemon:
             rng=self._rng,
             metrics=metrics,
             on_pause=self._paused,
+            on_throttled=self._throttled,
+        )
+        self._fleet = Fleet(
+            daemons=store.daemons,
+            limiter=self._limiter,
+            limit=settings.rate_limit,
+            beat=settings.fleet_beat,
+            status=self._beat,
+            log=self._log,
         )
         self._heartbeat = Heartbeat(path=settings.heartbeat_path, notifier=self._notifier)
         self._db_down = False
@@ -131,6 +141,7 @@ class Daemon:
         self._rows_left = max_rows
         recorder = asyncio.create_task(self._recorder.run(), name="recorder")
         progress = asyncio.create_task(self._recorder.progress.run(), name="progress")
+        fleet = asyncio.create_task(self._fleet.run(), name="fleet")
         try:
             await self._dispatch()
         finally:
@@ -142,6 +153,8 @@ class Daemon:
             self._recorder.progress.stop()  # a last progress line, then completion
             await self._wait_for(progress)
             await self._give_back_uncertain()
+            self._fleet.stop()
+            await self._wait_for(fleet)
         self.report.lost = self._recorder.lost + self._recorder.pending
         if self.report.lost:
             self.report.drained = False
@@ -316,6 +329,31 @@ class Daemon:
         if self._db_down:
             self._db_down = False
             self._log.warning("database_available")
+
+    def _throttled(self) -> None:
+        """Meta said 130429 (too many messages for this number): slow down, then recover."""
+        if self._limiter.throttled():
+            self._log.warning("rate_lowered", code=130429, rate=round(self._limiter.rate, 2))
+
+    def _beat(self) -> Beat:
+        """This daemon's row in the daemons table (what `status` shows of it)."""
+        sent = self.report.outcomes["sent"]
+        reason = self._pause.reason
+        if self._stop.is_set():
+            state = "draining"
+        elif reason is not None:
+            state = "paused"
+        else:
+            state = "sending" if self._in_flight else "idle"
+        return Beat(
+            state=state,
+            in_flight=len(self._in_flight),
+            sent_total=sent,
+            rate=self._fleet.rate(sent),
+            rate_share=self._limiter.rate,
+            paused_reason=str(reason) if reason is not None else None,
+            paused_for=self._pause.remaining(),
+        )
 
     def _status_line(self) -> str:
         counts = self.report.outcomes

@@ -15,6 +15,7 @@ from worker.config import Settings
 from worker.models import Job, Outcome, RowState, SendResult
 from worker.retry import backoff
 
+THROTTLED = 130429  # too many messages for this number: the rate is lowered, then recovers
 MAINTENANCE_CODE = 131057  # account in maintenance / throughput upgrade: pause briefly
 MAINTENANCE_PAUSE = 60.0  # Meta says about a minute
 MARKETING_LIMIT_CODE = 131049  # marketing "healthy ecosystem" limit: defer at least 24 h
@@ -33,7 +34,7 @@ CODES: dict[int, Outcome] = {
     # not accepted: back off and retry
     4: Outcome.RETRY,  # app call-rate limit
     80007: Outcome.RETRY,  # WhatsApp Business Account rate limit
-    130429: Outcome.RETRY,  # per-number throughput reached
+    THROTTLED: Outcome.RETRY,  # per-number throughput reached
     131056: Outcome.RETRY,  # pair rate limit
     MARKETING_LIMIT_CODE: Outcome.RETRY,  # deferred 24 h by decide()
     # outcome unknown: never re-send blindly

@@ -20,7 +20,7 @@ from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, 
 from worker.metrics import Metrics
 from worker.models import Job, Outcome, SendResult
 from worker.pause import PauseReason, SendingPause, TemplateHolds
-from worker.policy import Decision, Finished, decide
+from worker.policy import THROTTLED, Decision, Finished, decide
 from worker.recorder import Recorder
 from worker.sender import Sender
 from worker.store import Claims, DatabaseError
@@ -39,6 +39,7 @@ class RowProcessor:
         rng: random.Random,
         metrics: Metrics | None,
         on_pause: Callable[[], None],
+        on_throttled: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._sender = sender
@@ -50,6 +51,7 @@ class RowProcessor:
         self._rng = rng
         self._metrics = metrics
         self._on_pause = on_pause
+        self._on_throttled = on_throttled
         self.outcomes: Counter[str] = Counter()  # by Decision.metric
 
     async def process(self, job: Job) -> None:
@@ -85,6 +87,8 @@ class RowProcessor:
         self.outcomes[decision.metric] += 1
         if self._metrics:
             self._metrics.finished(decision.metric, seconds)
+        if decision.error_code == THROTTLED:
+            self._on_throttled()
         if decision.pause:
             self._start_pause(decision)
         elif result.outcome is Outcome.SENT and self._pause.succeeded():

@@ -1,4 +1,9 @@
-"""A token bucket for sends per second on this daemon."""
+"""A token bucket for sends per second, sized by the fleet's share and slowed by 130429.
+
+The bound it keeps: in any interval of T seconds a bucket lets out at most `burst + rate * T`
+sends. The fleet (worker/fleet.py) picks each daemon's rate and burst so that the sum over all
+live daemons stays within the number's limit in every one-second window.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,20 @@ import asyncio
 import time
 from collections.abc import Callable
 
+THROTTLE_FACTOR = 0.5  # a 130429 ("too many messages") halves the rate...
+THROTTLE_FLOOR = 0.05  # ...down to 5% of the share at most
+RECOVERY_PER_SECOND = 0.05  # and it grows back by 5% of the share each second without one
+THROTTLE_DEBOUNCE = 1.0  # the answers of one burst count once
+BLOCKED_WAIT = 0.25  # seconds a blocked limiter sleeps before the loop goes round
+
 
 class RateLimiter:
     """`take(n)` waits for at least one token and takes up to `n`; `refund` gives unused back.
 
     The daemon takes tokens before it claims rows, so a claimed row is sent at once and
-    never waits in memory for its turn. A rate of 0 means no limit.
+    never waits in memory for its turn. A rate of 0 means no limit (WORKER_RATE_LIMIT=0);
+    `block()` (a newcomer not yet counted by the others, or a daemon that lost the fleet
+    table) lets nothing out until `set_share` is called again.
     """
 
     def __init__(
@@ -21,25 +34,64 @@ class RateLimiter:
         burst: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._rate = rate
+        self._clock = clock
+        self._share = rate
         self._capacity = burst if burst is not None else max(1.0, rate / 10)
         self._tokens = self._capacity
-        self._clock = clock
         self._stamp = clock()
+        self._factor = 1.0
+        self._throttled_at = float("-inf")
+        self._blocked = False
+        self._until = float("inf")
+
+    @property
+    def rate(self) -> float:
+        """Sends per second allowed now (the share, slowed while Meta says 130429; 0 blocked)."""
+        return 0.0 if self._blocked else self._share * self._factor
+
+    def set_share(self, rate: float, burst: float, *, until: float = float("inf")) -> None:
+        """Send at `rate` with at most `burst` at once, until the monotonic time `until`
+        (the fleet's fence: a daemon that cannot beat stops sending on its own)."""
+        self._refill()
+        self._share, self._capacity, self._blocked = rate, burst, False
+        self._tokens = min(self._tokens, burst)
+        self._until = until
+
+    def block(self) -> None:
+        self._refill()
+        self._blocked, self._tokens = True, 0.0
+
+    def throttled(self) -> bool:
+        """Meta answered 130429: halve the rate (once per burst). True when it was lowered."""
+        now = self._clock()
+        if self._share <= 0 or now - self._throttled_at < THROTTLE_DEBOUNCE:
+            return False
+        self._refill()
+        self._throttled_at = now
+        self._factor = max(THROTTLE_FLOOR, self._factor * THROTTLE_FACTOR)
+        self._tokens = min(self._tokens, 1.0)
+        return True
 
     def _refill(self) -> None:
         now = self._clock()
-        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        elapsed = now - self._stamp
         self._stamp = now
+        if self._blocked:
+            return
+        self._tokens = min(self._capacity, self._tokens + elapsed * self.rate)
+        self._factor = min(1.0, self._factor + elapsed * RECOVERY_PER_SECOND)
 
     async def take(self, wanted: int, *, max_wait: float) -> int:
         """Up to `wanted` tokens; 0 when none comes within `max_wait` seconds (the caller's
         loop must go round: a very low rate never holds the heartbeat up)."""
-        if self._rate <= 0:
+        if self._blocked or self._clock() > self._until:
+            await asyncio.sleep(min(max_wait, BLOCKED_WAIT))
+            return 0
+        if self._share <= 0:
             return wanted
         self._refill()
         if self._tokens < 1:
-            await asyncio.sleep(min(max_wait, (1 - self._tokens) / self._rate))
+            await asyncio.sleep(min(max_wait, (1 - self._tokens) / self.rate))
             self._refill()
             if self._tokens < 1:
                 return 0
@@ -48,5 +100,5 @@ class RateLimiter:
         return got
 
     def refund(self, count: int) -> None:
-        if self._rate > 0 and count > 0:
+        if self._share > 0 and not self._blocked and count > 0:
             self._tokens = min(self._capacity, self._tokens + count)

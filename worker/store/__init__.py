@@ -5,6 +5,7 @@
 - `sessions`: producers' and operators' commands (enqueue, pause, retry, status);
 - `migrations`: the schema;
 - `prune`: deleting finished rows in small batches;
+- `daemons`: each running daemon's row (the fleet's view, the shared rate limit);
 - `db`: connections, and driver errors translated into three of ours.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from worker.config import DatabaseURL
 from worker.store.claims import Claims
+from worker.store.daemons import Beat, Daemons
 from worker.store.db import (
     TRANSACTION_TIMEOUT,
     Database,
@@ -26,7 +28,9 @@ from worker.store.results import Recorded, Results
 from worker.store.sessions import RefusedChange, RetryChange, SessionChange, Sessions
 
 __all__ = [
+    "Beat",
     "Claims",
+    "Daemons",
     "Database",
     "DatabaseError",
     "DatabaseUnavailable",
@@ -51,6 +55,7 @@ class Store:
     def __init__(self, db: Database, *, worker_id: str = "") -> None:
         self.db = db
         self.claims = Claims(db, worker_id=worker_id)
+        self.daemons = Daemons(db, worker_id=worker_id)
         self.results = Results(db)
         self.sessions = Sessions(db)
         self.migrations = Migrations(db)

@@ -1,0 +1,90 @@
+"""The shared rate limit's arithmetic: shares, bursts and 130429, on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker.fleet import fleet_share
+from worker.ratelimit import RateLimiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def busiest_second(times: list[float]) -> int:
+    times, most, start = sorted(times), 0, 0
+    for end, at in enumerate(times):
+        while at - times[start] >= 1.0:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+def greedy_sends(limiters: list[RateLimiter], clock: Clock, seconds: float) -> list[float]:
+    """Every limiter takes every token it can, every millisecond."""
+    sent: list[float] = []
+    for _ in range(int(seconds * 1000)):
+        clock.now += 0.001
+        for limiter in limiters:
+            got = _take_now(limiter)
+            sent += [clock.now] * got
+    return sent
+
+
+def _take_now(limiter: RateLimiter) -> int:
+    limiter._refill()
+    got = int(limiter._tokens)
+    limiter._tokens -= got
+    return got
+
+
+@pytest.mark.parametrize(("limit", "live"), [(80, 1), (80, 3), (20, 3), (1000, 7), (10, 5)])
+def test_live_daemons_greedy_together_stay_within_the_limit_in_every_second(limit: int, live: int) -> None:
+    clock = Clock()
+    limiters = []
+    for _ in range(live):
+        limiter = RateLimiter(limit, clock=clock)
+        limiter.set_share(*fleet_share(limit, live))
+        limiters.append(limiter)
+    sent = greedy_sends(limiters, clock, 5.0)
+    assert busiest_second(sent) <= limit
+    # and the share is used, not wasted (below 4/s a daemon, whole tokens cost up to half)
+    assert len(sent) / 5.0 >= (0.75 if limit / live >= 4 else 0.45) * limit
+
+
+def test_a_daemon_alone_gets_nearly_the_whole_limit() -> None:
+    rate, burst = fleet_share(80, 1)
+    assert rate + burst == pytest.approx(80 * 0.97) and burst == pytest.approx(80 * 0.97 / 20)
+
+
+def test_130429_halves_the_rate_once_per_burst_and_it_recovers() -> None:
+    clock = Clock()
+    limiter = RateLimiter(80, clock=clock)
+    limiter.set_share(76, 4)
+    assert limiter.throttled() and limiter.rate == 38
+    assert not limiter.throttled()  # the other answers of the same burst
+    clock.now += 1.5
+    assert limiter.throttled() and limiter.rate == pytest.approx(76 * (0.575 / 2))
+    clock.now += 30
+    limiter._refill()
+    assert limiter.rate == 76
+
+
+def test_a_blocked_or_fenced_limiter_lets_nothing_out() -> None:
+    clock = Clock()
+    limiter = RateLimiter(80, clock=clock)
+    limiter.block()
+    clock.now += 10
+    assert asyncio.run(limiter.take(5, max_wait=0.0)) == 0 and limiter.rate == 0
+    limiter.set_share(10, 1, until=clock.now + 2)
+    clock.now += 1
+    assert asyncio.run(limiter.take(5, max_wait=0.0)) == 1
+    clock.now += 2  # no beat extended the fence
+    assert asyncio.run(limiter.take(5, max_wait=0.0)) == 0

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from worker.windows import SendWindow, WindowError
+
 DAY = 86_400.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -93,6 +95,7 @@ class Settings:
     template_pause_seconds: float = 3600.0
     http_keepalive: float = 10.0  # seconds an idle connection to the API is kept; 0 = no reuse
     fleet_beat: float = 1.0  # seconds between beats of this daemon's row in the daemons table
+    send_window: SendWindow | None = None  # quiet hours for every session (WORKER_SEND_WINDOW)
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
@@ -137,6 +140,7 @@ class Settings:
             ),
             http_keepalive=reader.number("WORKER_HTTP_KEEPALIVE", 10.0, minimum=0.0, maximum=300.0),
             fleet_beat=reader.number("WORKER_FLEET_BEAT", 1.0, minimum=0.1, maximum=10.0),
+            send_window=reader.window("WORKER_SEND_WINDOW", "WORKER_TIME_ZONE"),
             metrics_port=reader.integer("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535),
             metrics_host=reader.text("WORKER_METRICS_HOST", "127.0.0.1"),
             log_level=reader.choice("WORKER_LOG_LEVEL", "info", LOG_LEVELS),
@@ -272,6 +276,15 @@ class _Reader:
         if math.isnan(value) or not minimum <= value <= maximum:  # NaN compares false anyway
             raise ConfigError(f"{name} must be a number between {minimum:g} and {maximum:g}, got {raw!r}")
         return value
+
+    def window(self, name: str, zone_name: str) -> SendWindow | None:
+        raw = self._get(name)
+        if raw is None or not raw.strip():
+            return None
+        try:
+            return SendWindow.parse(raw, self._get(zone_name))
+        except WindowError as exc:
+            raise ConfigError(f"{name} / {zone_name}: {exc}") from None
 
     def words(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """A comma-separated list (e.g. opt-out keywords); blanks dropped, at least one word."""

@@ -25,6 +25,7 @@ from worker.pause import SendingPause
 from worker.processor import RowProcessor
 from worker.ratelimit import RateLimiter
 from worker.recorder import Recorder
+from worker.rotation import Rotation
 from worker.sender import Sender
 from worker.store import Beat, DatabaseError, DatabaseUnavailable, StatementRefused, Store
 from worker.systemd import Notifier
@@ -81,6 +82,7 @@ class Daemon:
             metrics=metrics,
             on_pause=self._paused,
             on_throttled=self._throttled,
+            optouts=store.optouts,
         )
         self._fleet = Fleet(
             daemons=store.daemons,
@@ -89,6 +91,13 @@ class Daemon:
             beat=settings.fleet_beat,
             status=self._beat,
             log=self._log,
+        )
+        self._rotation = Rotation(
+            read=store.claims.sessions_due,
+            daemon_window=settings.send_window,
+            on_bad_window=lambda session, error: self._log.error(
+                "session_window_unreadable", sesion_id=session.id, error=error, action="held"
+            ),
         )
         self._heartbeat = Heartbeat(path=settings.heartbeat_path, notifier=self._notifier)
         self._db_down = False
@@ -250,12 +259,19 @@ class Daemon:
     async def _claim(self, tokens: int) -> int | None:
         """Claim and start up to `tokens` sends; None when the database failed."""
         try:
-            jobs = await self._claims.claim(tokens, lease_seconds=self._settings.lease_seconds)
+            order = await self._rotation.next_order()
+            jobs = await self._claims.claim(
+                tokens, lease_seconds=self._settings.lease_seconds, sessions=order
+            )
         except DatabaseError as exc:
             self._limiter.refund(tokens)
             self._database_failed(exc)
             return None
         self._database_up()
+        if not jobs:
+            self._rotation.forget()  # new sessions may have come: read them at the next claim
+        if jobs.opted_out:
+            self._log.warning("opted_out_rows_closed", rows=jobs.opted_out, state="error")
         self._limiter.refund(tokens - len(jobs))
         if self._rows_left is not None:
             self._rows_left -= len(jobs)

@@ -18,6 +18,7 @@ from worker.retry import backoff
 THROTTLED = 130429  # too many messages for this number: the rate is lowered, then recovers
 MAINTENANCE_CODE = 131057  # account in maintenance / throughput upgrade: pause briefly
 MAINTENANCE_PAUSE = 60.0  # Meta says about a minute
+OPTED_OUT_CODE = 131050  # the user stopped marketing messages from this business
 MARKETING_LIMIT_CODE = 131049  # marketing "healthy ecosystem" limit: defer at least 24 h
 MARKETING_LIMIT_DELAY = 24 * 3600.0
 TEMPLATE_PAUSED_CODE = 132015  # template paused for low quality: hold that template's rows
@@ -48,6 +49,7 @@ CODES: dict[int, Outcome] = {
     131009: Outcome.PERMANENT,
     131021: Outcome.PERMANENT,
     131026: Outcome.PERMANENT,
+    OPTED_OUT_CODE: Outcome.PERMANENT,  # the user stopped marketing: recorded as an opt-out
     131047: Outcome.PERMANENT,
     131051: Outcome.PERMANENT,
     131052: Outcome.PERMANENT,

@@ -20,10 +20,11 @@ from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, 
 from worker.metrics import Metrics
 from worker.models import Job, Outcome, SendResult
 from worker.pause import PauseReason, SendingPause, TemplateHolds
-from worker.policy import THROTTLED, Decision, Finished, decide
+from worker.policy import OPTED_OUT_CODE, THROTTLED, Decision, Finished, decide
 from worker.recorder import Recorder
 from worker.sender import Sender
 from worker.store import Claims, DatabaseError
+from worker.store.optouts import SOURCE_META, Optouts
 
 
 class RowProcessor:
@@ -40,6 +41,7 @@ class RowProcessor:
         metrics: Metrics | None,
         on_pause: Callable[[], None],
         on_throttled: Callable[[], None] = lambda: None,
+        optouts: Optouts | None = None,
     ) -> None:
         self._settings = settings
         self._sender = sender
@@ -52,6 +54,7 @@ class RowProcessor:
         self._metrics = metrics
         self._on_pause = on_pause
         self._on_throttled = on_throttled
+        self._optouts = optouts
         self.outcomes: Counter[str] = Counter()  # by Decision.metric
 
     async def process(self, job: Job) -> None:
@@ -68,6 +71,8 @@ class RowProcessor:
         decision = self._finish(job, result, time.monotonic() - started)
         if decision.hold_template:
             await self._hold_template(job, decision)
+        if decision.error_code == OPTED_OUT_CODE:
+            await self._record_opt_out(job, decision)
 
     async def _attempt(self, job: Job) -> SendResult:
         try:
@@ -127,6 +132,18 @@ class RowProcessor:
                 action="rows go back untouched; one probe send after the pause",
             )
         self._on_pause()
+
+    async def _record_opt_out(self, job: Job, decision: Decision) -> None:
+        """Meta says the user stopped marketing messages (131050): never send to them again."""
+        if self._optouts is None:
+            return
+        try:
+            added = await self._optouts.add(job.telefono, SOURCE_META, decision.error_text)
+        except DatabaseError as exc:
+            self._log.error("opt_out_not_recorded", job_id=job.id, code=OPTED_OUT_CODE, error=str(exc))
+            return
+        if added:
+            self._log.warning("opted_out", job_id=job.id, source=SOURCE_META)
 
     async def _hold_template(self, job: Job, decision: Decision) -> None:
         """Meta paused or disabled a template: hold back its other waiting rows."""

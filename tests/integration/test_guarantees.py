@@ -69,7 +69,7 @@ async def test_a_claim_whose_commit_answer_was_lost_gives_its_rows_back(
         try:
             proxy.break_on(b"COMMIT")
             with pytest.raises(DatabaseUnavailable):
-                await store.claims.claim(5, lease_seconds=60)
+                await store.claims.claim(5, lease_seconds=60, sessions=[session])
             assert sql.states() == {"procesando": 5}  # the commit landed; its OK did not
             # The outage outlasts the lease: another daemon recovers two rows as unknown.
             sql.execute(

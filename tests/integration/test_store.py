@@ -17,7 +17,7 @@ from worker.log import get_logger
 from worker.models import Job
 from worker.progress import Progress
 from worker.store import Store
-from worker.store.claims import CLAIM_DUE
+from worker.store.claims import CLAIM_SESSION_DUE, NEXT_SESSION_WAITING
 
 
 @pytest.fixture
@@ -27,18 +27,22 @@ async def store(db_url: DatabaseURL) -> AsyncIterator[Store]:
     await store.close()
 
 
-def test_claim_query_is_an_index_range_scan_without_filesort(sql: SQL) -> None:
-    session = sql.add_session()
-    sql.add_rows(session, 3000)
-    sql.execute("UPDATE cola_envios SET estado = 'enviado' WHERE id % 100 <> 0")
+def test_fair_claim_queries_are_index_range_scans_without_filesort(sql: SQL) -> None:
+    for name in ("big", "small", "done"):
+        sql.add_rows(sql.add_session(name), 3000 if name != "small" else 50)
+    sql.execute("UPDATE cola_envios SET estado = 'enviado' WHERE id % 100 <> 0 OR sesion_id = 3")
     sql.execute("ANALYZE TABLE cola_envios")
     with contextlib.suppress(pymysql.err.OperationalError):  # MariaDB has no such variable
         sql.execute("SET SESSION explain_format = 'TRADITIONAL'")  # MySQL 9 defaults to TREE
-    plan = sql.rows("EXPLAIN " + CLAIM_DUE.format(held=""), (65536, 10))
+    plan = sql.rows("EXPLAIN " + CLAIM_SESSION_DUE, (65536, 1, 10))
     (row,) = [{k.lower(): v for k, v in r.items()} for r in plan]
-    assert row["key"] == "ix_cola_envios_claim"
+    assert row["key"] == "ix_cola_envios_session_due"
     assert row["type"] == "range"
     assert "filesort" not in (row["extra"] or "").lower()
+    # the sessions with waiting rows: one index step per session, never a walk over the rows
+    plan = sql.rows("EXPLAIN " + NEXT_SESSION_WAITING, (0,))
+    (row,) = [{k.lower(): v for k, v in r.items()} for r in plan]
+    assert row["extra"] == "Select tables optimized away"  # one descent of the index
 
 
 async def test_concurrent_claims_take_disjoint_rows_and_never_more_than_asked(sql: SQL, store: Store) -> None:

@@ -6,6 +6,7 @@
 - `migrations`: the schema;
 - `prune`: deleting finished rows in small batches;
 - `daemons`: each running daemon's row (the fleet's view, the shared rate limit);
+- `optouts`: phones that opted out (never sent to);
 - `db`: connections, and driver errors translated into three of ours.
 """
 
@@ -23,6 +24,7 @@ from worker.store.db import (
     StatementRefused,
 )
 from worker.store.migrations import Migrations
+from worker.store.optouts import Optouts
 from worker.store.prune import Pruned, Pruner
 from worker.store.results import Recorded, Results
 from worker.store.sessions import RefusedChange, RetryChange, SessionChange, Sessions
@@ -35,6 +37,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailable",
     "Migrations",
+    "Optouts",
     "Pruned",
     "Pruner",
     "Recorded",
@@ -60,6 +63,7 @@ class Store:
         self.sessions = Sessions(db)
         self.migrations = Migrations(db)
         self.pruner = Pruner(db)
+        self.optouts = Optouts(db)
 
     @classmethod
     async def connect(

@@ -8,26 +8,46 @@ so neither the hosts' clocks nor a producer's session `time_zone` moves them. A 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from worker.messages import MESSAGE_MAX_BYTES
 from worker.models import Job, SessionState
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, DatabaseError, placeholders, with_transient_retry
+from worker.store.optouts import opted_out
 
-# -- name: claim_due :many
-# An index range scan on (estado, next_attempt_at, id), no filesort; NULL sorts first. The
-# index is named: with `IS NULL OR <=` MySQL's sampled statistics sometimes pick a full index
-# scan instead, which would walk every finished row.
+OPTED_OUT_REASON = "the phone opted out (whatsapp_worker_optouts): not sent"
+
+# -- name: next_session_waiting :one
+# The sessions with waiting rows, found one index step at a time (a skip scan: the cost grows
+# with the sessions, never with their rows, whatever the optimizer's statistics say).
+NEXT_SESSION_WAITING = "SELECT MIN(sesion_id) FROM cola_envios WHERE estado = 'pendiente' AND sesion_id > %s"
+MAX_SESSIONS = 1000  # sessions with waiting rows read per turn (the lowest ids first)
+# -- name: sessions_may_send :many
+SESSIONS_MAY_SEND = (
+    "SELECT id, phone_number_id, send_window, time_zone FROM sesiones_envio"
+    " WHERE id IN ({ids}) AND estado NOT IN (%s, %s) ORDER BY id"
+)
+# -- name: claim_session_due :many
+# One session's due rows in order: an index range scan on (estado, sesion_id, next_attempt_at,
+# id), no filesort; NULL sorts first. The index is named: with `IS NULL OR <=` MySQL's sampled
+# statistics sometimes pick another plan, which would walk finished rows.
 # A `mensaje` over the API's limit is not loaded: the row ends in error from its length alone.
-CLAIM_DUE = (
+CLAIM_SESSION_DUE = (
     "SELECT id, sesion_id, cliente_id, telefono,"
     " IF(LENGTH(mensaje) > %s, NULL, mensaje), LENGTH(mensaje), attempts"
-    " FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
-    f" WHERE estado = 'pendiente' AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW}){{held}}"
+    " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
+    " WHERE estado = 'pendiente' AND sesion_id = %s"
+    f" AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
     " ORDER BY next_attempt_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
-# -- name: held_sessions :many
-HELD_SESSIONS = "SELECT id FROM sesiones_envio WHERE estado IN (%s, %s)"
+# -- name: close_opted_out :exec
+CLOSE_OPTED_OUT = (
+    "UPDATE cola_envios SET estado = 'error', last_error_code = NULL, last_error = %s"
+    " WHERE id IN ({ids}) AND estado = 'pendiente'"
+)
 # -- name: take_lease :exec
 TAKE_LEASE = (
     "UPDATE cola_envios SET estado = 'procesando', lease_owner = %s, lease_token = %s,"
@@ -81,44 +101,98 @@ DEFER_TEMPLATE = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class DueSession:
+    """A session with waiting rows, as the claim needs it (the number and the window)."""
+
+    id: int
+    phone_number_id: str | None
+    send_window: str | None
+    time_zone: str | None
+
+
+class Claimed(list[Job]):
+    """The claimed rows; `opted_out`: rows closed as error without a request instead."""
+
+    opted_out: int = 0
+
+
 class Claims:
     def __init__(self, db: Database, *, worker_id: str) -> None:
         self._db = db
         self._worker_id = worker_id[:128]
         self._uncertain: list[str] = []  # tokens of claims whose commit outcome is unknown
 
-    async def claim(self, limit: int, *, lease_seconds: float) -> list[Job]:
-        """Take up to `limit` due rows of sessions that may send, under a fresh lease token."""
+    async def sessions_due(self) -> list[DueSession]:
+        """Sessions with waiting rows that are neither paused nor cancelled."""
+        async with self._db.transaction() as cur:
+            waiting: list[int] = []
+            while len(waiting) < MAX_SESSIONS:
+                await cur.execute(NEXT_SESSION_WAITING, (waiting[-1] if waiting else 0,))
+                (found,) = await cur.fetchone()
+                if found is None:
+                    break
+                waiting.append(int(found))
+            if not waiting:
+                return []
+            await cur.execute(
+                SESSIONS_MAY_SEND.format(ids=placeholders(len(waiting))),
+                (*waiting, SessionState.PAUSED, SessionState.CANCELLED),
+            )
+            return [
+                DueSession(int(r[0]), r[1] or None, r[2] or None, r[3] or None) for r in await cur.fetchall()
+            ]
+
+    async def claim(
+        self, limit: int, *, lease_seconds: float, sessions: Sequence[int] | None = None
+    ) -> Claimed:
+        """Take up to `limit` due rows of `sessions` (default: every session that may send),
+        shared in the order given (a session with fewer due rows leaves its share to the
+        next), under a fresh lease token."""
         await self.give_back_uncertain()
-        if limit <= 0:
-            return []
+        if sessions is None:
+            sessions = [s.id for s in await self.sessions_due()]
+        if limit <= 0 or not sessions:
+            return Claimed()
         token = secrets.token_hex(16)
         try:
-            return await with_transient_retry(lambda: self._claim(token, limit, lease_seconds))
+            return await with_transient_retry(lambda: self._claim(token, limit, lease_seconds, sessions))
         except DatabaseError:
             # The COMMIT may have landed with its answer lost: those rows would sit claimed
             # until their lease expired and then look like unknown outcomes. The token finds them.
             self._uncertain.append(token)
             raise
 
-    async def _claim(self, token: str, limit: int, lease_seconds: float) -> list[Job]:
+    async def _claim(self, token: str, limit: int, lease_seconds: float, sessions: Sequence[int]) -> Claimed:
         async with self._db.transaction() as cur:
-            await cur.execute(HELD_SESSIONS, (SessionState.PAUSED, SessionState.CANCELLED))
-            held = [row[0] for row in await cur.fetchall()]
-            held_sql = f" AND sesion_id NOT IN ({placeholders(len(held))})" if held else ""
-            await cur.execute(CLAIM_DUE.format(held=held_sql), (MESSAGE_MAX_BYTES, *held, limit))
-            rows = await cur.fetchall()
+            rows: list[Any] = []
+            chosen = list(sessions[:limit])
+            for index, session_id in enumerate(chosen):
+                left = limit - len(rows)
+                share = -(-left // (len(chosen) - index))  # ceil: what is left, split evenly
+                await cur.execute(CLAIM_SESSION_DUE, (MESSAGE_MAX_BYTES, session_id, share))
+                rows += await cur.fetchall()
             if not rows:
-                return []
-            ids = [row[0] for row in rows]
-            await cur.execute(
-                TAKE_LEASE.format(ids=placeholders(len(ids))),
-                (self._worker_id, token, int(lease_seconds * 1_000_000), *ids),
-            )
-        return [
+                return Claimed()
+            blocked = await opted_out(cur, {r[3] for r in rows})
+            closed = [r[0] for r in rows if r[3] in blocked]
+            if closed:
+                await cur.execute(
+                    CLOSE_OPTED_OUT.format(ids=placeholders(len(closed))), (OPTED_OUT_REASON, *closed)
+                )
+                rows = [r for r in rows if r[3] not in blocked]
+            if rows:
+                ids = [row[0] for row in rows]
+                await cur.execute(
+                    TAKE_LEASE.format(ids=placeholders(len(ids))),
+                    (self._worker_id, token, int(lease_seconds * 1_000_000), *ids),
+                )
+        claimed = Claimed(
             Job(r[0], r[1], r[2], r[3], _text(r[4]), int(r[6]), token, mensaje_bytes=int(r[5] or 0))
             for r in rows
-        ]
+        )
+        claimed.opted_out = len(closed)
+        return claimed
 
     async def give_back_uncertain(self) -> None:
         """Give back the rows of claims whose commit outcome was unknown (one statement)."""

@@ -1,0 +1,101 @@
+"""Several campaigns at once: fair shares, schedules and quiet hours, through the daemon."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tests.acceptance.processes import WorkerProcess
+from tests.conftest import SQL, eventually
+from tests.fakeapi import FakeCloudAPI
+
+
+def test_a_small_session_enqueued_after_a_big_one_is_not_starved(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    big = sql.add_session("big")
+    sql.add_rows(big, 20_000)
+    small = sql.add_session("small")
+    sql.add_rows(small, 50, start=100_000)
+    fake_api.latency = 0.005
+
+    def sent(session: int) -> int:
+        return int(
+            sql.value(
+                "SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s AND estado = 'enviado'", (session,)
+            )
+        )
+
+    daemon = WorkerProcess(worker_env(WORKER_CONCURRENCY="16"), "run", logs=tmp_path)
+    try:
+        assert eventually(lambda: sent(small) == 50, 60), daemon.stderr[-2000:]
+        big_done_then = sent(big)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr[-2000:]
+    # the small session's last row went before the big one was 10% done
+    assert big_done_then < 2_000, big_done_then
+
+
+def _window_around(now: datetime, *, open_now: bool) -> str:
+    """A UTC window that contains `now` (or one that opens two hours later)."""
+    start = now - timedelta(hours=1) if open_now else now + timedelta(hours=2)
+    end = start + timedelta(hours=2)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+def test_rows_outside_their_window_wait_without_spending_attempts_then_go(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    night = sql.add_session("night")
+    sql.add_rows(night, 10)
+    day = sql.add_session("day")
+    sql.add_rows(day, 10, start=1000)
+    now = datetime.now(UTC)
+    sql.execute(
+        "UPDATE sesiones_envio SET send_window = %s, time_zone = 'UTC' WHERE id = %s",
+        (_window_around(now, open_now=False), night),
+    )
+    sql.execute(
+        "UPDATE sesiones_envio SET send_window = %s, time_zone = 'UTC' WHERE id = %s",
+        (_window_around(now, open_now=True), day),
+    )
+    env = worker_env()
+
+    first = WorkerProcess(env, "run", "--once", logs=tmp_path)
+    assert first.wait(timeout=60) == 0, first.stderr[-2000:]
+    rows = sql.rows("SELECT sesion_id, estado, attempts FROM cola_envios")
+    assert {(r["estado"], r["attempts"]) for r in rows if r["sesion_id"] == night} == {("pendiente", 0)}
+    assert {r["estado"] for r in rows if r["sesion_id"] == day} == {"enviado"}
+    assert len(fake_api.requests) == 10
+
+    # the daemon's own window applies to every session on top of theirs
+    sql.execute(
+        "UPDATE sesiones_envio SET send_window = %s WHERE id = %s",
+        (_window_around(now, open_now=True), night),
+    )
+    closed = WorkerProcess(
+        worker_env(WORKER_SEND_WINDOW=_window_around(now, open_now=False)), "run", "--once", logs=tmp_path
+    )
+    assert closed.wait(timeout=60) == 0 and len(fake_api.requests) == 10
+
+    opened = WorkerProcess(env, "run", "--once", logs=tmp_path)
+    assert opened.wait(timeout=60) == 0, opened.stderr[-2000:]
+    assert sql.states() == {"enviado": 20} and len(fake_api.requests) == 20
+
+
+def test_scheduled_rows_are_not_sent_before_their_time(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    session = sql.add_session("tomorrow")
+    sql.add_rows(session, 5)
+    sql.execute("UPDATE cola_envios SET next_attempt_at = UTC_TIMESTAMP(6) + INTERVAL 1 DAY")
+    run = WorkerProcess(worker_env(), "run", "--once", logs=tmp_path)
+    assert run.wait(timeout=60) == 0
+    assert fake_api.requests == [] and sql.states() == {"pendiente": 5}
+    sql.execute("UPDATE cola_envios SET next_attempt_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
+    run = WorkerProcess(worker_env(), "run", "--once", logs=tmp_path)
+    assert run.wait(timeout=60) == 0
+    assert sql.states() == {"enviado": 5}

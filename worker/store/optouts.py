@@ -1,0 +1,130 @@
+"""Opt-outs: phones that asked not to be messaged again (`whatsapp_worker_optouts`).
+
+A phone is stored in the queue's own form (E.164 with its `+`, as `cola_envios.telefono`), so
+the claim can match rows against it with one indexed `IN`. Sources: `keyword` (the customer
+replied BAJA, STOP...), `131050` (Meta said the user stopped marketing messages), `operator`
+(`whatsapp-worker optout add`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiomysql
+
+from worker.messages import InvalidMessage, normalize_phone
+from worker.store.db import UTC_NOW as NOW
+from worker.store.db import Database, placeholders, with_transient_retry
+
+DETAIL_MAX = 1000
+SOURCE_KEYWORD = "keyword"
+SOURCE_META = "131050"
+SOURCE_OPERATOR = "operator"
+
+# -- name: opted_out :many
+# The unique key on telefono answers it; one query for a whole claim batch.
+OPTED_OUT = "SELECT telefono FROM whatsapp_worker_optouts WHERE telefono IN ({phones})"
+# -- name: add_optouts :exec
+# A phone already opted out keeps its first source and date (no error, no change).
+ADD_OPTOUTS = (
+    "INSERT INTO whatsapp_worker_optouts (telefono, source, detail, created_at) VALUES {rows}"
+    " ON DUPLICATE KEY UPDATE id = id"
+)
+# -- name: remove_optout :exec
+REMOVE_OPTOUT = "DELETE FROM whatsapp_worker_optouts WHERE telefono = %s"
+# -- name: list_optouts :many
+LIST_OPTOUTS = (
+    "SELECT id, telefono, source, detail, created_at FROM whatsapp_worker_optouts"
+    " WHERE id > %s ORDER BY id LIMIT %s"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OptOut:
+    telefono: str  # E.164, `+` included
+    source: str  # keyword, 131050, operator
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OptOutRow:
+    id: int
+    telefono: str
+    source: str
+    detail: str | None
+    created_at: datetime  # UTC
+
+
+def phone_from_wa_id(raw: str) -> str | None:
+    """A phone as the queue stores it (`+51987654321`) from Meta's form (`51987654321`, the
+    `from` of an inbound message, a status's `recipient_id`) or an operator's (`+51 987 654 321`);
+    None when it is not an E.164 phone."""
+    candidate = raw.strip()
+    if not candidate.startswith("+"):
+        candidate = f"+{candidate}"
+    try:
+        return normalize_phone(candidate)
+    except InvalidMessage:
+        return None
+
+
+async def opted_out(cur: aiomysql.Cursor, phones: Iterable[str]) -> set[str]:
+    """The subset of `phones` that opted out, in one query on the caller's transaction."""
+    wanted = list(dict.fromkeys(phones))
+    if not wanted:
+        return set()
+    await cur.execute(OPTED_OUT.format(phones=placeholders(len(wanted))), wanted)
+    return {str(row[0]) for row in await cur.fetchall()}
+
+
+async def add_optouts(cur: aiomysql.Cursor, optouts: Sequence[OptOut]) -> int:
+    """Record opt-outs on the caller's transaction; how many phones are new."""
+    unique = list({o.telefono: o for o in optouts}.values())
+    if not unique:
+        return 0
+    params: list[Any] = []
+    for optout in unique:
+        params += [optout.telefono, optout.source, _detail(optout.detail)]
+    rows = ",".join([f"(%s, %s, %s, {NOW})"] * len(unique))
+    await cur.execute(ADD_OPTOUTS.format(rows=rows), params)
+    return int(cur.rowcount)
+
+
+def _detail(text: str | None) -> str | None:
+    if text is None:
+        return None
+    # Lone surrogates (from JSON escapes) cannot be stored as utf8mb4.
+    return text.encode("utf-8", "replace").decode("utf-8")[:DETAIL_MAX]
+
+
+class Optouts:
+    """`whatsapp-worker optout add|remove|list`, and Meta's 131050 answer."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def add(self, phone: str, source: str, detail: str | None = None) -> bool:
+        """Record one opt-out; False when the phone had already opted out (nothing changes)."""
+
+        async def attempt() -> int:
+            async with self._db.transaction() as cur:
+                return await add_optouts(cur, [OptOut(phone, source, detail)])
+
+        return await with_transient_retry(attempt) > 0
+
+    async def remove(self, phone: str) -> bool:
+        """The phone may be messaged again; False when it was not opted out."""
+        return await self._db.update(REMOVE_OPTOUT, (phone,)) > 0
+
+    async def opted_out(self, phones: Iterable[str]) -> set[str]:
+        async with self._db.transaction() as cur:
+            return await opted_out(cur, phones)
+
+    async def page(self, *, after_id: int = 0, limit: int = 1000) -> list[OptOutRow]:
+        """Opt-outs in the order they were recorded, a page at a time (keyset on id)."""
+        async with self._db.transaction() as cur:
+            await cur.execute(LIST_OPTOUTS, (after_id, limit))
+            return [OptOutRow(int(r[0]), str(r[1]), str(r[2]), r[3], r[4]) for r in await cur.fetchall()]

@@ -150,6 +150,7 @@ class FakeCloudAPI:
         self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.latency = latency
         self.phone_number_id = phone_number_id
+        self.other_numbers: dict[str, str] = {}  # more sending numbers of the account: their tokens
         self.version = version
         self.late_delay = 5.0
         self.base_url = ""
@@ -370,6 +371,7 @@ class FakeCloudAPI:
 
     async def _respond(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
+        number = request.match_info["phone_number_id"]
         raw = await request.read()
         authorization = request.headers.get("Authorization")
         try:
@@ -390,10 +392,10 @@ class FakeCloudAPI:
         )
         if stale:
             step = Step("stale")
-        elif authorization != f"Bearer {self.token}":
-            step = Step.error(190, http_status=401, details="Error validating access token.")
-        elif request.match_info["phone_number_id"] != self.phone_number_id:
+        elif number != self.phone_number_id and number not in self.other_numbers:
             step = Step.error(100, details="Unknown phone number id.")
+        elif authorization != f"Bearer {self.other_numbers.get(number, self.token)}":
+            step = Step.error(190, http_status=401, details="Error validating access token.")
         elif body.get("messaging_product") != "whatsapp" or not phone or "type" not in body:
             step = Step.error(100, details="messaging_product, to and type are required.")
         else:
@@ -402,7 +404,6 @@ class FakeCloudAPI:
 
         wamid = (step.wamid or f"wamid.FAKE{next(self._wamids):08d}") if step.kind in ("ok", "late") else None
         outcome = f"error:{step.code}" if step.kind == "error" else step.kind
-        number = request.match_info["phone_number_id"]
         self._record(Received(phone, body, callback_data, authorization, outcome, wamid, number, arrived))
 
         delay = self.latency + (step.delay if step.kind == "late" else 0.0)

@@ -79,6 +79,9 @@ class Settings:
     api_url: str = "https://graph.facebook.com/v23.0"
     phone_number_id: str = ""
     access_token: str = field(default="", repr=False)
+    # Tokens of other sending numbers (WHATSAPP_ACCESS_TOKEN_<ID>[_FILE]); the default token
+    # serves any number without one (a system user's token usually covers the whole account).
+    number_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
     sender: str = "cloud"
     concurrency: int = 32
     max_unwritten: int = 0  # results not yet written before claiming stops; 0: concurrency // 2
@@ -122,6 +125,7 @@ class Settings:
             api_url=reader.url("WHATSAPP_API_URL", "https://graph.facebook.com/v23.0"),
             phone_number_id=reader.digits("WHATSAPP_PHONE_NUMBER_ID"),
             access_token=reader.header_secret("WHATSAPP_ACCESS_TOKEN"),
+            number_tokens=reader.number_tokens("WHATSAPP_ACCESS_TOKEN_"),
             sender=sender,
             concurrency=reader.integer("WORKER_CONCURRENCY", 32, minimum=1, maximum=10_000),
             max_unwritten=reader.integer("WORKER_MAX_UNWRITTEN", 0, minimum=0, maximum=10_000),
@@ -192,9 +196,18 @@ class Settings:
         give back, claim), each bounded by WORKER_DB_TIMEOUT. Plus a wait on each side."""
         return 3 * self.db_timeout + 2 * 5.0
 
+    def token_for(self, number: str) -> str:
+        return self.number_tokens.get(number, self.access_token)
+
     def secrets(self) -> tuple[str, ...]:
         """Strings the logs must never show."""
-        candidates = (self.access_token, self.database.password, self.app_secret, self.verify_token)
+        candidates = (
+            self.access_token,
+            self.database.password,
+            self.app_secret,
+            self.verify_token,
+            *self.number_tokens.values(),
+        )
         return tuple(s for s in candidates if len(s) >= 4)
 
 
@@ -295,6 +308,12 @@ class _Reader:
         if not words:
             raise ConfigError(f"{name} must list at least one word (comma-separated), got {raw!r}")
         return words
+
+    def number_tokens(self, prefix: str) -> dict[str, str]:
+        """`<prefix><digits>` or `<prefix><digits>_FILE`: one token per sending number."""
+        pattern = re.compile(re.escape(prefix) + r"(\d+)(?:_FILE)?")
+        numbers = sorted({m.group(1) for name in self._env if (m := pattern.fullmatch(name))})
+        return {number: self.header_secret(prefix + number) for number in numbers}
 
     def header_secret(self, name: str) -> str:
         """A secret that goes into an HTTP header: checked without ever being shown."""

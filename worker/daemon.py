@@ -11,6 +11,7 @@ loop composes it with the heartbeat, the sending pause, the rate limiter and the
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,13 +22,14 @@ from worker.fleet import Fleet
 from worker.heartbeat import BEAT_EVERY, Heartbeat
 from worker.log import get_logger
 from worker.metrics import Metrics
-from worker.pause import SendingPause
+from worker.pause import Pauses
 from worker.processor import RowProcessor
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateLimits
 from worker.recorder import Recorder
 from worker.rotation import Rotation
 from worker.sender import Sender
 from worker.store import Beat, DatabaseError, DatabaseUnavailable, StatementRefused, Store
+from worker.store.claims import DueSession
 from worker.systemd import Notifier
 
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
@@ -58,7 +60,7 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._rng = rng or random.Random()
         self._log = get_logger(worker_id=settings.worker_id)
-        self._limiter = RateLimiter(settings.rate_limit)
+        self._limits = RateLimits(settings.rate_limit)
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()
         self._wake = asyncio.Event()
@@ -70,13 +72,14 @@ class Daemon:
             on_outage=self._database_failed,
         )
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._pause = SendingPause()
+        self._pauses = Pauses()
+        self._in_flight_by_number: Counter[str] = Counter()
         self._rows = RowProcessor(
             settings=settings,
             sender=sender,
             recorder=self._recorder,
             claims=store.claims,
-            pause=self._pause,
+            pauses=self._pauses,
             log=self._log,
             rng=self._rng,
             metrics=metrics,
@@ -86,7 +89,7 @@ class Daemon:
         )
         self._fleet = Fleet(
             daemons=store.daemons,
-            limiter=self._limiter,
+            limiter=self._limits,
             limit=settings.rate_limit,
             beat=settings.fleet_beat,
             status=self._beat,
@@ -209,18 +212,13 @@ class Daemon:
 
     async def _step(self) -> float | None:
         """Do what is due now; returns how long to wait (0: go round at once; None: done)."""
-        paused = self._pause.remaining()
-        if paused > 0:
-            self._paused()
-            return 0.0 if self._once else paused
-        slots = self._pause.slots(self._settings.concurrency)
         # A send frees its slot when its answer arrives; results not yet written have their
         # own cap. The rows this worker holds never exceed WORKER_CONCURRENCY plus
         # WORKER_MAX_UNWRITTEN, so a crash leaves at most that many unknown.
         pending = self._recorder.pending
         if pending >= self._settings.unwritten_cap:
             return BEAT_EVERY  # a written batch wakes the loop
-        free = slots - len(self._in_flight)
+        free = self._settings.concurrency - len(self._in_flight)
         if self._rows_left is not None:
             if self._rows_left <= 0:  # the cap of this cron run is reached: finish what is out
                 return BEAT_EVERY if self._in_flight or self._recorder.pending else None
@@ -228,20 +226,48 @@ class Daemon:
         batch = self._batch_min if self._rows_left is None else min(self._batch_min, self._rows_left)
         if free < (batch if self._in_flight else 1):
             return BEAT_EVERY  # a finished send or a written batch wakes the loop
-        tokens = await self._limiter.take(free, max_wait=BEAT_EVERY)
-        if tokens == 0 or self._stop.is_set():
-            self._limiter.refund(tokens)
-            return 0.0  # go round (and beat) before waiting for tokens again
-        claimed = await self._claim(tokens)
-        if claimed is None:
-            return min(BEAT_EVERY, self._settings.poll_interval * 2)  # database trouble
+        try:
+            order = await self._rotation.next_order()
+        except DatabaseError as exc:
+            self._database_failed(exc)
+            return min(BEAT_EVERY, self._settings.poll_interval * 2)
+        claimed, held = 0, float("inf")  # held: when a number kept back by its pace may go
+        for number, sessions in _by_number(order, self._settings.phone_number_id).items():
+            room, wait = self._room(number, free - claimed)
+            if room <= 0:
+                held = min(held, wait)
+                continue
+            got = await self._claim(number, room, [s.id for s in sessions])
+            if got is None:
+                return min(BEAT_EVERY, self._settings.poll_interval * 2)  # database trouble
+            claimed += got
+            if claimed >= free or self._stop.is_set():
+                break
         if claimed:
             return 0.0
+        if held < float("inf"):
+            return max(0.005, held)  # due rows wait for a token or a pause: not done
+        if not order:
+            self._rotation.forget()  # new sessions may have come: read them at the next turn
         if self._once:
             if not self._in_flight and not self._recorder.pending:
                 return None  # nothing due and nothing in flight: done
             return BEAT_EVERY
         return self._settings.poll_interval * self._rng.uniform(0.8, 1.2)
+
+    def _room(self, number: str, free: int) -> tuple[int, float]:
+        """Rows a number may start now (its pause, its probe, its tokens), or how long until
+        it may: a pause or a rate limit on one number never holds another one up."""
+        pause = self._pauses.number(number)
+        if pause.remaining() > 0:
+            self._paused()
+            return 0, pause.remaining()
+        slots = pause.slots(self._settings.concurrency) - self._in_flight_by_number[number]
+        limiter = self._limits.number(number)
+        tokens = limiter.take_now(min(free, slots))
+        if tokens <= 0:
+            return 0, (limiter.wait_time() if slots > 0 else BEAT_EVERY)
+        return tokens, 0.0
 
     async def _wait(self, seconds: float) -> None:
         """The loop's only wait: stop, a freed slot or a written batch, or the timeout."""
@@ -253,36 +279,37 @@ class Daemon:
     def _paused(self) -> None:
         """Sending paused: under `run --once` (cron) the run ends here, rows untouched."""
         if self._once:
-            reason = self._pause.reason or "sending paused"
+            reason = self._pauses.describe() or "sending paused"
             self.request_stop(exit_code=EX_TEMPFAIL, reason=f"sending paused ({reason}); rows left untouched")
 
-    async def _claim(self, tokens: int) -> int | None:
-        """Claim and start up to `tokens` sends; None when the database failed."""
+    async def _claim(self, number: str, tokens: int, sessions: list[int]) -> int | None:
+        """Claim and start up to `tokens` sends of one number's sessions; None when the
+        database failed."""
+        limiter = self._limits.number(number)
         try:
-            order = await self._rotation.next_order()
             jobs = await self._claims.claim(
-                tokens, lease_seconds=self._settings.lease_seconds, sessions=order
+                tokens, lease_seconds=self._settings.lease_seconds, sessions=sessions
             )
         except DatabaseError as exc:
-            self._limiter.refund(tokens)
+            limiter.refund(tokens)
             self._database_failed(exc)
             return None
         self._database_up()
-        if not jobs:
-            self._rotation.forget()  # new sessions may have come: read them at the next claim
         if jobs.opted_out:
             self._log.warning("opted_out_rows_closed", rows=jobs.opted_out, state="error")
-        self._limiter.refund(tokens - len(jobs))
+        limiter.refund(tokens - len(jobs))
         if self._rows_left is not None:
             self._rows_left -= len(jobs)
         for job in jobs:
             task = asyncio.create_task(self._rows.process(job), name=f"send-{job.id}")
             self._in_flight.add(task)
-            task.add_done_callback(self._on_done)
+            self._in_flight_by_number[number] += 1
+            task.add_done_callback(functools.partial(self._on_done, number=number))
         return len(jobs)
 
-    def _on_done(self, task: asyncio.Task[None]) -> None:
+    def _on_done(self, task: asyncio.Task[None], *, number: str) -> None:
         self._in_flight.discard(task)
+        self._in_flight_by_number[number] -= 1
         self._wake.set()
 
     async def _recover(self) -> bool:
@@ -346,15 +373,18 @@ class Daemon:
             self._db_down = False
             self._log.warning("database_available")
 
-    def _throttled(self) -> None:
+    def _throttled(self, number: str) -> None:
         """Meta said 130429 (too many messages for this number): slow down, then recover."""
-        if self._limiter.throttled():
-            self._log.warning("rate_lowered", code=130429, rate=round(self._limiter.rate, 2))
+        limiter = self._limits.number(number)
+        if limiter.throttled():
+            self._log.warning(
+                "rate_lowered", code=130429, phone_number_id=number, rate=round(limiter.rate, 2)
+            )
 
     def _beat(self) -> Beat:
         """This daemon's row in the daemons table (what `status` shows of it)."""
         sent = self.report.outcomes["sent"]
-        reason = self._pause.reason
+        reason = self._pauses.describe()
         if self._stop.is_set():
             state = "draining"
         elif reason is not None:
@@ -366,14 +396,23 @@ class Daemon:
             in_flight=len(self._in_flight),
             sent_total=sent,
             rate=self._fleet.rate(sent),
-            rate_share=self._limiter.rate,
-            paused_reason=str(reason) if reason is not None else None,
-            paused_for=self._pause.remaining(),
+            rate_share=self._limits.rate,
+            paused_reason=reason,
+            paused_for=self._pauses.remaining(),
         )
 
     def _status_line(self) -> str:
         counts = self.report.outcomes
         totals = f"in flight {len(self._in_flight)}, sent {counts['sent']}, errors {counts['error']}"
-        if self._pause.reason is None:
+        reason = self._pauses.describe()
+        if reason is None:
             return f"sending: {totals}"
-        return f"paused: {self._pause.reason}; probing in {self._pause.remaining():.0f}s; {totals}"
+        return f"paused: {reason}; probing in {self._pauses.remaining():.0f}s; {totals}"
+
+
+def _by_number(sessions: list[DueSession], default: str) -> dict[str, list[DueSession]]:
+    """The sessions in the order given, grouped by sending number (first seen, first)."""
+    groups: dict[str, list[DueSession]] = {}
+    for session in sessions:
+        groups.setdefault(session.phone_number_id or default, []).append(session)
+    return groups

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker import __version__
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateLimits
 from worker.store import Beat, Daemons, DatabaseError
 
 SETTLE = 2.5  # beats a newcomer waits before sending
@@ -51,7 +51,7 @@ class Fleet:
         self,
         *,
         daemons: Daemons,
-        limiter: RateLimiter,
+        limiter: RateLimits,
         limit: float,
         beat: float,
         status: Callable[[], Beat],
@@ -105,6 +105,7 @@ class Fleet:
         try:
             if self._registered_at is None:
                 await self._daemons.register(host=socket.gethostname(), pid=os.getpid(), version=__version__)
+                await self._daemons.forget_old()  # rows of daemons gone for a day
                 self._registered_at = started
             self.live = await self._daemons.beat(self._status(), horizon=LIVE_HORIZON * self._beat)
         except DatabaseError:

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+PLACEHOLDER = re.compile(r"\{\{([0-9]+)\}\}")  # {{1}} in a text body
 TEXT_BODY_MAX = 4096
 MESSAGE_MAX_BYTES = 64 * 1024
 CALLBACK_PREFIX = "cola:"
@@ -112,11 +113,36 @@ def template_message(name: str, language: str, params: list[str]) -> dict[str, A
     return {"type": "template", "template": template}
 
 
+def placeholders(body: str) -> list[int]:
+    """The `{{N}}` numbers a text body uses, in order, each once."""
+    return sorted({int(number) for number in PLACEHOLDER.findall(body)})
+
+
+def fill(body: str, params: list[str]) -> str:
+    """`{{1}}`, `{{2}}` ... replaced by params, in one pass: a value is never searched again,
+    so a parameter that itself contains `{{1}}` stays as written. A number without a value
+    stays literal (enqueue refuses such a body before it reads a row)."""
+
+    def value(match: re.Match[str]) -> str:
+        number = int(match[1])
+        return params[number - 1] if 0 < number <= len(params) else match[0]
+
+    return PLACEHOLDER.sub(value, body)
+
+
 def text_message(body: str, params: list[str]) -> dict[str, Any]:
     """A text message; `{{1}}`, `{{2}}` ... in the body take the CSV's extra columns."""
-    for number, value in enumerate(params, start=1):
-        body = body.replace(f"{{{{{number}}}}}", value)
-    return {"type": "text", "text": {"body": body, "preview_url": False}}
+    return {"type": "text", "text": {"body": fill(body, params), "preview_url": False}}
+
+
+def same_message(a: str, b: str) -> bool:
+    """Two `mensaje` values that make the same request (a producer may format JSON its own way)."""
+    if a == b:
+        return True
+    try:
+        return bool(json.loads(a) == json.loads(b))
+    except (ValueError, RecursionError):
+        return False
 
 
 def request_body(row_id: int, phone: str, message: dict[str, Any]) -> bytes:

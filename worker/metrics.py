@@ -4,7 +4,7 @@ event loop by aiohttp (no thread). Labels never carry a phone number or a row id
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -43,7 +43,7 @@ class Metrics:
         )
         self._paused = Gauge(
             "whatsapp_worker_sending_paused",
-            "1 while all sending is paused, by reason (an error code, or 'unreachable')",
+            "1 while sending from a number is paused, by reason (an error code, or 'unreachable')",
             ["reason"],
             registry=self.registry,
         )
@@ -63,7 +63,7 @@ class Metrics:
         Info("whatsapp_worker_build", "Version of the daemon", registry=self.registry).info(
             {"version": __version__}
         )
-        self._pause_reason: str | None = None
+        self._pause_reasons: set[str] = set()
 
     def finished(self, outcome: str, seconds: float) -> None:
         self._messages.labels(outcome).inc()
@@ -71,13 +71,14 @@ class Metrics:
         if outcome == "sent":
             self._last_sent.set(time.time())
 
-    def paused(self, reason: str | None) -> None:
-        """The current pause, or None once sending resumed."""
-        if self._pause_reason is not None:
-            self._paused.labels(self._pause_reason).set(0)
-        if reason is not None:
+    def paused(self, reasons: Iterable[str]) -> None:
+        """The reasons of the numbers paused now (empty once every number sends again)."""
+        now = set(reasons)
+        for reason in self._pause_reasons - now:
+            self._paused.labels(reason).set(0)
+        for reason in now:
             self._paused.labels(reason).set(1)
-        self._pause_reason = reason
+        self._pause_reasons = now
 
 
 async def serve(

@@ -16,6 +16,11 @@ class RowState(StrEnum):
     UNKNOWN = "desconocido"  # the request may have reached Meta: never re-sent automatically
 
 
+# The reason a cancelled session's waiting rows end with (`error`, no code): `status` counts
+# them apart from errors, so every statement that cancels rows writes this very string.
+CANCELLED_REASON = "session cancelled by the operator: not sent"
+
+
 class SessionState(StrEnum):
     ACTIVE = "activa"
     PAUSED = "pausada"
@@ -48,6 +53,7 @@ class Job:
     attempts: int
     lease_token: str
     mensaje_bytes: int = 0
+    phone_number_id: str | None = None  # the session's sending number; None: the daemon's
 
 
 @dataclass(frozen=True, slots=True)

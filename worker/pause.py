@@ -56,6 +56,36 @@ class SendingPause:
         return closed
 
 
+class Pauses:
+    """One sending pause per number: an account error on one number does not stop another."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._pauses: dict[str, SendingPause] = {}
+
+    def number(self, number: str) -> SendingPause:
+        pause = self._pauses.get(number)
+        if pause is None:
+            pause = self._pauses[number] = SendingPause(clock=self._clock)
+        return pause
+
+    def active(self) -> dict[str, SendingPause]:
+        """The numbers paused or probing now, with their pause."""
+        return {n: p for n, p in self._pauses.items() if p.reason is not None}
+
+    def describe(self) -> str | None:
+        """`number 123: code 190: ... | number 456: ...`, or None when every number may send."""
+        active = self.active()
+        if not active:
+            return None
+        return " | ".join(f"number {n}: {p.reason}" for n, p in sorted(active.items()))
+
+    def remaining(self) -> float:
+        """Seconds until the first paused number may probe (0 when none is paused)."""
+        waits = [p.remaining() for p in self._pauses.values() if p.remaining() > 0]
+        return min(waits) if waits else 0.0
+
+
 class TemplateHolds:
     """Templates Meta paused or disabled, held back until a monotonic deadline."""
 

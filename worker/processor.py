@@ -19,7 +19,7 @@ from worker.config import Settings
 from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, parse_message
 from worker.metrics import Metrics
 from worker.models import Job, Outcome, SendResult
-from worker.pause import PauseReason, SendingPause, TemplateHolds
+from worker.pause import PauseReason, Pauses, TemplateHolds
 from worker.policy import OPTED_OUT_CODE, THROTTLED, Decision, Finished, decide
 from worker.recorder import Recorder
 from worker.sender import Sender
@@ -35,19 +35,20 @@ class RowProcessor:
         sender: Sender,
         recorder: Recorder,
         claims: Claims,
-        pause: SendingPause,
+        pauses: Pauses,
         log: Any,
         rng: random.Random,
         metrics: Metrics | None,
         on_pause: Callable[[], None],
-        on_throttled: Callable[[], None] = lambda: None,
+        on_throttled: Callable[[str], None] = lambda number: None,
         optouts: Optouts | None = None,
     ) -> None:
         self._settings = settings
         self._sender = sender
         self._recorder = recorder
         self._claims = claims
-        self._pause = pause
+        self._pauses = pauses
+        self._default_number = settings.phone_number_id
         self._holds = TemplateHolds()
         self._log = log
         self._rng = rng
@@ -92,14 +93,15 @@ class RowProcessor:
         self.outcomes[decision.metric] += 1
         if self._metrics:
             self._metrics.finished(decision.metric, seconds)
+        number = job.phone_number_id or self._default_number
         if decision.error_code == THROTTLED:
-            self._on_throttled()
+            self._on_throttled(number)
         if decision.pause:
-            self._start_pause(decision)
-        elif result.outcome is Outcome.SENT and self._pause.succeeded():
-            self._log.warning("sending_resumed")
+            self._start_pause(number, decision)
+        elif result.outcome is Outcome.SENT and self._pauses.number(number).succeeded():
+            self._log.warning("sending_resumed", phone_number_id=number)
             if self._metrics:
-                self._metrics.paused(None)
+                self._metrics.paused(self._pause_labels())
         self._log_decision(job, decision)
         return decision
 
@@ -118,14 +120,19 @@ class RowProcessor:
         elif decision.event in ("message_failed", "message_outcome_unknown"):
             self._log.error(decision.event, **context, code=decision.error_code, reason=decision.error_text)
 
-    def _start_pause(self, decision: Decision) -> None:
+    def _pause_labels(self) -> set[str]:
+        return {p.reason.label for p in self._pauses.active().values() if p.reason is not None}
+
+    def _start_pause(self, number: str, decision: Decision) -> None:
         assert decision.pause is not None
         reason = PauseReason(decision.error_code, decision.error_text or decision.event)
+        fresh = self._pauses.number(number).trip(decision.pause, reason)
         if self._metrics:
-            self._metrics.paused(reason.label)
-        if self._pause.trip(decision.pause, reason):
+            self._metrics.paused(self._pause_labels())
+        if fresh:
             self._log.error(
                 decision.event,
+                phone_number_id=number,
                 code=decision.error_code,
                 reason=decision.error_text,
                 seconds=decision.pause,

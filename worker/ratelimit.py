@@ -99,6 +99,65 @@ class RateLimiter:
         self._tokens -= got
         return got
 
+    def take_now(self, wanted: int) -> int:
+        """Up to `wanted` tokens without waiting (0 when none is there)."""
+        if self._blocked or self._clock() > self._until:
+            return 0
+        if self._share <= 0:
+            return wanted
+        self._refill()
+        got = max(0, min(wanted, int(self._tokens)))
+        self._tokens -= got
+        return got
+
+    def wait_time(self) -> float:
+        """Seconds until the next token (a blocked limiter is asked again soon)."""
+        if self._blocked or self._clock() > self._until:
+            return BLOCKED_WAIT
+        if self._share <= 0:
+            return 0.0
+        self._refill()
+        return max(0.0, (1 - self._tokens) / self.rate)
+
     def refund(self, count: int) -> None:
         if self._share > 0 and not self._blocked and count > 0:
             self._tokens = min(self._capacity, self._tokens + count)
+
+
+class RateLimits:
+    """One bucket per sending number (Meta limits each number on its own), all sized by the
+    same fleet share; a 130429 slows only the number it came from."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._share: tuple[float, float, float] | None = None  # rate, burst, until
+        self._blocked = False
+        self._limiters: dict[str, RateLimiter] = {}
+
+    def number(self, number: str) -> RateLimiter:
+        limiter = self._limiters.get(number)
+        if limiter is None:
+            limiter = self._limiters[number] = RateLimiter(self._rate)
+            if self._blocked:
+                limiter.block()
+            elif self._share is not None:
+                rate, burst, until = self._share
+                limiter.set_share(rate, burst, until=until)
+        return limiter
+
+    def block(self) -> None:
+        self._blocked = True
+        for limiter in self._limiters.values():
+            limiter.block()
+
+    def set_share(self, rate: float, burst: float, *, until: float = float("inf")) -> None:
+        self._blocked, self._share = False, (rate, burst, until)
+        for limiter in self._limiters.values():
+            limiter.set_share(rate, burst, until=until)
+
+    @property
+    def rate(self) -> float:
+        """The share each number gets now (for the daemons table)."""
+        if self._blocked:
+            return 0.0
+        return self._share[0] + self._share[1] if self._share else self._rate

@@ -43,19 +43,19 @@ class Rotation:
         """Read the sessions again at the next claim (nothing was due in the cached list)."""
         self._read_at = float("-inf")
 
-    async def next_order(self) -> list[int]:
-        """Session ids to claim from, a different one first each time; [] when none may send."""
+    async def next_order(self) -> list[DueSession]:
+        """Sessions to claim from, a different one first each time; [] when none may send."""
         if self._clock() - self._read_at >= REFRESH:
             self._sessions = await self._read()
             self._read_at = self._clock()
         now = self._wall()
         if not open_now((self._daemon_window,), now):
             return []
-        ids = [s.id for s in self._sessions if self._open(s, now)]
-        if not ids:
+        sessions = [s for s in self._sessions if self._open(s, now)]
+        if not sessions:
             return []
-        self._turn = (self._turn + 1) % len(ids)
-        return ids[self._turn :] + ids[: self._turn]
+        self._turn = (self._turn + 1) % len(sessions)
+        return sessions[self._turn :] + sessions[: self._turn]
 
     def _open(self, session: DueSession, now: datetime) -> bool:
         key = (session.send_window, session.time_zone)

@@ -105,11 +105,10 @@ class CloudSender:
     """POST {api_url}/{phone_number_id}/messages with a shared keep-alive connection pool."""
 
     def __init__(self, settings: Settings) -> None:
-        self._url = f"{settings.api_url}/{settings.phone_number_id}/messages"
-        self._headers = {
-            "Authorization": f"Bearer {settings.access_token}",
-            "Content-Type": "application/json",
-        }
+        self._settings = settings
+        self._default = settings.phone_number_id
+        self._numbers: dict[str, tuple[str, dict[str, str]]] = {}  # number: (url, headers)
+        self._headers = {"Content-Type": "application/json"}
         # Settings.from_env checks these already; a Settings built by hand must not reach the
         # send path with a header aiohttp would refuse (an error there would look uncertain).
         check_header_value("WHATSAPP_ACCESS_TOKEN", settings.access_token)
@@ -139,13 +138,26 @@ class CloudSender:
             )
         return self._session
 
+    def _endpoint(self, number: str | None) -> tuple[str, dict[str, str]]:
+        """The URL and the Authorization header of a sending number (its own token, if any)."""
+        key = number or self._default
+        endpoint = self._numbers.get(key)
+        if endpoint is None:
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidMessage(f"phone_number_id {key!r} of the session is not a number id (digits)")
+            token = self._settings.token_for(key)
+            endpoint = (f"{self._settings.api_url}/{key}/messages", {"Authorization": f"Bearer {token}"})
+            self._numbers[key] = endpoint
+        return endpoint
+
     async def send(self, job: Job, message: dict[str, Any]) -> SendResult:
         try:
             body = request_body(job.id, job.telefono, message)  # before anything touches aiohttp
+            url, headers = self._endpoint(job.phone_number_id)
         except InvalidMessage as exc:
             return _invalid(exc)
         try:
-            async with self._client().post(self._url, data=body) as response:
+            async with self._client().post(url, data=body, headers=headers) as response:
                 payload = await response.read()
                 return parse_response(response.status, payload)
         except (aiohttp.ClientError, TimeoutError) as exc:

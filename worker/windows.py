@@ -22,9 +22,13 @@ class WindowError(ValueError):
 def zone(name: str | None) -> ZoneInfo:
     """An IANA time zone (`America/Lima`); None or empty: UTC."""
     try:
+        if name and (name.startswith(("/", ".")) or ".." in name):
+            raise ValueError(name)  # a path, not a zone name
         return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        raise WindowError(f"unknown time zone {name!r} (an IANA name like America/Lima)") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise WindowError(
+            f"{name!r} is not a known time zone (an IANA name such as America/Lima or UTC)"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +42,10 @@ class SendWindow:
         """`HH:MM-HH:MM` (an overnight window like 20:00-08:00 is allowed)."""
         match = _WINDOW.fullmatch(text.strip())
         if match is None:
-            raise WindowError(f"a send window looks like 08:00-20:00, got {text!r}")
+            raise WindowError(f"{text!r} is not a window like 08:00-20:00 (24-hour HH:MM-HH:MM)")
         h1, m1, h2, m2 = (int(g) for g in match.groups())
         if (h1, m1) == (h2, m2):
-            raise WindowError(f"a send window must not start and end at the same time, got {text!r}")
+            raise WindowError(f"{text!r} starts and ends at the same time")
         return cls(time(h1, m1), time(h2, m2), zone(tz_name))
 
     def __str__(self) -> str:

@@ -254,7 +254,7 @@ def test_health_says_when_sending_is_paused(
     assert eventually(lambda: "paused" in health().stdout, 20), daemon.stderr
     during = health()
     assert during.returncode == 0  # a pause is not a crash
-    assert "healthy (paused: code 190" in during.stdout
+    assert f"healthy (paused: number {fake_api.phone_number_id}: code 190" in during.stdout
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
     assert sql.states() == {"pendiente": 5}

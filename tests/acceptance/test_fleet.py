@@ -86,3 +86,44 @@ def test_status_lists_running_daemons_and_their_share(
         assert [d.wait(timeout=30) for d in daemons] == [0, 0]
     rows = sql.rows("SELECT state, stopped_at FROM whatsapp_worker_daemons")
     assert len(rows) == 2 and all(r["state"] == "stopped" and r["stopped_at"] for r in rows)
+
+
+def test_an_account_error_on_one_number_leaves_another_number_sending(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    other = "2222222222"
+    fake_api.other_numbers[other] = "token-of-the-other-number"
+    expired = sql.add_session("number-a")  # the daemon's own number, whose token Meta refuses
+    sql.add_rows(expired, 5)
+    fine = sql.add_session("number-b")
+    sql.add_rows(fine, 30, start=100)
+    sql.execute("UPDATE sesiones_envio SET phone_number_id = %s WHERE id = %s", (other, fine))
+    env = worker_env(
+        WHATSAPP_ACCESS_TOKEN="expired-token",
+        **{f"WHATSAPP_ACCESS_TOKEN_{other}": "token-of-the-other-number"},
+        WORKER_PAUSE_SECONDS="600",
+        WORKER_CONCURRENCY="4",
+    )
+    daemon = WorkerProcess(env, "run", logs=tmp_path)
+    try:
+        assert eventually(
+            lambda: (
+                sql.value(
+                    "SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s AND estado = 'enviado'", (fine,)
+                )
+                == 30
+            ),
+            30,
+        ), daemon.stderr[-2000:]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr[-2000:]
+    # number A: paused after its first refusals, its rows untouched; number B sent everything
+    rows = sql.rows("SELECT estado, attempts FROM cola_envios WHERE sesion_id = %s", (expired,))
+    assert {(r["estado"], r["attempts"]) for r in rows} == {("pendiente", 0)}
+    by_number = {
+        n: sum(1 for r in fake_api.requests if r.number == n) for n in (fake_api.phone_number_id, other)
+    }
+    assert by_number[other] == 30 and 1 <= by_number[fake_api.phone_number_id] <= 4, by_number
+    paused = [e for e in daemon.events() if e["event"] == "sending_paused"]
+    assert paused and all(e["phone_number_id"] == fake_api.phone_number_id for e in paused)

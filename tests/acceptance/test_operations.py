@@ -66,7 +66,7 @@ def test_operator_commands_pause_resume_cancel_and_retry(
     by_name = worker(db_url, "pause", "--session", "held")
     assert by_name.returncode == 0 and f"session #{held} paused" in by_name.stdout
     status = worker(db_url, "status", "--session", "held")
-    assert status.returncode == 0 and status.stdout.startswith(f"#{held} held")
+    assert status.returncode == 0 and f"\n#{held} held" in status.stdout
 
 
 def test_database_outage_mid_drain_completes_without_restart_or_duplicates(

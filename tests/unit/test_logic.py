@@ -11,7 +11,6 @@ import pytest
 import structlog
 
 from worker.config import ConfigError, Settings
-from worker.enqueue import CsvError, MessageSpec, read_rows
 from worker.log import configure, get_logger
 from worker.messages import InvalidMessage, normalize_phone, parse_message, request_body
 from worker.models import Outcome
@@ -91,43 +90,6 @@ def test_settings_errors_name_the_variable(tmp_path: Path) -> None:
     assert "p@" not in repr(settings)
 
 
-def test_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
-    path = tmp_path / "x.csv"
-    path.write_text('phone,client_id,name\n+51987000001,1,Ana\n+51987000001,2,Ana again\n+51987000003,3,""\n')
-    with pytest.raises(CsvError) as caught:
-        read_rows(path, MessageSpec(template="t", language="es"))
-    assert caught.value.problems == [
-        "line 3: phone +51987000001 already appears on line 2",
-        "line 4: mensaje.template.components[0] has an empty text parameter",
-    ]
-    path.write_text("phone,name\n+51987000001,Ana\n")
-    ((client, phone, message),) = read_rows(path, MessageSpec(text="Hola {{1}}"))
-    assert client is None and phone == "+51987000001"
-    assert json.loads(message)["text"]["body"] == "Hola Ana"
-
-
-def test_csv_files_from_spreadsheets_are_read_whatever_their_separator(tmp_path: Path) -> None:
-    path = tmp_path / "x.csv"
-    spec = MessageSpec(text="Hola {{1}}, debe {{2}}")
-    for text in (
-        "phone;client_id;name;amount\n+51987000001;7;Ana;S/ 1,50\n",  # a Spanish-locale spreadsheet
-        "phone\tclient_id\tname\tamount\n+51987000001\t7\tAna\tS/ 1,50\n",
-        'phone,client_id,name,amount\n+51987000001,7,Ana,"S/ 1,50"\n',
-    ):
-        path.write_text(text)
-        ((client, phone, message),) = read_rows(path, spec)
-        assert (client, phone) == (7, "+51987000001"), text
-        assert json.loads(message)["text"]["body"] == "Hola Ana, debe S/ 1,50", text
-
-
-def test_a_client_id_that_only_looks_like_a_digit_is_a_reported_error(tmp_path: Path) -> None:
-    path = tmp_path / "x.csv"
-    path.write_text("phone,client_id\n+51987000001,\u00b2\n")  # '²': str.isdigit() says yes
-    with pytest.raises(CsvError) as caught:
-        read_rows(path, MessageSpec(text="hola"))
-    assert caught.value.problems == ["line 2: client_id '\u00b2' is not a whole number"]
-
-
 def test_messages_that_cannot_be_serialised_are_invalid() -> None:
     """Caught before any request: a lone surrogate fails UTF-8, deep nesting json's recursion."""
     surrogate = parse_message('{"type":"text","text":{"body":"\\ud800"}}')  # parses ...
@@ -199,6 +161,24 @@ def test_a_token_file_with_two_lines_is_refused_without_showing_it(tmp_path: Pat
     with pytest.raises(ConfigError, match="WHATSAPP_ACCESS_TOKEN_FILE") as caught:
         Settings.from_env(env)
     assert "EAAG" not in str(caught.value) and "position 16" in str(caught.value)
+
+
+def test_each_sending_number_may_have_its_own_token_never_shown(tmp_path: Path) -> None:
+    token = tmp_path / "token-222"
+    token.write_text("EAAG-of-number-222\n")
+    env = {
+        **CLOUD,
+        "WHATSAPP_ACCESS_TOKEN_111": "EAAG-of-number-111",
+        "WHATSAPP_ACCESS_TOKEN_222_FILE": str(token),
+    }
+    settings = Settings.from_env(env)
+    assert settings.token_for("111") == "EAAG-of-number-111"
+    assert settings.token_for("222") == "EAAG-of-number-222"
+    assert settings.token_for("333") == settings.access_token  # the account's token by default
+    assert {"EAAG-of-number-111", "EAAG-of-number-222"} <= set(settings.secrets())
+    assert "EAAG" not in repr(settings)
+    with pytest.raises(ConfigError, match="WHATSAPP_ACCESS_TOKEN_111"):
+        Settings.from_env({**env, "WHATSAPP_ACCESS_TOKEN_111": "two words"})
 
 
 def test_new_settings_have_defaults_and_are_read() -> None:

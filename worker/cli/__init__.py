@@ -14,14 +14,14 @@ from collections.abc import Coroutine
 from typing import Any
 
 from worker import __version__
-from worker.cli import enqueue, migrate, observe, operate, run
+from worker.cli import enqueue, migrate, observe, operate, run, webhook
 from worker.config import ConfigError, Settings
 from worker.exits import EX_CONFIG, EX_UNAVAILABLE
 from worker.log import configure
 from worker.store import DatabaseError, RefusedChange
 from worker.store.migrations import SchemaMismatch
 
-COMMAND_MODULES = (migrate, enqueue, run, operate, observe)
+COMMAND_MODULES = (migrate, enqueue, run, operate, observe, webhook)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     configure(
         secrets=settings.secrets(),
-        stream=sys.stderr if args.command != "run" else None,
+        stream=sys.stderr if args.command not in ("run", "webhook") else None,  # services: stdout
         fmt=settings.log_format,
         level=settings.log_level,
     )

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+import os
+import signal
+import sys
 import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from worker.cli.common import open_checked_store
 from worker.config import Settings
 from worker.exits import EX_OK
+from worker.fleet import LIVE_HORIZON
 from worker.pidfile import PidFile
+from worker.store import DatabaseError, Store
+
+# A daemon beats its row about once a second: one silent for longer (or for three of the
+# WORKER_FLEET_BEAT this host is configured with, if more) is dead or cut off.
+LIVE_WITHIN = 5.0
+SEEN_WITHIN = 600.0  # seconds: stopped and dead daemons are shown this long
+WATCH_EVERY = 2.0  # seconds between `status --watch` refreshes by default
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,10 +35,28 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     health_parser.set_defaults(local=health)
 
-    status = commands.add_parser("status", help="per-session progress")
+    status = commands.add_parser("status", help="the daemons, any sending pause, and per-session progress")
     status.add_argument("--session", help="only this session (id or name)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=WATCH_EVERY,
+        type=_interval,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {WATCH_EVERY:g}) until Ctrl-C",
+    )
     status.set_defaults(handler=cmd_status)
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and 3600 seconds, got {text}")
+    return value
 
 
 def health(settings: Settings) -> int:
@@ -63,31 +97,270 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     store = await open_checked_store(settings)
     try:
         session_id = None if args.session is None else await store.sessions.resolve(args.session)
-        sessions = await store.sessions.status(session_id)
+        # Dead: silent for longer than the fleet's own horizon (WORKER_FLEET_BEAT is shared).
+        live_within = max(LIVE_WITHIN, LIVE_HORIZON * settings.fleet_beat)
+        if args.watch is not None:
+            return await _watch(
+                store, session_id, every=args.watch, as_json=args.json, live_within=live_within
+            )
+        _write(_render(await _report(store, session_id, live_within), as_json=args.json))
     finally:
         await store.close()
-    if args.json:
-        print(json.dumps({"sessions": sessions}, indent=2, default=str))
-        return EX_OK
-    if not sessions:
-        print("no sessions")
-        return EX_OK
-    for session in sessions:
-        print(_format_session(session))
     return EX_OK
 
 
-def _format_session(session: dict[str, Any]) -> str:
-    counts, total = session["counts"], session["total"]
-    done = counts["enviado"] + counts["error"] + counts["desconocido"]
-    percent = f"{100 * done // total}%" if total else "-"
-    states = "  ".join(f"{state} {count}" for state, count in counts.items())
-    lines = [
-        f"#{session['id']} {session['name']}  ({session['state']})  [{done}/{total}] {percent}"
-        f"  {session['sent_last_minute'] / 60:.1f} sent/s over the last minute",
-        f"    {states}",
-    ]
-    for error in session["errors"][:5]:
-        code = error["code"] if error["code"] is not None else "-"
-        lines.append(f"    {error['state']} code {code} x{error['count']}: {error['example']}")
+async def _report(store: Store, session_id: int | None, live_within: float) -> dict[str, Any]:
+    daemons = await store.daemons.list(within=SEEN_WITHIN)
+    sessions = await store.sessions.status(session_id)
+    return build_report(daemons, sessions, live_within=live_within)
+
+
+async def _watch(
+    store: Store, session_id: int | None, *, every: float, as_json: bool, live_within: float
+) -> int:
+    """Redraw in place on a terminal, a new block each time elsewhere; Ctrl-C ends it (exit 0)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    terminal = sys.stdout.isatty()
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            reading = asyncio.create_task(_report(store, session_id, live_within))
+            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                reading.cancel()
+                with contextlib.suppress(BaseException):
+                    await reading
+                break
+            try:
+                text = _render(reading.result(), as_json=as_json, compact=True)
+            except DatabaseError as exc:  # the database went away: say so, keep watching
+                text = f"whatsapp-worker: database error: {exc}"
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+            header = f"whatsapp-worker status  {stamp} UTC  every {every:g}s (Ctrl-C stops)"
+            if as_json:
+                frame = text
+            elif terminal:
+                frame = f"{CLEAR}{header}\n\n{text}"
+            else:
+                frame = f"--- {header}\n{text}\n"
+            if not _write(frame):
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stopping), every)
+    finally:
+        stopping.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return EX_OK
+
+
+def _write(text: str) -> bool:
+    """Print; False once the reader has gone (`status --watch | head`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would report the failed flush again at exit: point stdout at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+    return True
+
+
+# -- the report (pure: rows in, what an operator reads out) ----------------------------------
+
+
+def build_report(
+    daemons: Sequence[dict[str, Any]], sessions: list[dict[str, Any]], *, live_within: float = LIVE_WITHIN
+) -> dict[str, Any]:
+    """Daemons marked live / dead / stopped, the sending pauses of the live ones, the sessions.
+
+    Every time is the database's UTC clock: `beat_at + beat_age` is its "now".
+    """
+    order = {"live": 0, "dead": 1, "stopped": 2}
+    fleet = sorted((_daemon(row, live_within) for row in daemons), key=lambda d: order[d["condition"]])
+    pauses: dict[str, dict[str, Any]] = {}
+    for daemon in fleet:
+        reason = daemon["paused_reason"]
+        if not daemon["live"] or not reason:
+            continue
+        pause = pauses.setdefault(reason, {"reason": reason, "since": None, "until": None, "daemons": []})
+        pause["daemons"].append(daemon["worker_id"])
+        since, until, now = daemon["paused_since"], daemon["paused_until"], daemon["now"]
+        if since is not None and (pause["since"] is None or since < pause["since"]):
+            pause["since"] = since
+            pause["since_seconds"] = round((now - since).total_seconds(), 1)
+        if until is not None and (pause["until"] is None or until > pause["until"]):
+            pause["until"] = until
+            pause["until_seconds"] = round((until - now).total_seconds(), 1)
+    for daemon in fleet:
+        del daemon["now"]
+    return {"daemons": fleet, "pauses": list(pauses.values()), "sessions": sessions}
+
+
+def _daemon(row: dict[str, Any], live_within: float) -> dict[str, Any]:
+    daemon = dict(row)
+    age = float(daemon["beat_age"])
+    daemon["now"] = daemon["beat_at"] + timedelta(seconds=age)
+    daemon.update(
+        beat_age=round(age, 1),
+        rate=float(daemon["rate"]),
+        rate_share=float(daemon["rate_share"]),
+        live=daemon["stopped_at"] is None and age <= live_within,
+    )
+    daemon["condition"] = (
+        "stopped" if daemon["stopped_at"] is not None else "live" if daemon["live"] else "dead"
+    )
+    return daemon
+
+
+def _render(report: dict[str, Any], *, as_json: bool, compact: bool = False) -> str:
+    if as_json:
+        return json.dumps(report, indent=None if compact else 2, default=_json_value)
+    lines = [_pause_line(pause) for pause in report["pauses"]]
+    lines += _daemon_lines(report["daemons"])
+    lines.append("")
+    if not report["sessions"]:
+        lines.append("no sessions")
+    lines += [_session_block(session) for session in report["sessions"]]
     return "\n".join(lines)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _pause_line(pause: dict[str, Any]) -> str:
+    text = "PAUSED"
+    if pause["since"] is not None:
+        text += f" since {_utc(pause['since'])} ({_age(pause['since_seconds'])} ago)"
+    if pause["until"] is not None:
+        left = pause["until_seconds"]
+        probe = f"probe in {_age(left)}" if left > 0 else "probing now"
+        text += f" until {_utc(pause['until'])} ({probe})"
+    daemons = ", ".join(pause["daemons"])
+    return f"{text}: {pause['reason']}  [{daemons}]"
+
+
+NUMERIC = (1, 6, 7, 8)  # right-aligned columns
+DAEMON_COLUMNS = (
+    "host",
+    "pid",
+    "version",
+    "started (UTC)",
+    "beat",
+    "state",
+    "in flight",
+    "sent/s",
+    "share/s",
+)
+
+
+def _daemon_lines(daemons: list[dict[str, Any]]) -> list[str]:
+    live = [d for d in daemons if d["live"]]
+    if not daemons:
+        minutes = SEEN_WITHIN / 60
+        return [f"daemons: none seen in the last {minutes:.0f} minutes: nothing is sending"]
+    total = sum(d["rate"] for d in live)
+    lines = [f"daemons: {len(live)} live of {len(daemons)} seen, {total:.1f} sent/s together"]
+    rows = [DAEMON_COLUMNS]
+    for d in daemons:
+        alive = d["condition"] == "live"
+        state = d["state"] if alive else d["condition"].upper()
+        rows.append(
+            (
+                d["host"],
+                str(d["pid"]),
+                d["version"],
+                _utc(d["started_at"], zone=False),
+                _age(d["beat_age"]),
+                state,
+                str(d["in_flight"]) if alive else "-",
+                f"{d['rate']:.1f}" if alive else "-",
+                f"{d['rate_share']:.1f}" if alive and d["rate_share"] else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(DAEMON_COLUMNS))]
+    for row in rows:
+        cells = [
+            c.rjust(w) if i in NUMERIC else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
+
+
+PHASES = {
+    "sending": "sending",
+    "waiting": "waiting",
+    "paused": "PAUSED by the operator",
+    "cancelled": "CANCELLED",
+    "completed": "completed",
+    "failed": "finished, nothing sent",
+    "empty": "empty",
+}
+
+
+def _session_block(s: dict[str, Any]) -> str:
+    phase = s["phase"]
+    if phase == "unresolved":
+        label = f"finished, {s['unknown']:,} unknown outcome(s) to resolve"
+    else:
+        label = PHASES.get(phase, phase)
+    head = f"#{s['id']} {s['name']}  {label}  "
+    if phase == "cancelled":
+        head += f"[{s['sent']:,} sent, {s['cancelled']:,} cancelled (not sent) of {s['total']:,}]"
+    else:
+        percent = f" {100 * s['done'] // s['total']}%" if s["total"] else ""
+        head += f"[{s['done']:,}/{s['total']:,}]{percent}"
+    if s["waiting"] or s["rate"]:
+        window = "minute" if s["rate_window"] >= 59.5 else _age(s["rate_window"])
+        head += f"  {s['rate']:.1f} sent/s (last {window})"
+    if s["eta_seconds"] is not None:
+        head += f"  ETA {_age(s['eta_seconds'])}"
+    counts = s["counts"]
+    states = [
+        ("enviado", s["sent"]),
+        ("error", s["failed"]),
+        ("cancelled", s["cancelled"]),
+        ("desconocido", s["unknown"]),
+        ("pendiente", counts["pendiente"]),
+        ("procesando", counts["procesando"]),
+    ]
+    lines = [head, "    " + "  ".join(f"{name} {count:,}" for name, count in states)]
+    if s["sent"] or s["settled"]:
+        lines.append(
+            f"    delivered {s['delivered']:,}{_share(s['delivered'], s['sent'])}"
+            f"  read {s['read']:,}{_share(s['read'], s['sent'])}"
+            f"  settled by webhooks {s['settled']:,}"
+        )
+    for error in s["errors"][:5]:
+        code = error["code"] if error["code"] is not None else "-"
+        lines.append(f"    {error['state']} code {code} x{error['count']:,}: {error['example']}")
+    return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> str:
+    return f" ({100 * part // whole}%)" if whole else ""
+
+
+def _utc(moment: datetime, *, zone: bool = True) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + (" UTC" if zone else "")
+
+
+def _age(seconds: float) -> str:
+    """0.4s, 41s, 4m02s, 2h03m, 3d04h."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"

@@ -5,8 +5,8 @@
 - `sessions`: producers' and operators' commands (enqueue, pause, retry, status);
 - `migrations`: the schema;
 - `prune`: deleting finished rows in small batches;
+- `statuses`, `optouts`: Meta's status webhooks (stored, then applied to rows) and opt-outs;
 - `daemons`: each running daemon's row (the fleet's view, the shared rate limit);
-- `optouts`: phones that opted out (never sent to);
 - `db`: connections, and driver errors translated into three of ours.
 """
 
@@ -28,6 +28,7 @@ from worker.store.optouts import Optouts
 from worker.store.prune import Pruned, Pruner
 from worker.store.results import Recorded, Results
 from worker.store.sessions import RefusedChange, RetryChange, SessionChange, Sessions
+from worker.store.statuses import Statuses
 
 __all__ = [
     "Beat",
@@ -48,6 +49,7 @@ __all__ = [
     "SessionChange",
     "Sessions",
     "StatementRefused",
+    "Statuses",
     "Store",
 ]
 
@@ -63,6 +65,7 @@ class Store:
         self.sessions = Sessions(db)
         self.migrations = Migrations(db)
         self.pruner = Pruner(db)
+        self.statuses = Statuses(db)
         self.optouts = Optouts(db)
 
     @classmethod

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.messages import MESSAGE_MAX_BYTES
-from worker.models import Job, SessionState
+from worker.models import CANCELLED_REASON, Job, SessionState
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, DatabaseError, placeholders, with_transient_retry
 from worker.store.optouts import opted_out
@@ -89,7 +89,7 @@ QUEUE_DUE = (
 CLOSE_CANCELLED = (
     "UPDATE cola_envios c JOIN sesiones_envio s ON s.id = c.sesion_id"
     " SET c.estado = 'error', c.last_error_code = NULL,"
-    " c.last_error = 'session cancelled by the operator: not sent'"
+    f" c.last_error = '{CANCELLED_REASON}'"
     " WHERE s.estado = 'cancelada' AND c.estado = 'pendiente'"
 )
 # -- name: defer_template :exec
@@ -122,6 +122,7 @@ class Claims:
         self._db = db
         self._worker_id = worker_id[:128]
         self._uncertain: list[str] = []  # tokens of claims whose commit outcome is unknown
+        self._numbers: dict[int, str | None] = {}  # session: its sending number (sessions_due)
 
     async def sessions_due(self) -> list[DueSession]:
         """Sessions with waiting rows that are neither paused nor cancelled."""
@@ -139,9 +140,11 @@ class Claims:
                 SESSIONS_MAY_SEND.format(ids=placeholders(len(waiting))),
                 (*waiting, SessionState.PAUSED, SessionState.CANCELLED),
             )
-            return [
+            due = [
                 DueSession(int(r[0]), r[1] or None, r[2] or None, r[3] or None) for r in await cur.fetchall()
             ]
+        self._numbers = {session.id: session.phone_number_id for session in due}
+        return due
 
     async def claim(
         self, limit: int, *, lease_seconds: float, sessions: Sequence[int] | None = None
@@ -188,7 +191,17 @@ class Claims:
                     (self._worker_id, token, int(lease_seconds * 1_000_000), *ids),
                 )
         claimed = Claimed(
-            Job(r[0], r[1], r[2], r[3], _text(r[4]), int(r[6]), token, mensaje_bytes=int(r[5] or 0))
+            Job(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                _text(r[4]),
+                int(r[6]),
+                token,
+                mensaje_bytes=int(r[5] or 0),
+                phone_number_id=self._numbers.get(r[1]),
+            )
             for r in rows
         )
         claimed.opted_out = len(closed)

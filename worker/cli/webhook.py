@@ -1,0 +1,110 @@
+"""`webhook` (the status-webhook receiver) and `optout add|remove|list`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+from worker.cli.common import open_checked_store
+from worker.config import ConfigError, Settings
+from worker.exits import EX_OK
+from worker.log import get_logger
+from worker.store.optouts import SOURCE_OPERATOR, phone_from_wa_id
+from worker.webhook import run_receiver
+
+OPTOUT_PAGE = 1000
+OPTOUT_COLUMNS = ("telefono", "source", "detail", "created_at")
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    webhook = commands.add_parser(
+        "webhook", help="receive Meta's status webhooks and inbound replies (settles unknown outcomes)"
+    )
+    webhook.set_defaults(handler=cmd_webhook)
+
+    optout = commands.add_parser("optout", help="phones that must never be messaged")
+    actions = optout.add_subparsers(dest="optout_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="opt a phone out (its waiting rows end in error, unsent)")
+    add.add_argument("phone", help="E.164 phone, e.g. +51987654321 (the + may be left out)")
+    add.add_argument("--reason", help="a note kept with the opt-out")
+    add.set_defaults(handler=cmd_optout_add)
+    remove = actions.add_parser("remove", help="let a phone be messaged again")
+    remove.add_argument("phone")
+    remove.set_defaults(handler=cmd_optout_remove)
+    listing = actions.add_parser("list", help="every opted-out phone, oldest first")
+    listing.add_argument("--csv", action="store_true", help="CSV with a header, for a spreadsheet")
+    listing.set_defaults(handler=cmd_optout_list)
+
+
+async def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.app_secret:
+        raise ConfigError(
+            "WHATSAPP_APP_SECRET or WHATSAPP_APP_SECRET_FILE must be set: it signs Meta's webhooks"
+        )
+    if not settings.verify_token:
+        raise ConfigError("WHATSAPP_VERIFY_TOKEN must be set: Meta's subscription handshake sends it")
+    store = await open_checked_store(settings, size=4)
+    try:
+        await run_receiver(settings, store, log=get_logger(worker_id=settings.worker_id))
+    finally:
+        await store.close()
+    return EX_OK
+
+
+def _phone(raw: str) -> str | None:
+    phone = phone_from_wa_id(raw)
+    if phone is None:
+        print(f"whatsapp-worker: {raw!r} is not an E.164 phone (+ country code and number)", file=sys.stderr)
+    return phone
+
+
+async def cmd_optout_add(settings: Settings, args: argparse.Namespace) -> int:
+    phone = _phone(args.phone)
+    if phone is None:
+        return 2
+    store = await open_checked_store(settings)
+    try:
+        added = await store.optouts.add(phone, SOURCE_OPERATOR, args.reason)
+    finally:
+        await store.close()
+    print(f"{phone} opted out" if added else f"{phone} had already opted out: nothing changed")
+    return EX_OK
+
+
+async def cmd_optout_remove(settings: Settings, args: argparse.Namespace) -> int:
+    phone = _phone(args.phone)
+    if phone is None:
+        return 2
+    store = await open_checked_store(settings)
+    try:
+        removed = await store.optouts.remove(phone)
+    finally:
+        await store.close()
+    if not removed:
+        print(f"whatsapp-worker: {phone} is not opted out: nothing changed", file=sys.stderr)
+        return 1
+    print(f"{phone} may be messaged again (rows already closed as opted out stay closed)")
+    return EX_OK
+
+
+async def cmd_optout_list(settings: Settings, args: argparse.Namespace) -> int:
+    writer = csv.writer(sys.stdout) if args.csv else None
+    if writer:
+        writer.writerow(OPTOUT_COLUMNS)
+    store = await open_checked_store(settings)
+    shown, after = 0, 0
+    try:
+        while page := await store.optouts.page(after_id=after, limit=OPTOUT_PAGE):
+            for row in page:
+                created = row.created_at.isoformat(sep=" ", timespec="seconds")
+                if writer:
+                    writer.writerow([row.telefono, row.source, row.detail or "", created])
+                else:
+                    print(f"{row.telefono}  {row.source}  {created} UTC  {row.detail or ''}".rstrip())
+            after, shown = page[-1].id, shown + len(page)
+    finally:
+        await store.close()
+    if not writer:
+        print(f"{shown} opted-out phone(s)", file=sys.stderr)
+    return EX_OK

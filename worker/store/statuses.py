@@ -1,0 +1,362 @@
+"""Meta's status webhooks in the database: keep every status, then apply it to its row.
+
+Two steps, two transactions:
+- `store`: the receiver's batch. Every status goes into `whatsapp_worker_statuses` (unique on
+  `(wamid, status)`, so Meta's retries and duplicates change nothing), with the opt-outs of the
+  same requests. The receiver answers 200 only after this commit.
+- `apply_pending`: statuses not yet applied, in id order, a bounded batch at a time. A row in
+  `desconocido` is settled (`sent`/`delivered`/`read`: `enviado` with the status's wamid and its
+  one `envios_whatsapp` row; `failed`: `error` with Meta's code and text), an `enviado` row gains
+  its delivery and read times. A status whose row is still `pendiente` or `procesando` (the
+  webhook beat the daemon's own result) stays pending and is tried again by the next sweep.
+
+Fencing: the daemon writes its own result only while the row is `procesando` (or, for one more
+lease length, `desconocido`) and still carries its lease token (results.py). Settling locks the
+row, changes only a `desconocido` row, and clears the lease with the state: a late result of the
+daemon then finds the row settled and is fenced out, exactly as if another worker had written it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import aiomysql
+
+from worker.models import RowState
+from worker.policy import OPTED_OUT_CODE
+from worker.store.db import UTC_NOW as NOW
+from worker.store.db import Database, case, placeholders, with_transient_retry
+from worker.store.optouts import SOURCE_META, OptOut, add_optouts, phone_from_wa_id
+from worker.store.results import CLEAR_LEASE, ERROR_TEXT_MAX, INSERT_DELIVERY
+
+STATUS_KINDS = ("sent", "delivered", "read", "failed")
+RANK = {"sent": 1, "delivered": 2, "read": 3}  # what a status proves about delivery
+APPLY_BATCH = 500
+
+# -- name: insert_statuses :exec
+# A `(wamid, status)` seen before keeps its first copy: Meta retries for days.
+INSERT_STATUSES = (
+    "INSERT INTO whatsapp_worker_statuses (wamid, status, cola_id, status_at, recipient_id,"
+    " error_code, error_title, raw, received_at) VALUES {rows} ON DUPLICATE KEY UPDATE id = id"
+)
+INSERT_STATUS_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, {NOW})"
+# -- name: pending_statuses :many
+# The index (applied_at, id): a range over the pending statuses after a cursor. SKIP LOCKED: a
+# second receiver's sweep takes other statuses instead of waiting.
+PENDING_STATUSES = (
+    "SELECT id, wamid, status, cola_id, COALESCE(status_at, received_at), recipient_id,"
+    " error_code, error_title FROM whatsapp_worker_statuses"
+    " WHERE applied_at IS NULL AND id > %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+# -- name: lock_rows :many
+LOCK_ROWS = (
+    "SELECT id, estado, wamid, telefono, delivered_at, read_at FROM cola_envios"
+    " WHERE id IN ({ids}) FOR UPDATE"
+)
+# -- name: settle_sent :exec
+SETTLE_SENT = (
+    "UPDATE cola_envios SET estado = 'enviado', wamid = {wamids}, sent_at = COALESCE(sent_at, {sent}),"
+    f" delivered_at = {{delivered}}, read_at = {{read}}, settled_at = {NOW},"
+    f" last_error_code = NULL, last_error = NULL, {CLEAR_LEASE}"
+    " WHERE id IN ({ids}) AND estado = 'desconocido'"
+)
+# -- name: settle_failed :exec
+SETTLE_FAILED = (
+    "UPDATE cola_envios SET estado = 'error', last_error_code = {codes}, last_error = {texts},"
+    f" settled_at = {NOW}, {CLEAR_LEASE} WHERE id IN ({{ids}}) AND estado = 'desconocido'"
+)
+# -- name: delivery_times :exec
+DELIVERY_TIMES = (
+    "UPDATE cola_envios SET delivered_at = {delivered}, read_at = {read}"
+    " WHERE id IN ({ids}) AND estado = 'enviado'"
+)
+# -- name: failed_after_accepted :exec
+# Meta accepted the message, then could not deliver it: the row stays `enviado` (it has its
+# delivery row, and it must not be re-sent blindly); the failure is its last error.
+FAILED_AFTER_ACCEPTED = (
+    "UPDATE cola_envios SET last_error_code = {codes}, last_error = {texts}"
+    " WHERE id IN ({ids}) AND estado = 'enviado'"
+)
+# -- name: mark_applied :exec
+MARK_APPLIED = f"UPDATE whatsapp_worker_statuses SET applied_at = {NOW} WHERE id IN ({{ids}})"
+# -- name: pending_count :one
+PENDING_COUNT = "SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE applied_at IS NULL"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """One status object from a webhook, checked and cut to the columns' sizes."""
+
+    wamid: str
+    status: str  # one of STATUS_KINDS
+    cola_id: int | None  # from biz_opaque_callback_data `cola:<id>`
+    status_at: datetime | None  # Meta's timestamp, UTC (naive)
+    recipient_id: str | None
+    error_code: int | None
+    error_title: str | None
+    raw: str  # the status object as received (JSON, ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    statuses: int  # new statuses (a duplicate counts 0)
+    optouts: int  # new opt-outs
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A stored status not applied yet."""
+
+    id: int
+    wamid: str
+    status: str
+    cola_id: int | None
+    at: datetime  # Meta's time, or when it was received
+    recipient_id: str | None = None
+    error_code: int | None = None
+    error_title: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowView:
+    """What applying needs to know of a `cola_envios` row."""
+
+    id: int
+    estado: str
+    wamid: str | None
+    telefono: str
+    delivered_at: datetime | None = None
+    read_at: datetime | None = None
+
+
+class Action(StrEnum):
+    SETTLE_SENT = "settle_sent"  # desconocido -> enviado
+    SETTLE_FAILED = "settle_failed"  # desconocido -> error
+    TIMES = "times"  # enviado: delivered_at / read_at
+    FAILED_AFTER_ACCEPTED = "failed_after_accepted"  # enviado: Meta could not deliver it
+    NOTHING = "nothing"  # applied, nothing to change (duplicate, older news, final row, no row)
+    WAIT = "wait"  # the row is pendiente / procesando: keep the statuses pending
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    action: Action
+    wamid: str | None = None
+    sent_at: datetime | None = None
+    delivered_at: datetime | None = None
+    read_at: datetime | None = None
+    error_code: int | None = None
+    error_text: str | None = None
+
+
+@dataclass(slots=True)
+class Applied:
+    """What one `apply_pending` batch did."""
+
+    seen: int = 0  # pending statuses read
+    applied: int = 0  # marked applied
+    waiting: int = 0  # left pending: their row is still pendiente / procesando
+    last_id: int = 0  # the cursor for the next batch
+    settled: dict[str, int] = field(default_factory=lambda: {"sent": 0, "failed": 0})
+    settled_ids: list[int] = field(default_factory=list)  # cola_envios ids settled
+    optouts: int = 0  # new opt-outs from 131050 failures
+
+
+def plan(row: RowView | None, statuses: Sequence[Pending]) -> Plan:
+    """Pure: what the statuses of one row (in arrival order) make of it.
+
+    Never backwards: `read` implies delivered; a `delivered` after `read`, or a status seen
+    twice, changes nothing; a delivery time is set once.
+    """
+    if row is None:  # pruned, or a message this queue did not send
+        return Plan(Action.NOTHING)
+    if row.estado in (RowState.PENDING, RowState.PROCESSING):
+        return Plan(Action.WAIT)
+    positive = [s for s in statuses if s.status in RANK]
+    failed = [s for s in statuses if s.status == "failed"]
+    if row.estado == RowState.UNKNOWN:
+        if positive:
+            best = max(positive, key=lambda s: (RANK[s.status], -s.id))
+            same = [s for s in positive if s.wamid == best.wamid]
+            delivered, read = _times(None, None, same)
+            return Plan(
+                Action.SETTLE_SENT,
+                wamid=best.wamid,
+                sent_at=min(s.at for s in same),
+                delivered_at=delivered,
+                read_at=read,
+            )
+        if failed:
+            return Plan(
+                Action.SETTLE_FAILED, error_code=failed[0].error_code, error_text=failure_text(failed[0])
+            )
+        return Plan(Action.NOTHING)
+    if row.estado == RowState.SENT:
+        # Statuses of another send of this row (re-queued by hand) are kept for audit only.
+        mine = [s for s in statuses if row.wamid is None or s.wamid == row.wamid]
+        delivered, read = _times(row.delivered_at, row.read_at, mine)
+        if (delivered, read) != (row.delivered_at, row.read_at):
+            return Plan(Action.TIMES, delivered_at=delivered, read_at=read)
+        mine_failed = [s for s in mine if s.status == "failed"]
+        if mine_failed and row.delivered_at is None:
+            first = mine_failed[0]
+            return Plan(
+                Action.FAILED_AFTER_ACCEPTED, error_code=first.error_code, error_text=failure_text(first)
+            )
+    return Plan(Action.NOTHING)  # error rows are final
+
+
+def _times(
+    delivered: datetime | None, read: datetime | None, statuses: Sequence[Pending]
+) -> tuple[datetime | None, datetime | None]:
+    for status in statuses:
+        if status.status == "read":
+            read = read or status.at
+            delivered = delivered or status.at  # read implies delivered
+        elif status.status == "delivered":
+            delivered = delivered or status.at
+    return delivered, read
+
+
+def failure_text(status: Pending) -> str:
+    title = status.error_title or "no reason given"
+    return f"failed (status webhook): {title}"[:ERROR_TEXT_MAX]
+
+
+class Statuses:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def store(self, statuses: Sequence[StatusUpdate], optouts: Sequence[OptOut] = ()) -> Stored:
+        """One transaction for a batch of requests' statuses and opt-outs."""
+        if not statuses and not optouts:
+            return Stored(0, 0)
+
+        async def attempt() -> Stored:
+            async with self._db.transaction() as cur:
+                new = await _insert_statuses(cur, statuses)
+                added = await add_optouts(cur, optouts)
+            return Stored(new, added)
+
+        return await with_transient_retry(attempt)
+
+    async def apply_pending(self, *, after_id: int = 0, limit: int = APPLY_BATCH) -> Applied:
+        """Apply up to `limit` pending statuses with an id above `after_id`, in one transaction."""
+        return await with_transient_retry(lambda: self._apply(after_id, limit))
+
+    async def pending_count(self) -> int:
+        async with self._db.transaction() as cur:
+            await cur.execute(PENDING_COUNT)
+            (count,) = await cur.fetchone()
+        return int(count)
+
+    async def _apply(self, after_id: int, limit: int) -> Applied:
+        report = Applied(last_id=after_id)
+        async with self._db.transaction() as cur:
+            await cur.execute(PENDING_STATUSES, (after_id, limit))
+            pending = [
+                Pending(int(r[0]), str(r[1]), str(r[2]), None if r[3] is None else int(r[3]), r[4], *r[5:])
+                for r in await cur.fetchall()
+            ]
+            if not pending:
+                return report
+            report.seen, report.last_id = len(pending), pending[-1].id
+            by_row: dict[int, list[Pending]] = {}
+            for status in pending:
+                if status.cola_id is not None:
+                    by_row.setdefault(status.cola_id, []).append(status)
+            rows = await _lock_rows(cur, sorted(by_row))
+            plans = {row_id: plan(rows.get(row_id), statuses) for row_id, statuses in by_row.items()}
+            await _write_plans(cur, plans)
+            optouts = _meta_optouts(pending, rows)
+            report.optouts = await add_optouts(cur, optouts)
+            done = [s.id for s in pending if s.cola_id is None or plans[s.cola_id].action is not Action.WAIT]
+            if done:
+                await cur.execute(MARK_APPLIED.format(ids=placeholders(len(done))), done)
+            report.applied, report.waiting = len(done), len(pending) - len(done)
+            for action, key in ((Action.SETTLE_SENT, "sent"), (Action.SETTLE_FAILED, "failed")):
+                ids = [row_id for row_id, p in plans.items() if p.action is action]
+                report.settled[key] = len(ids)
+                report.settled_ids += ids
+        return report
+
+
+async def _insert_statuses(cur: aiomysql.Cursor, statuses: Sequence[StatusUpdate]) -> int:
+    if not statuses:
+        return 0
+    params: list[Any] = []
+    for s in statuses:
+        params += [
+            s.wamid,
+            s.status,
+            s.cola_id,
+            s.status_at,
+            s.recipient_id,
+            s.error_code,
+            s.error_title,
+            s.raw,
+        ]
+    await cur.execute(INSERT_STATUSES.format(rows=",".join([INSERT_STATUS_ROW] * len(statuses))), params)
+    return int(cur.rowcount)
+
+
+async def _lock_rows(cur: aiomysql.Cursor, ids: list[int]) -> dict[int, RowView]:
+    if not ids:
+        return {}
+    await cur.execute(LOCK_ROWS.format(ids=placeholders(len(ids))), ids)
+    return {
+        int(r[0]): RowView(int(r[0]), str(r[1]), r[2], str(r[3]), r[4], r[5]) for r in await cur.fetchall()
+    }
+
+
+async def _write_plans(cur: aiomysql.Cursor, plans: dict[int, Plan]) -> None:
+    groups: dict[Action, dict[int, Plan]] = {}
+    for row_id, row_plan in plans.items():
+        groups.setdefault(row_plan.action, {})[row_id] = row_plan
+    if sent := groups.get(Action.SETTLE_SENT):
+        wamids, wamid_params = case("wamid", {i: p.wamid for i, p in sent.items()})
+        sent_at, sent_params = case("sent_at", {i: p.sent_at for i, p in sent.items()})
+        delivered, delivered_params = case("delivered_at", {i: p.delivered_at for i, p in sent.items()})
+        read, read_params = case("read_at", {i: p.read_at for i, p in sent.items()})
+        ids = placeholders(len(sent))
+        await cur.execute(
+            SETTLE_SENT.format(wamids=wamids, sent=sent_at, delivered=delivered, read=read, ids=ids),
+            (*wamid_params, *sent_params, *delivered_params, *read_params, *sent),
+        )
+        # The same statement as the daemon's own result: one envios_whatsapp row per cola_id.
+        await cur.execute(INSERT_DELIVERY.format(ids=ids), list(sent))
+    for action, statement in (
+        (Action.SETTLE_FAILED, SETTLE_FAILED),
+        (Action.FAILED_AFTER_ACCEPTED, FAILED_AFTER_ACCEPTED),
+    ):
+        if failed := groups.get(action):
+            codes, code_params = case("last_error_code", {i: p.error_code for i, p in failed.items()})
+            texts, text_params = case("last_error", {i: p.error_text for i, p in failed.items()})
+            await cur.execute(
+                statement.format(codes=codes, texts=texts, ids=placeholders(len(failed))),
+                (*code_params, *text_params, *failed),
+            )
+    if times := groups.get(Action.TIMES):
+        delivered, delivered_params = case("delivered_at", {i: p.delivered_at for i, p in times.items()})
+        read, read_params = case("read_at", {i: p.read_at for i, p in times.items()})
+        await cur.execute(
+            DELIVERY_TIMES.format(delivered=delivered, read=read, ids=placeholders(len(times))),
+            (*delivered_params, *read_params, *times),
+        )
+
+
+def _meta_optouts(pending: Sequence[Pending], rows: dict[int, RowView]) -> list[OptOut]:
+    """A `failed` status with 131050: the user stopped marketing messages."""
+    found: list[OptOut] = []
+    for status in pending:
+        if status.status != "failed" or status.error_code != OPTED_OUT_CODE:
+            continue
+        row = rows.get(status.cola_id) if status.cola_id is not None else None
+        phone = row.telefono if row is not None else phone_from_wa_id(status.recipient_id or "")
+        if phone:
+            found.append(OptOut(phone, SOURCE_META, f"status webhook: {status.wamid}"))
+    return found

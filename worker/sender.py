@@ -107,8 +107,13 @@ class CloudSender:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._default = settings.phone_number_id
-        self._numbers: dict[str, tuple[str, dict[str, str]]] = {}  # number: (url, headers)
-        self._headers = {"Content-Type": "application/json"}
+        # number: (url, headers of its own); the default number's token is a session header, so
+        # its requests carry no per-request headers for aiohttp to merge.
+        self._numbers: dict[str, tuple[str, dict[str, str] | None]] = {}
+        self._headers = {
+            "Authorization": f"Bearer {settings.access_token}",
+            "Content-Type": "application/json",
+        }
         # Settings.from_env checks these already; a Settings built by hand must not reach the
         # send path with a header aiohttp would refuse (an error there would look uncertain).
         check_header_value("WHATSAPP_ACCESS_TOKEN", settings.access_token)
@@ -138,7 +143,7 @@ class CloudSender:
             )
         return self._session
 
-    def _endpoint(self, number: str | None) -> tuple[str, dict[str, str]]:
+    def _endpoint(self, number: str | None) -> tuple[str, dict[str, str] | None]:
         """The URL and the Authorization header of a sending number (its own token, if any)."""
         key = number or self._default
         endpoint = self._numbers.get(key)
@@ -146,7 +151,8 @@ class CloudSender:
             if not (key.isascii() and key.isdigit()):
                 raise InvalidMessage(f"phone_number_id {key!r} of the session is not a number id (digits)")
             token = self._settings.token_for(key)
-            endpoint = (f"{self._settings.api_url}/{key}/messages", {"Authorization": f"Bearer {token}"})
+            own = {"Authorization": f"Bearer {token}"} if token != self._settings.access_token else None
+            endpoint = (f"{self._settings.api_url}/{key}/messages", own)
             self._numbers[key] = endpoint
         return endpoint
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.acceptance.processes import WorkerProcess
 from tests.conftest import SQL, eventually
-from tests.fakeapi import FakeCloudAPI
+from tests.fakeapi import FakeCloudAPI, Step
 
 LIMIT = 20
 
@@ -127,3 +127,21 @@ def test_an_account_error_on_one_number_leaves_another_number_sending(
     assert by_number[other] == 30 and 1 <= by_number[fake_api.phone_number_id] <= 4, by_number
     paused = [e for e in daemon.events() if e["event"] == "sending_paused"]
     assert paused and all(e["phone_number_id"] == fake_api.phone_number_id for e in paused)
+
+
+def test_meta_saying_too_many_messages_lowers_the_rate_and_every_row_still_goes(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    session = sql.add_session("throttled")
+    phones = sql.add_rows(session, 40)
+    for phone in phones[:10]:
+        fake_api.script(phone, Step.error(130429, details="Rate limit hit."))
+    env = worker_env(
+        WORKER_RATE_LIMIT="40", WORKER_FLEET_BEAT="0.2", WORKER_RETRY_BASE="0.2", WORKER_RETRY_CAP="1"
+    )
+    run = WorkerProcess(env, "run", "--once", logs=tmp_path)
+    assert run.wait(timeout=60) == 0, run.stderr[-2000:]
+    assert sql.states() == {"enviado": 40}
+    lowered = [e for e in run.events() if e["event"] == "rate_lowered"]
+    assert lowered and lowered[0]["phone_number_id"] == fake_api.phone_number_id
+    assert lowered[0]["rate"] < 40 * 0.97 / 2 + 0.01  # halved (at most) at the first 130429

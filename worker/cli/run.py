@@ -54,7 +54,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         return EX_CONFIG
     code, reason = EX_OK, ""
     try:
-        store = await open_checked_store(settings, size=4)
+        # one connection each for the loop, the recorder, progress lines and the fleet beat, one spare
+        store = await open_checked_store(settings, size=5)
         try:
             report = await _serve(settings, store, once=args.once, max_rows=args.max, log=log)
             code, reason = report.exit_code, report.reason or ""

@@ -25,6 +25,8 @@ OPTED_OUT_REASON = "the phone opted out (whatsapp_worker_optouts): not sent"
 # with the sessions, never with their rows, whatever the optimizer's statistics say).
 NEXT_SESSION_WAITING = "SELECT MIN(sesion_id) FROM cola_envios WHERE estado = 'pendiente' AND sesion_id > %s"
 MAX_SESSIONS = 1000  # sessions with waiting rows read per turn (the lowest ids first)
+# -- name: any_optout :one
+ANY_OPTOUT = "SELECT EXISTS (SELECT 1 FROM whatsapp_worker_optouts)"
 # -- name: sessions_may_send :many
 SESSIONS_MAY_SEND = (
     "SELECT id, phone_number_id, send_window, time_zone FROM sesiones_envio"
@@ -123,6 +125,9 @@ class Claims:
         self._worker_id = worker_id[:128]
         self._uncertain: list[str] = []  # tokens of claims whose commit outcome is unknown
         self._numbers: dict[int, str | None] = {}  # session: its sending number (sessions_due)
+        # Whether any phone opted out (read with the sessions, once a second): most accounts have
+        # none for a long time, and the look-up costs a round trip per claim.
+        self._optouts_exist = True
 
     async def sessions_due(self) -> list[DueSession]:
         """Sessions with waiting rows that are neither paused nor cancelled."""
@@ -134,6 +139,8 @@ class Claims:
                 if found is None:
                     break
                 waiting.append(int(found))
+            await cur.execute(ANY_OPTOUT)
+            (self._optouts_exist,) = await cur.fetchone()
             if not waiting:
                 return []
             await cur.execute(
@@ -177,7 +184,7 @@ class Claims:
                 rows += await cur.fetchall()
             if not rows:
                 return Claimed()
-            blocked = await opted_out(cur, {r[3] for r in rows})
+            blocked = await opted_out(cur, {r[3] for r in rows}) if self._optouts_exist else set()
             closed = [r[0] for r in rows if r[3] in blocked]
             if closed:
                 await cur.execute(

@@ -373,6 +373,10 @@ class Daemon:
             self._db_down = False
             self._log.warning("database_available")
 
+    def sessions_sending(self) -> list[int] | None:
+        """The sessions whose rows may go now (quiet hours allowing); None: not read yet."""
+        return self._rotation.open_now()
+
     def _throttled(self, number: str) -> None:
         """Meta said 130429 (too many messages for this number): slow down, then recover."""
         limiter = self._limits.number(number)

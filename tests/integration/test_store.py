@@ -45,6 +45,15 @@ def test_fair_claim_queries_are_index_range_scans_without_filesort(sql: SQL) -> 
     assert row["extra"] == "Select tables optimized away"  # one descent of the index
 
 
+async def test_rows_due_count_only_the_sessions_that_may_send_now(sql: SQL, store: Store) -> None:
+    day, night = sql.add_session("day"), sql.add_session("night")
+    sql.add_rows(day, 3)
+    sql.add_rows(night, 5, start=100)
+    assert (await store.claims.queue_due())[0] == 8
+    assert (await store.claims.queue_due([day]))[0] == 3  # the night session's window is closed
+    assert await store.claims.queue_due([]) == (0, 0.0)
+
+
 async def test_concurrent_claims_take_disjoint_rows_and_never_more_than_asked(sql: SQL, store: Store) -> None:
     session = sql.add_session()
     sql.add_rows(session, 100)

@@ -79,11 +79,13 @@ RECOVER_EXPIRED = (
 # -- name: queue_due :one
 # For the metrics: rows due now and how long the oldest has waited (a NULL `next_attempt_at`
 # is due since the row was created, in the server's time zone).
+# Only the sessions that may send now: rows held by quiet hours are not late.
 QUEUE_DUE = (
     f"SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(COALESCE(next_attempt_at,"
     f" CONVERT_TZ(created_at, @@session.time_zone, '+00:00'))), {NOW})"
-    " FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
-    f" WHERE estado = 'pendiente' AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
+    " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
+    " WHERE estado = 'pendiente' AND sesion_id IN ({sessions})"
+    f" AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
 )
 # -- name: close_cancelled :exec
 # Rows a producer inserted into a cancelled session after the cancel (or that waited for a
@@ -229,10 +231,15 @@ class Claims:
         """Waiting rows of cancelled sessions end in error (the daemon's periodic sweep)."""
         return await self._db.update(CLOSE_CANCELLED)
 
-    async def queue_due(self) -> tuple[int, float]:
-        """(rows due now, seconds the oldest of them has waited)."""
+    async def queue_due(self, sessions: Sequence[int] | None = None) -> tuple[int, float]:
+        """(rows due now, seconds the oldest of them has waited) in `sessions` (default: every
+        session that may send, whatever its window)."""
+        if sessions is None:
+            sessions = [s.id for s in await self.sessions_due()]
+        if not sessions:
+            return 0, 0.0
         async with self._db.transaction() as cur:
-            await cur.execute(QUEUE_DUE)
+            await cur.execute(QUEUE_DUE.format(sessions=placeholders(len(sessions))), tuple(sessions))
             count, age_us = await cur.fetchone()
         return int(count), max(0.0, float(age_us or 0) / 1e6)
 

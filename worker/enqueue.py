@@ -257,7 +257,7 @@ class CsvSource:
                         if len(fields) != width:
                             raise InvalidMessage(f": expected {width} columns, found {len(fields)}")
                         phone = fields[phone_at]
-                        if not E164.match(phone):
+                        if not E164.fullmatch(phone):
                             phone = normalize_phone(phone)
                         client = _client_id(fields[client_at]) if client_at is not None else None
                         params = [fields[i].strip() for i in param_at]

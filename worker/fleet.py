@@ -8,7 +8,7 @@ rules keep the sum of all daemons within the limit in every one-second window:
 - a newcomer sends nothing for `SETTLE` beats, so every other daemon has counted it (and
   lowered its own share) before it takes one;
 - a daemon that could not beat for `FENCE` beats stops sending by itself (the others are about
-  to count it dead and raise theirs);
+  to count it dead and raise theirs), and when it beats again it waits like a newcomer;
 - each share is split into a rate and a burst with `live * (rate + burst) <= limit`, the most
   a token bucket can let out in one second.
 A dead daemon's share is taken over once its row is `LIVE_HORIZON` beats old.
@@ -26,7 +26,7 @@ from typing import Any
 
 from worker import __version__
 from worker.ratelimit import RateLimits
-from worker.store import Beat, Daemons, DatabaseError
+from worker.store import Beat, Daemons, DatabaseError, DatabaseUnavailable
 
 SETTLE = 2.5  # beats a newcomer waits before sending
 FENCE = 2.0  # beats without a successful beat after which a daemon stops sending
@@ -67,6 +67,7 @@ class Fleet:
         self._clock = clock
         self._stop = asyncio.Event()
         self._registered_at: float | None = None
+        self._last_beat = float("inf")  # when the last good beat started (none yet)
         self._sent: deque[tuple[float, int]] = deque()
         self.live = 1
         if limit > 0:
@@ -108,14 +109,24 @@ class Fleet:
                 await self._daemons.forget_old()  # rows of daemons gone for a day
                 self._registered_at = started
             self.live = await self._daemons.beat(self._status(), horizon=LIVE_HORIZON * self._beat)
-        except DatabaseError:
+        except DatabaseUnavailable:
             return  # the fence set at the last good beat stops sending in time
+        except DatabaseError as exc:  # refused: no retry helps; sending stays fenced meanwhile
+            self._log.error("fleet_beat_refused", error=str(exc), action="not sending until it beats")
+            return
         except Exception:  # the fleet row is for others; never take sending down with it
             self._log.exception("fleet_beat_failed")
             return
+        assert self._registered_at is not None
+        if started - self._last_beat > FENCE * self._beat:
+            # Silent long enough for the others to count this daemon dead and take its share:
+            # it joins again like a newcomer (after a database outage, every daemon does).
+            self._registered_at = started
+            if self._limit > 0:
+                self._limiter.block()
+        self._last_beat = started
         if self._limit <= 0:
             return
-        assert self._registered_at is not None
         if started - self._registered_at < SETTLE * self._beat:
             return  # still blocked: the others may not have counted this daemon yet
         rate, burst = fleet_share(self._limit, self.live)

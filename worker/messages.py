@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")  # use fullmatch: `$` would let a trailing newline through
 PLACEHOLDER = re.compile(r"\{\{([0-9]+)\}\}")  # {{1}} in a text body
 TEXT_BODY_MAX = 4096
 MESSAGE_MAX_BYTES = 64 * 1024
@@ -41,7 +41,7 @@ class InvalidMessage(ValueError):
 def normalize_phone(raw: str) -> str:
     """'+51 987-654-321' -> '+51987654321'; raises InvalidMessage if not E.164."""
     phone = re.sub(r"[\s\-().]", "", raw)
-    if not E164.match(phone):
+    if not E164.fullmatch(phone):
         raise InvalidMessage(f"phone {raw!r} is not in E.164 form (+ country code and number)")
     return phone
 

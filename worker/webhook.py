@@ -364,8 +364,7 @@ class StatusWriter:
             except Exception as exc:  # a bug must not leave requests waiting forever
                 self._log.exception("status_writer_failed")
                 for waiting in batch:
-                    if not waiting.done.done():
-                        waiting.done.set_exception(DatabaseError(f"{type(exc).__name__}: {exc}"))
+                    _answer(waiting, DatabaseError(f"{type(exc).__name__}: {exc}"))
 
     def _take(self) -> list[_Waiting]:
         batch: list[_Waiting] = []
@@ -388,7 +387,7 @@ class StatusWriter:
         except RowRefused as exc:
             if len(batch) == 1:
                 self._log.error("statuses_refused", statuses=len(statuses), code=exc.code, error=str(exc))
-                batch[0].done.set_exception(exc)
+                _answer(batch[0], exc)
                 return
             middle = len(batch) // 2
             await self._write(batch[:middle])
@@ -404,14 +403,24 @@ class StatusWriter:
                     action="answered 503: Meta retries",
                 )
             for waiting in batch:
-                waiting.done.set_exception(exc)
+                _answer(waiting, exc)
             return
         if self._outage:
             self._outage = False
             self._log.warning("statuses_written_again")
         for waiting in batch:
-            waiting.done.set_result(stored)
+            _answer(waiting, stored)
         self._on_stored(stored)
+
+
+def _answer(waiting: _Waiting, outcome: Stored | Exception) -> None:
+    """Wake a request's handler, unless it is gone (cancelled at shutdown after its deadline)."""
+    if waiting.done.done():
+        return
+    if isinstance(outcome, Exception):
+        waiting.done.set_exception(outcome)
+    else:
+        waiting.done.set_result(outcome)
 
 
 # -- applying -----------------------------------------------------------------------------------

@@ -99,3 +99,25 @@ def test_scheduled_rows_are_not_sent_before_their_time(
     run = WorkerProcess(worker_env(), "run", "--once", logs=tmp_path)
     assert run.wait(timeout=60) == 0
     assert sql.states() == {"enviado": 5}
+
+
+def test_sessions_whose_rows_all_wait_for_later_do_not_hold_a_due_session_back(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    # Five sessions whose rows are all scheduled for tomorrow, created before the one due now;
+    # with a rate limit, each claim has only a few tokens to share among the sessions it asks.
+    for i in range(5):
+        later = sql.add_session(f"tomorrow-{i}")
+        sql.add_rows(later, 3, start=1000 * (i + 1))
+        sql.execute(
+            "UPDATE cola_envios SET next_attempt_at = UTC_TIMESTAMP(6) + INTERVAL 1 DAY WHERE sesion_id = %s",
+            (later,),
+        )
+    now = sql.add_session("now")
+    sql.add_rows(now, 60)
+    run = WorkerProcess(
+        worker_env(WORKER_RATE_LIMIT="80", WORKER_FLEET_BEAT="0.2"), "run", "--once", logs=tmp_path
+    )
+    assert run.wait(timeout=60) == 0, run.stderr[-2000:]
+    assert len(fake_api.requests) == 60
+    assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = 'pendiente'") == 15

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from worker.fleet import fleet_share
-from worker.ratelimit import RateLimiter
+from worker.fleet import Fleet, fleet_share
+from worker.ratelimit import RateLimiter, RateLimits
+from worker.store import Beat, DatabaseUnavailable
 
 
 class Clock:
@@ -88,3 +89,57 @@ def test_a_blocked_or_fenced_limiter_lets_nothing_out() -> None:
     assert asyncio.run(limiter.take(5, max_wait=0.0)) == 1
     clock.now += 2  # no beat extended the fence
     assert asyncio.run(limiter.take(5, max_wait=0.0)) == 0
+
+
+class FakeDaemons:
+    """The daemons table as one daemon sees it: how many are live, or the database away."""
+
+    def __init__(self) -> None:
+        self.live = 3
+        self.away = False
+
+    async def register(self, **_: object) -> None:
+        self._check()
+
+    async def forget_old(self) -> int:
+        return 0
+
+    async def beat(self, *_: object, **__: object) -> int:
+        self._check()
+        return self.live
+
+    async def stop(self) -> None:
+        return None
+
+    def _check(self) -> None:
+        if self.away:
+            raise DatabaseUnavailable("the database is away")
+
+
+def test_a_daemon_back_from_a_silence_waits_like_a_newcomer_before_taking_a_share() -> None:
+    clock, daemons = Clock(), FakeDaemons()
+    limits = RateLimits(60)
+    fleet = Fleet(
+        daemons=daemons,  # type: ignore[arg-type]
+        limiter=limits,
+        limit=60,
+        beat=1.0,
+        status=lambda: Beat("sending", 0, 0, 0.0, 0.0),
+        log=None,
+        clock=clock,
+    )
+
+    def turn(seconds: float = 1.0) -> float:
+        asyncio.run(fleet._turn())
+        rate = limits.rate
+        clock.now += seconds
+        return rate
+
+    assert [turn() for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(60 * 0.97 / 3)]  # settles first
+    daemons.away = True
+    for _ in range(5):  # the others count this daemon dead and take its share meanwhile
+        turn()
+    daemons.away, daemons.live = False, 1  # back first: it alone looks live
+    assert [turn() for _ in range(3)] == [0.0, 0.0, 0.0]  # no full share before the others see it
+    daemons.live = 3
+    assert turn() == pytest.approx(60 * 0.97 / 3)

@@ -22,15 +22,23 @@ OPTED_OUT_REASON = "the phone opted out (whatsapp_worker_optouts): not sent"
 
 # -- name: next_session_waiting :one
 # The sessions with waiting rows, found one index step at a time (a skip scan: the cost grows
-# with the sessions, never with their rows, whatever the optimizer's statistics say).
-NEXT_SESSION_WAITING = "SELECT MIN(sesion_id) FROM cola_envios WHERE estado = 'pendiente' AND sesion_id > %s"
+# with the sessions, never with their rows, whatever the optimizer's statistics say). Each
+# step also reads the session's earliest row, so a session whose rows all wait for a later
+# time (a retry's backoff, a schedule, a paused session's parked rows) is left out.
+NEXT_SESSION_WAITING = (
+    f"SELECT sesion_id, next_attempt_at IS NULL OR next_attempt_at <= {NOW}"
+    " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
+    " WHERE estado = 'pendiente' AND sesion_id > %s ORDER BY sesion_id, next_attempt_at LIMIT 1"
+)
 MAX_SESSIONS = 1000  # sessions with waiting rows read per turn (the lowest ids first)
 # -- name: any_optout :one
 ANY_OPTOUT = "SELECT EXISTS (SELECT 1 FROM whatsapp_worker_optouts)"
 # -- name: sessions_may_send :many
+# A row whose session is missing from sesiones_envio (a producer without a foreign key) is
+# sent like a row of an active session with no window, as before sessions had settings.
 SESSIONS_MAY_SEND = (
-    "SELECT id, phone_number_id, send_window, time_zone FROM sesiones_envio"
-    " WHERE id IN ({ids}) AND estado NOT IN (%s, %s) ORDER BY id"
+    "SELECT id, phone_number_id, send_window, time_zone, estado IN (%s, %s) FROM sesiones_envio"
+    " WHERE id IN ({ids})"
 )
 # -- name: claim_session_due :many
 # One session's due rows in order: an index range scan on (estado, sesion_id, next_attempt_at,
@@ -134,24 +142,32 @@ class Claims:
     async def sessions_due(self) -> list[DueSession]:
         """Sessions with waiting rows that are neither paused nor cancelled."""
         async with self._db.transaction() as cur:
-            waiting: list[int] = []
-            while len(waiting) < MAX_SESSIONS:
-                await cur.execute(NEXT_SESSION_WAITING, (waiting[-1] if waiting else 0,))
-                (found,) = await cur.fetchone()
+            waiting: list[int] = []  # with a row due now
+            after, seen = 0, 0
+            while seen < MAX_SESSIONS:
+                await cur.execute(NEXT_SESSION_WAITING, (after,))
+                found = await cur.fetchone()
                 if found is None:
                     break
-                waiting.append(int(found))
+                after, seen = int(found[0]), seen + 1
+                if found[1]:
+                    waiting.append(after)
             await cur.execute(ANY_OPTOUT)
             (self._optouts_exist,) = await cur.fetchone()
             if not waiting:
                 return []
             await cur.execute(
                 SESSIONS_MAY_SEND.format(ids=placeholders(len(waiting))),
-                (*waiting, SessionState.PAUSED, SessionState.CANCELLED),
+                (SessionState.PAUSED, SessionState.CANCELLED, *waiting),
             )
-            due = [
-                DueSession(int(r[0]), r[1] or None, r[2] or None, r[3] or None) for r in await cur.fetchall()
-            ]
+            known = {int(r[0]): r for r in await cur.fetchall()}
+        due = [
+            DueSession(sid, None, None, None)
+            if (r := known.get(sid)) is None
+            else DueSession(sid, r[1] or None, r[2] or None, r[3] or None)
+            for sid in waiting
+            if sid not in known or not known[sid][4]
+        ]
         self._numbers = {session.id: session.phone_number_id for session in due}
         return due
 
@@ -178,10 +194,13 @@ class Claims:
     async def _claim(self, token: str, limit: int, lease_seconds: float, sessions: Sequence[int]) -> Claimed:
         async with self._db.transaction() as cur:
             rows: list[Any] = []
-            chosen = list(sessions[:limit])
-            for index, session_id in enumerate(chosen):
+            for index, session_id in enumerate(sessions):
                 left = limit - len(rows)
-                share = -(-left // (len(chosen) - index))  # ceil: what is left, split evenly
+                if left <= 0:
+                    break
+                # what is left, split evenly over the sessions still to ask (at least one row
+                # each): a session with fewer due rows, or none any more, leaves its share on
+                share = max(1, -(-left // (len(sessions) - index)))
                 await cur.execute(CLAIM_SESSION_DUE, (MESSAGE_MAX_BYTES, session_id, share))
                 rows += await cur.fetchall()
             if not rows:

@@ -30,12 +30,14 @@ class SendingPause:
         self._clock = clock
         self._until = 0.0
         self._probing = False
+        self._tripped_at = float("-inf")
         self.reason: PauseReason | None = None
 
     def trip(self, seconds: float, reason: PauseReason) -> bool:
         """Stop sending for `seconds`, then probe. True when this starts a new pause."""
         now = self._clock()
         fresh = now >= self._until and not self._probing
+        self._tripped_at = now
         self._until = max(self._until, now + seconds)
         self._probing = True
         self.reason = reason
@@ -48,8 +50,11 @@ class SendingPause:
         """Sends allowed in flight: one probe after a pause, all once a send succeeded."""
         return 1 if self._probing else concurrency
 
-    def succeeded(self) -> bool:
-        """A send went through; True when that closes a pause."""
+    def succeeded(self, started: float) -> bool:
+        """A send started at `started` (monotonic) went through; True when that closes a pause.
+        A send already on its way when the pause began proves nothing about the account now."""
+        if started < self._tripped_at:
+            return False
         closed = self._probing
         self._probing = False
         self.reason = None

@@ -98,7 +98,9 @@ class RowProcessor:
             self._on_throttled(number)
         if decision.pause:
             self._start_pause(number, decision)
-        elif result.outcome is Outcome.SENT and self._pauses.number(number).succeeded():
+        elif result.outcome is Outcome.SENT and self._pauses.number(number).succeeded(
+            time.monotonic() - seconds
+        ):
             self._log.warning("sending_resumed", phone_number_id=number)
             if self._metrics:
                 self._metrics.paused(self._pause_labels())

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import table_size  # noqa: E402
 import throughput  # noqa: E402
 
 from worker.config import DatabaseURL  # noqa: E402
@@ -98,15 +99,7 @@ async def claim_latency(url: DatabaseURL, session: int, repeat: int) -> float:
     times = []
     try:
         for _ in range(repeat + 1):
-            start = time.perf_counter()
-            jobs = await store.claims.claim(50, lease_seconds=60)
-            times.append((time.perf_counter() - start) * 1000)
-            assert len(jobs) == 50, len(jobs)
-            ids = ",".join(str(job.id) for job in jobs)
-            await store.db.update(
-                "UPDATE cola_envios SET estado = 'pendiente', lease_owner = NULL, lease_token = NULL,"
-                f" lease_expires_at = NULL, claimed_at = NULL WHERE id IN ({ids})"
-            )
+            times.append(await table_size.claim_and_undo(store))
     finally:
         await store.close()
     return statistics.median(times[1:])  # the first one warms the pool

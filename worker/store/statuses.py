@@ -47,9 +47,11 @@ INSERT_STATUS_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, {NOW})"
 # -- name: pending_statuses :many
 # The index (applied_at, id): a range over the pending statuses after a cursor. SKIP LOCKED: a
 # second receiver's sweep takes other statuses instead of waiting.
+# The index is named: with few pending statuses among many applied ones MySQL's sampled
+# statistics sometimes pick the primary key, which walks every applied status.
 PENDING_STATUSES = (
     "SELECT id, wamid, status, cola_id, COALESCE(status_at, received_at), recipient_id,"
-    " error_code, error_title FROM whatsapp_worker_statuses"
+    " error_code, error_title FROM whatsapp_worker_statuses FORCE INDEX (ix_whatsapp_worker_statuses_pending)"
     " WHERE applied_at IS NULL AND id > %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 # -- name: lock_rows :many

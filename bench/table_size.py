@@ -106,7 +106,7 @@ async def measure(url: DatabaseURL, live: int, repeat: int) -> tuple[float, ...]
         claim_ms = statistics.median(claims[1:])  # the claim alone, not its undoing
         progress_ms = await timed(lambda: store.results.session_totals([live]), repeat)
         refresh_ms = await timed(lambda: _refresh(store, live), repeat)
-        status_ms = await timed(lambda: store.sessions.status(live), repeat)
+        status_ms = await timed(lambda: store.reports.status(live), repeat)
     finally:
         await store.close()
     return claim_ms, progress_ms, refresh_ms, status_ms

@@ -99,6 +99,16 @@ class Received:
     at: float = 0.0  # time.monotonic() when the request arrived
 
 
+def busiest_second(times: list[float]) -> int:
+    """The most events in any sliding one-second window (`times` in seconds)."""
+    times, most, start = sorted(times), 0, 0
+    for end, at in enumerate(times):
+        while at - times[start] >= 1.0:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
 def _error_body(code: int, details: str) -> dict[str, Any]:
     title = _ERROR_TITLES.get(code, "Fake Cloud API error")
     return {
@@ -303,13 +313,7 @@ class FakeCloudAPI:
 
     def busiest_second(self, number: str | None = None) -> int:
         """The most requests (for one number, or all) in any sliding one-second window."""
-        times = sorted(r.at for r in self.requests if number is None or r.number == number)
-        most, start = 0, 0
-        for end, at in enumerate(times):
-            while at - times[start] >= 1.0:
-                start += 1
-            most = max(most, end - start + 1)
-        return most
+        return busiest_second([r.at for r in self.requests if number is None or r.number == number])
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Block until `predicate()` is true (re-checked on every state change); False on timeout.

@@ -22,14 +22,12 @@ from worker.fleet import Fleet
 from worker.heartbeat import BEAT_EVERY, Heartbeat
 from worker.log import get_logger
 from worker.metrics import Metrics
-from worker.pause import Pauses
+from worker.numbers import Numbers
 from worker.processor import RowProcessor
-from worker.ratelimit import RateLimits
 from worker.recorder import Recorder
 from worker.rotation import Rotation
 from worker.sender import Sender
 from worker.store import Beat, DatabaseError, DatabaseUnavailable, StatementRefused, Store
-from worker.store.claims import DueSession
 from worker.systemd import Notifier
 
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
@@ -60,7 +58,9 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._rng = rng or random.Random()
         self._log = get_logger(worker_id=settings.worker_id)
-        self._limits = RateLimits(settings.rate_limit)
+        self._numbers = Numbers(
+            default=settings.phone_number_id, rate_limit=settings.rate_limit, concurrency=settings.concurrency
+        )
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()
         self._wake = asyncio.Event()
@@ -72,14 +72,12 @@ class Daemon:
             on_outage=self._database_failed,
         )
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._pauses = Pauses()
-        self._in_flight_by_number: Counter[str] = Counter()
         self._rows = RowProcessor(
             settings=settings,
             sender=sender,
             recorder=self._recorder,
             claims=store.claims,
-            pauses=self._pauses,
+            pauses=self._numbers.pauses,
             log=self._log,
             rng=self._rng,
             metrics=metrics,
@@ -89,7 +87,7 @@ class Daemon:
         )
         self._fleet = Fleet(
             daemons=store.daemons,
-            limiter=self._limits,
+            limiter=self._numbers.limits,
             limit=settings.rate_limit,
             beat=settings.fleet_beat,
             status=self._beat,
@@ -232,7 +230,7 @@ class Daemon:
             self._database_failed(exc)
             return min(BEAT_EVERY, self._settings.poll_interval * 2)
         claimed, held = 0, float("inf")  # held: when a number kept back by its pace may go
-        for number, sessions in _by_number(order, self._settings.phone_number_id).items():
+        for number, sessions in self._numbers.group(order).items():
             room, wait = self._room(number, free - claimed)
             if room <= 0:
                 held = min(held, wait)
@@ -256,18 +254,13 @@ class Daemon:
         return self._settings.poll_interval * self._rng.uniform(0.8, 1.2)
 
     def _room(self, number: str, free: int) -> tuple[int, float]:
-        """Rows a number may start now (its pause, its probe, its tokens), or how long until
-        it may: a pause or a rate limit on one number never holds another one up."""
-        pause = self._pauses.number(number)
-        if pause.remaining() > 0:
+        """Rows a number may start now, or how long until it may (a paused number under
+        `run --once` ends the run)."""
+        paused = self._numbers.paused(number)
+        if paused > 0:
             self._paused()
-            return 0, pause.remaining()
-        slots = pause.slots(self._settings.concurrency) - self._in_flight_by_number[number]
-        limiter = self._limits.number(number)
-        tokens = limiter.take_now(min(free, slots))
-        if tokens <= 0:
-            return 0, (limiter.wait_time() if slots > 0 else BEAT_EVERY)
-        return tokens, 0.0
+            return 0, paused
+        return self._numbers.room(number, free)
 
     async def _wait(self, seconds: float) -> None:
         """The loop's only wait: stop, a freed slot or a written batch, or the timeout."""
@@ -279,37 +272,36 @@ class Daemon:
     def _paused(self) -> None:
         """Sending paused: under `run --once` (cron) the run ends here, rows untouched."""
         if self._once:
-            reason = self._pauses.describe() or "sending paused"
+            reason = self._numbers.pauses.describe() or "sending paused"
             self.request_stop(exit_code=EX_TEMPFAIL, reason=f"sending paused ({reason}); rows left untouched")
 
     async def _claim(self, number: str, tokens: int, sessions: list[int]) -> int | None:
         """Claim and start up to `tokens` sends of one number's sessions; None when the
         database failed."""
-        limiter = self._limits.number(number)
         try:
             jobs = await self._claims.claim(
                 tokens, lease_seconds=self._settings.lease_seconds, sessions=sessions
             )
         except DatabaseError as exc:
-            limiter.refund(tokens)
+            self._numbers.unused(number, tokens)
             self._database_failed(exc)
             return None
         self._database_up()
         if jobs.opted_out:
             self._log.warning("opted_out_rows_closed", rows=jobs.opted_out, state="error")
-        limiter.refund(tokens - len(jobs))
+        self._numbers.unused(number, tokens - len(jobs))
         if self._rows_left is not None:
             self._rows_left -= len(jobs)
         for job in jobs:
             task = asyncio.create_task(self._rows.process(job), name=f"send-{job.id}")
             self._in_flight.add(task)
-            self._in_flight_by_number[number] += 1
+            self._numbers.started(number)
             task.add_done_callback(functools.partial(self._on_done, number=number))
         return len(jobs)
 
     def _on_done(self, task: asyncio.Task[None], *, number: str) -> None:
         self._in_flight.discard(task)
-        self._in_flight_by_number[number] -= 1
+        self._numbers.finished(number)
         self._wake.set()
 
     async def _recover(self) -> bool:
@@ -379,16 +371,14 @@ class Daemon:
 
     def _throttled(self, number: str) -> None:
         """Meta said 130429 (too many messages for this number): slow down, then recover."""
-        limiter = self._limits.number(number)
-        if limiter.throttled():
-            self._log.warning(
-                "rate_lowered", code=130429, phone_number_id=number, rate=round(limiter.rate, 2)
-            )
+        rate = self._numbers.throttled(number)
+        if rate is not None:
+            self._log.warning("rate_lowered", code=130429, phone_number_id=number, rate=round(rate, 2))
 
     def _beat(self) -> Beat:
         """This daemon's row in the daemons table (what `status` shows of it)."""
         sent = self.report.outcomes["sent"]
-        reason = self._pauses.describe()
+        reason = self._numbers.pauses.describe()
         if self._stop.is_set():
             state = "draining"
         elif reason is not None:
@@ -400,23 +390,15 @@ class Daemon:
             in_flight=len(self._in_flight),
             sent_total=sent,
             rate=self._fleet.rate(sent),
-            rate_share=self._limits.rate,
+            rate_share=self._numbers.limits.rate,
             paused_reason=reason,
-            paused_for=self._pauses.remaining(),
+            paused_for=self._numbers.pauses.remaining(),
         )
 
     def _status_line(self) -> str:
         counts = self.report.outcomes
         totals = f"in flight {len(self._in_flight)}, sent {counts['sent']}, errors {counts['error']}"
-        reason = self._pauses.describe()
+        reason = self._numbers.pauses.describe()
         if reason is None:
             return f"sending: {totals}"
-        return f"paused: {reason}; probing in {self._pauses.remaining():.0f}s; {totals}"
-
-
-def _by_number(sessions: list[DueSession], default: str) -> dict[str, list[DueSession]]:
-    """The sessions in the order given, grouped by sending number (first seen, first)."""
-    groups: dict[str, list[DueSession]] = {}
-    for session in sessions:
-        groups.setdefault(session.phone_number_id or default, []).append(session)
-    return groups
+        return f"paused: {reason}; probing in {self._numbers.pauses.remaining():.0f}s; {totals}"

@@ -36,6 +36,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from worker import __version__
 from worker.config import ConfigError, Settings
+from worker.exits import EX_IOERR, EX_OK
+from worker.log import on_sink_lost
 from worker.signals import stop_signals
 from worker.store import DatabaseError, DatabaseUnavailable, RowRefused, Store
 from worker.store.optouts import SOURCE_KEYWORD, OptOut, phone_from_wa_id
@@ -635,9 +637,12 @@ class Receiver:
 # -- the process ------------------------------------------------------------------------------
 
 
-async def run_receiver(settings: Settings, store: Store, *, log: Any) -> None:
+async def run_receiver(settings: Settings, store: Store, *, log: Any) -> int:
     """Serve until SIGTERM/SIGINT/SIGHUP; then stop accepting, let requests in progress get
-    their answer (their batch committed), and stop."""
+    their answer (their batch committed), and stop. Exit code: 0, or 74 when the log output
+    was lost (a closed pipe): every status it acknowledged is stored, and the supervisor
+    restarts it with a log that works, as it does the daemon."""
+    exit_code = EX_OK
     metrics = WebhookMetrics()
     notifier = Notifier()
     watchdog = _Watchdog(notifier)
@@ -676,6 +681,13 @@ async def run_receiver(settings: Settings, store: Store, *, log: Any) -> None:
             notifier.notify(stopping=1)
             stop.set()
 
+        def on_log_lost() -> None:
+            nonlocal exit_code
+            exit_code = EX_IOERR
+            stop.set()
+
+        on_sink_lost(on_log_lost)
+
         with stop_signals(on_signal):
             log.info(
                 "webhook_started",
@@ -697,6 +709,7 @@ async def run_receiver(settings: Settings, store: Store, *, log: Any) -> None:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
     log.info("webhook_stopped")
+    return exit_code
 
 
 LINGER = 2.0  # seconds an unread (refused) body is drained before the connection closes

@@ -598,3 +598,27 @@ def test_the_secret_file_form_and_a_clean_stop(
     assert server.stop() == 0
     assert APP_SECRET not in server.process.stdout + server.process.stderr
     assert VERIFY_TOKEN not in server.process.stdout + server.process.stderr
+
+
+def test_a_receiver_whose_log_reader_goes_away_stores_what_it_acknowledged_and_exits_74(
+    sql: SQL, db_url: DatabaseURL
+) -> None:
+    (row,) = unknown_row(sql)
+    env = base_env(
+        db_url,
+        WHATSAPP_APP_SECRET=APP_SECRET,
+        WHATSAPP_VERIFY_TOKEN=VERIFY_TOKEN,
+        WORKER_WEBHOOK_PORT="0",
+        WORKER_LOG_FORMAT="json",
+    )
+    process = subprocess.Popen([*WORKER_BIN, "webhook"], env=env, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    started = json.loads(process.stdout.readline())
+    assert started["event"] == "webhook_started"
+    process.stdout.close()  # the log reader goes away
+    server = Receiver(WorkerProcess.__new__(WorkerProcess), int(started["port"]))
+    assert server.post(payload(statuses=[status(row, "delivered", "wamid.GONE")])) == 200
+    assert process.wait(timeout=30) == 74  # the next log line found the pipe closed
+    assert sql.rows("SELECT estado, wamid FROM cola_envios WHERE id = %s", (row,)) == [
+        {"estado": "enviado", "wamid": "wamid.GONE"}
+    ]

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from tests.fakeapi import busiest_second
 from worker.fleet import Fleet, fleet_share
 from worker.ratelimit import RateLimiter, RateLimits
 from worker.store import Beat, DatabaseUnavailable
@@ -17,15 +18,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def busiest_second(times: list[float]) -> int:
-    times, most, start = sorted(times), 0, 0
-    for end, at in enumerate(times):
-        while at - times[start] >= 1.0:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
 
 
 def greedy_sends(limiters: list[RateLimiter], clock: Clock, seconds: float) -> list[float]:

@@ -24,7 +24,7 @@ from worker.enqueue import (
     time_zone,
 )
 from worker.exits import EX_DATAERR, EX_OK
-from worker.store.sessions import EnqueueReport, EnqueueRequest
+from worker.store.producers import EnqueueReport, EnqueueRequest
 
 EX_USAGE = 2  # what argparse returns for a bad command line
 PROGRESS_EVERY = 0.25  # seconds between two refreshes of the progress line
@@ -87,7 +87,7 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
         print(f"whatsapp-worker: note: column {name!r} is not used by --text", file=sys.stderr)
     store = await open_checked_store(settings)
     try:
-        report = await store.sessions.enqueue(
+        report = await store.producers.enqueue(
             request,
             progress.count(source.read(first=True), "checked"),
             lambda: progress.count(source.read(first=False), "queued", of=progress.checked),

@@ -111,7 +111,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _report(store: Store, session_id: int | None, live_within: float) -> dict[str, Any]:
     daemons = await store.daemons.list(within=SEEN_WITHIN)
-    sessions = await store.sessions.status(session_id)
+    sessions = await store.reports.status(session_id)
     return build_report(daemons, sessions, live_within=live_within)
 
 

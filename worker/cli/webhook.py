@@ -46,10 +46,9 @@ async def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError("WHATSAPP_VERIFY_TOKEN must be set: Meta's subscription handshake sends it")
     store = await open_checked_store(settings, size=4)
     try:
-        await run_receiver(settings, store, log=get_logger(worker_id=settings.worker_id))
+        return await run_receiver(settings, store, log=get_logger(worker_id=settings.worker_id))
     finally:
         await store.close()
-    return EX_OK
 
 
 def _phone(raw: str) -> str | None:

@@ -2,7 +2,8 @@
 
 - `claims`: the fetch path (claim, give back, recover expired leases, template holds);
 - `results`: the result writer (fenced batches, progress totals);
-- `sessions`: producers' and operators' commands (enqueue, pause, retry, status);
+- `sessions`: operators' commands on a session (pause, resume, cancel, retry, rows);
+- `producers`: `enqueue`; `reports`: the progress report of `status`;
 - `migrations`: the schema;
 - `prune`: deleting finished rows in small batches;
 - `statuses`, `optouts`: Meta's status webhooks (stored, then applied to rows) and opt-outs;
@@ -25,7 +26,9 @@ from worker.store.db import (
 )
 from worker.store.migrations import Migrations
 from worker.store.optouts import Optouts
+from worker.store.producers import Producers
 from worker.store.prune import Pruned, Pruner
+from worker.store.reports import Reports
 from worker.store.results import Recorded, Results
 from worker.store.sessions import RefusedChange, RetryChange, SessionChange, Sessions
 from worker.store.statuses import Statuses
@@ -39,10 +42,12 @@ __all__ = [
     "DatabaseUnavailable",
     "Migrations",
     "Optouts",
+    "Producers",
     "Pruned",
     "Pruner",
     "Recorded",
     "RefusedChange",
+    "Reports",
     "Results",
     "RetryChange",
     "RowRefused",
@@ -63,6 +68,8 @@ class Store:
         self.daemons = Daemons(db, worker_id=worker_id)
         self.results = Results(db)
         self.sessions = Sessions(db)
+        self.producers = Producers(db)
+        self.reports = Reports(db)
         self.migrations = Migrations(db)
         self.pruner = Pruner(db)
         self.statuses = Statuses(db)

@@ -157,3 +157,20 @@ async def test_an_unreachable_api_pauses_sending_and_spends_no_attempt(
         report = await drain(config)
     assert report.outcomes["sent"] == 30
     assert sql.states() == {"enviado": 30}
+
+
+async def test_a_batch_retried_after_its_commit_answer_was_lost_is_not_called_lost(
+    sql: SQL, store: Store
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 3)
+    mine, taken, also = await store.claims.claim(3, lease_seconds=30)
+    batch = [sent(mine, "wamid.MINE"), sent(taken, "wamid.TAKEN"), sent(also, "wamid.ALSO")]
+    # The first write of [mine, also] landed; its answer never came back, so it is written again.
+    assert (await store.results.record([batch[0], batch[2]])).written == 2
+    # Meanwhile `taken` expired and another daemon claimed it (a new token): that one is fenced.
+    sql.execute("UPDATE cola_envios SET lease_token = REPEAT('b', 32) WHERE id = %s", (taken.id,))
+    again = await store.results.record(batch)
+    assert again.written == 2
+    assert [f.job.id for f in again.fenced_out] == [taken.id]
+    assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 2

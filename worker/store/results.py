@@ -31,6 +31,11 @@ LOCK_CLAIMED = (
     f" AND (estado = 'procesando' OR (estado = 'desconocido' AND {LATE_RESULT_WINDOW} > {NOW}))"
     " FOR UPDATE"
 )
+# -- name: already_sent :many
+# A batch retried after its COMMIT's answer was lost (the connection cut during the commit)
+# finds its sent rows already written by itself: their wamid tells them apart from rows that
+# another worker took over.
+ALREADY_SENT = "SELECT id, wamid FROM cola_envios WHERE id IN ({ids}) AND estado = 'enviado'"
 # -- name: mark_sent :exec
 MARK_SENT = (
     "UPDATE cola_envios SET estado = 'enviado', wamid = {wamids}, attempts = attempts + 1,"
@@ -83,7 +88,7 @@ class SessionTotals:
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    written: int  # rows whose result was stored
+    written: int  # rows whose result is stored (now, or already: same row, same wamid)
     fenced_out: tuple[Finished, ...] = ()  # taken over by another worker, or too late: not written
 
 
@@ -109,7 +114,9 @@ class Results:
             others = [f for f in mine if f.decision.state is not RowState.SENT]
             if others:
                 await _write_unsent(cur, others)
-        return Recorded(len(mine), tuple(f for f in finished if tokens.get(f.job.id) != f.job.lease_token))
+            fenced = [f for f in finished if tokens.get(f.job.id) != f.job.lease_token]
+            landed = await _landed_earlier(cur, fenced)
+        return Recorded(len(mine) + len(landed), tuple(f for f in fenced if f not in landed))
 
     async def record_refused(self, finished: Finished, reason: str) -> bool:
         """The last resort for one row whose result the database refused.
@@ -169,6 +176,16 @@ class Results:
             (session_id, session_id),
         )
         return changed == 1
+
+
+async def _landed_earlier(cur: aiomysql.Cursor, fenced: Sequence[Finished]) -> list[Finished]:
+    """The fenced sent results this worker had written already (same row, same wamid)."""
+    sent = [f for f in fenced if f.decision.state is RowState.SENT]
+    if not sent:
+        return []
+    await cur.execute(ALREADY_SENT.format(ids=placeholders(len(sent))), [f.job.id for f in sent])
+    wamids = dict(await cur.fetchall())
+    return [f for f in sent if wamids.get(f.job.id) == f.decision.wamid]
 
 
 async def _write_sent(cur: aiomysql.Cursor, wamids: dict[int, str | None]) -> None:

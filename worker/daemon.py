@@ -347,11 +347,11 @@ class Daemon:
 
     def _database_failed(self, exc: DatabaseError) -> None:
         if not isinstance(exc, DatabaseUnavailable):
-            # 1054, 1146, a refused value in our own claim: no retry can fix it.
-            self._log.error("database_refused_statement", code=exc.code, error=str(exc))
+            # 1054, 1146, 1142, a refused value in our own claim: no wait can fix it.
+            remedy = exc.remedy if isinstance(exc, StatementRefused) else "run `whatsapp-worker migrate`"
+            self._log.error("database_refused_statement", code=exc.code, error=str(exc), action=remedy)
             self.request_stop(
-                exit_code=EX_CONFIG,
-                reason=f"the database refuses our statements ({exc}): run `whatsapp-worker migrate`",
+                exit_code=EX_CONFIG, reason=f"the database refuses our statements ({exc}): {remedy}"
             )
             return
         if not self._db_down:

@@ -8,7 +8,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.acceptance.processes import WorkerProcess
@@ -189,3 +190,105 @@ def test_run_once_gives_the_pidfile_back_when_the_database_goes_away(
         proxy.cut()  # for good: cron must get its pidfile back
         assert daemon.wait(timeout=30) == 75, daemon.stderr
     assert "database unavailable" in daemon.stderr
+
+
+@contextmanager
+def ordinary_user(sql: SQL, db_url: DatabaseURL) -> Iterator[DatabaseURL]:
+    """A database user without SUPER (an application's account): read-only applies to it."""
+    user, password = f"ww_app_{os.getpid()}", "app-password"
+    sql.execute(f"DROP USER IF EXISTS '{user}'@'%%'")
+    sql.execute(f"CREATE USER '{user}'@'%%' IDENTIFIED BY %s", (password,))
+    try:
+        sql.execute(f"GRANT ALL ON `{db_url.database}`.* TO '{user}'@'%'")
+        yield DatabaseURL(db_url.host, db_url.port, user, password, db_url.database)
+    finally:
+        sql.execute(f"DROP USER '{user}'@'%'")
+
+
+@contextmanager
+def read_only(sql: SQL) -> Iterator[None]:
+    """What a failover, a managed server's maintenance or a demoted primary does."""
+    sql.execute("SET GLOBAL read_only = 1")
+    try:
+        yield
+    finally:
+        sql.execute("SET GLOBAL read_only = 0")
+
+
+def test_a_read_only_database_for_longer_than_the_lease_is_an_outage_and_every_result_lands(
+    sql: SQL,
+    db_url: DatabaseURL,
+    fake_api: FakeCloudAPI,
+    worker_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 300)
+    fake_api.latency = 0.3  # sends are in flight when the primary turns read-only
+    with ordinary_user(sql, db_url) as app_url:
+        env = worker_env(
+            WORKER_DATABASE_URL=database_url_text(app_url),
+            WORKER_CONCURRENCY="8",
+            WORKER_RATE_LIMIT="40",
+            WORKER_LEASE_SECONDS="3",
+            WORKER_SEND_TIMEOUT="1",
+            WORKER_DB_TIMEOUT="1",
+        )
+        daemon = WorkerProcess(env, "run", logs=tmp_path)
+        assert fake_api.wait_for_requests(60, timeout=30)
+        verdicts = []
+        with read_only(sql):
+            in_flight_then = fake_api.in_flight
+            deadline = time.monotonic() + 8  # more than twice the lease
+            while time.monotonic() < deadline:
+                health = subprocess.run([*WORKER_BIN, "health"], env=env, capture_output=True, text=True)
+                verdicts.append((health.returncode, health.stdout.strip()))
+                time.sleep(1)  # sampling rate of the probe, not synchronisation
+            assert daemon.alive(), daemon.stderr
+        assert eventually(lambda: sql.states() == {"enviado": 300}, 60), sql.states()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr
+    assert in_flight_then > 0
+    assert [v for v in verdicts if v[0] != 0] == []
+    counts = fake_api.counts()
+    assert len(counts) == 300 and set(counts.values()) == {1}
+    rows = sql.rows("SELECT telefono, wamid FROM cola_envios")
+    assert {r["telefono"]: r["wamid"] for r in rows} == {p: w[0] for p, w in fake_api.accepted.items()}
+    assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 300
+    assert "database_unavailable" in daemon.stdout and "1290" in daemon.stdout
+
+
+def test_results_held_through_a_cut_longer_than_twice_the_lease_are_all_written(
+    sql: SQL,
+    db_url: DatabaseURL,
+    fake_api: FakeCloudAPI,
+    worker_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 5)
+    fake_api.latency = 1.0
+    with TcpProxy(db_url.host, db_url.port) as proxy:
+        env = worker_env(
+            WORKER_DATABASE_URL=proxy.database_url(db_url),
+            WORKER_CONCURRENCY="5",
+            WORKER_LEASE_SECONDS="3",
+            WORKER_SEND_TIMEOUT="1.4",
+            WORKER_DB_TIMEOUT="1",
+        )
+        daemon = WorkerProcess(env, "run", logs=tmp_path)
+        assert fake_api.wait_until(lambda: fake_api.in_flight == 5)  # every slot sending
+        proxy.cut()
+        assert fake_api.wait_until(lambda: len(fake_api.accepted) == 5 and fake_api.in_flight == 0)
+        cut_until = time.monotonic() + 7  # the lease is 3 s: more than twice it
+        while time.monotonic() < cut_until:
+            assert daemon.alive(), daemon.stderr
+            time.sleep(0.5)  # how long the cut lasts, not synchronisation
+        proxy.restore()
+        assert eventually(lambda: sql.states() == {"enviado": 5}, 30), sql.states()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr
+    rows = sql.rows("SELECT telefono, wamid, attempts FROM cola_envios")
+    assert {r["telefono"]: r["wamid"] for r in rows} == {p: w[0] for p, w in fake_api.accepted.items()}
+    assert {r["attempts"] for r in rows} == {1}
+    assert set(fake_api.counts().values()) == {1}

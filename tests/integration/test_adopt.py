@@ -20,7 +20,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from tests.acceptance.processes import RUNBOOK
+from tests.acceptance.processes import RUNBOOK, WorkerProcess
 from tests.conftest import ROOT, SQL, WORKER_BIN, base_env, connect, fake_api_env
 from tests.fakeapi import FakeCloudAPI
 from worker import schema
@@ -28,7 +28,7 @@ from worker.config import DatabaseURL
 from worker.store import Database, RowRefused
 
 LEGACY = ROOT / "tests" / "legacy"
-SCHEMAS = ["php_latin1.sql", "php_utf8.sql"]
+SCHEMAS = ["php_latin1.sql", "php_utf8.sql", "php_myisam.sql"]
 TABLES = [t.name for t in schema.TABLES]
 PHP_TABLES = TABLES[:3]  # the tables the PHP era has; the others are ours alone
 OURS = {t.name: {c.name for c in t.columns} for t in schema.TABLES}
@@ -390,3 +390,65 @@ def test_retry_never_revives_a_legacy_copy(legacy: Legacy) -> None:
         legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE legacy_duplicate = 0 AND estado = 'error'")
         == 0
     )
+
+
+def test_a_myisam_queue_is_converted_as_an_announced_step_and_three_daemons_send_each_phone_once(
+    server_url: DatabaseURL, fake_api: FakeCloudAPI, tmp_path: Path
+) -> None:
+    legacy = Legacy(server_url, "php_myisam.sql")
+    try:
+        env = fake_api_env(fake_api, tmp_path)
+        refused = legacy.run("run", "--once", **env)  # never a daemon on MyISAM
+        assert refused.returncode == 78 and "cola_envios is MyISAM" in refused.stderr, refused.stderr
+        plan = legacy.run("migrate", "--dry-run").stdout
+        assert re.search(r"found: cola_envios: MyISAM: .*InnoDB.*copied \(\d+ row\(s\), [\d.]+ MB\)", plan)
+        assert "ALTER TABLE cola_envios ENGINE=InnoDB;" in plan
+        assert plan.index("ENGINE=InnoDB") < plan.index("ADD COLUMN")  # converted before anything else
+        legacy.migrate()
+        engines = legacy.sql.rows(
+            "SELECT TABLE_NAME AS t, ENGINE AS e FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+            (legacy.name,),
+        )
+        assert {r["e"] for r in engines} == {"InnoDB"}, engines
+
+        legacy.sql.execute("INSERT INTO sesiones_envio (nombre) VALUES ('seiscientos')")
+        session = legacy.sql.value("SELECT MAX(id) FROM sesiones_envio")
+        for start in range(0, 600, 100):
+            values = ", ".join(
+                f"({session}, {i}, '+5197{i:07d}', '{TEXT}')" for i in range(start, start + 100)
+            )
+            legacy.sql.execute(
+                f"INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje) VALUES {values}"
+            )
+        fake_api.latency = 0.05  # long enough a drain for the three to overlap
+        daemons = [
+            WorkerProcess(
+                base_env(legacy.url, **{**env, "WORKER_PIDFILE": str(tmp_path / f"host{i}.pid")}),
+                "run",
+                "--once",
+                logs=tmp_path,
+            )
+            for i in range(3)
+        ]
+        codes = [daemon.wait(timeout=90) for daemon in daemons]
+        assert codes == [0, 0, 0], [d.stderr[-2000:] for d in daemons]
+        counts = fake_api.counts()
+        ours = {phone: n for phone, n in counts.items() if phone.startswith("+5197")}
+        assert len(ours) == 600 and set(ours.values()) == {1}, [p for p, n in ours.items() if n > 1]
+    finally:
+        legacy.close()
+
+
+def test_a_queue_table_turned_back_to_myisam_stops_every_command_with_one_line(
+    legacy: Legacy, fake_api: FakeCloudAPI, tmp_path: Path
+) -> None:
+    legacy.migrate()
+    legacy.sql.execute("ALTER TABLE cola_envios ENGINE=MyISAM")  # someone's hand edit
+    env = fake_api_env(fake_api, tmp_path)
+    for args in (["run", "--once"], ["status"], ["retry", "--session", "1"]):
+        result = legacy.run(*args, **env)
+        assert result.returncode == 78, (args, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "cola_envios is MyISAM" in lines[0] and "InnoDB" in lines[0], lines
+    assert fake_api.requests == []
+    assert "ENGINE=InnoDB" in legacy.run("migrate", "--dry-run").stdout

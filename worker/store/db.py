@@ -32,12 +32,41 @@ USE_TIMEOUT = -1.0  # `connection(deadline=...)`: the Database's own timeout; No
 # not name that column would be refused. (MySQL warns, 3135, that strict mode should come with
 # the zero-date modes: the mode is set where that warning is not fetched.)
 SESSION_SQL_MODE = "STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION"
+# What each server error means for a running daemon. The server passes through these states
+# (a failover's read-only primary, a restart, a crowd, a lock): an outage, the same statement
+# works later, nothing is dropped and the daemon never exits for them.
+PASSING_STATES = {
+    1040: "too many connections",
+    1047: "Galera: this node is not ready (WSREP has not yet prepared node for application use)",
+    1053: "server shutdown in progress",
+    1158: "network read error",
+    1159: "network read timed out",
+    1160: "network write error",
+    1161: "network write timed out",
+    1203: "the user has too many connections",
+    1205: "lock wait timeout",
+    1213: "deadlock",
+    1226: "a user resource limit was reached (max_queries_per_hour...)",
+    1290: "read-only (--read-only / --super-read-only: a failover, maintenance, a demoted primary)",
+    1317: "query interrupted",
+    1637: "too many active concurrent transactions",
+    1792: "read-only transaction",
+    1836: "read-only mode",
+    1927: "connection killed",
+    1969: "MariaDB max_statement_time exceeded",
+    3024: "MySQL max_execution_time exceeded",
+    3100: "Group Replication refused the commit (this member is not writable)",
+    3101: "Group Replication rolled the transaction back at commit",
+    4031: "the server closed an idle connection",
+}
+# The client lost the server (connection refused, gone away, lost during a query...).
+CLIENT_CODES = frozenset({2002, 2003, 2005, 2006, 2013, 2014, 2055})
+UNAVAILABLE_CODES = frozenset(PASSING_STATES) | CLIENT_CODES
 # The server refused a value of this statement: duplicate key, too long, wrong type, bad JSON...
 ROW_LEVEL_CODES = frozenset({1048, 1062, 1264, 1265, 1292, 1366, 1406, 1452, 3140, 3819, 4025})
-# The server or the network went away; the same statement may work later.
-UNAVAILABLE_CODES = frozenset(
-    {1040, 1053, 1205, 1213, 1317, 1927, 2002, 2003, 2005, 2006, 2013, 2014, 2055, 3024, 4031}
-)
+# Everything else is a statement no wait can fix. Refused privileges are told apart from a
+# schema that lacks something: `migrate` cannot grant.
+PRIVILEGE_CODES = frozenset({1044, 1142, 1143, 1227, 1370})
 
 
 class DatabaseError(Exception):
@@ -55,6 +84,13 @@ class DatabaseUnavailable(DatabaseError):
 class StatementRefused(DatabaseError):
     """A statement the server will never accept as written (missing column or table,
     permission): retrying cannot help; usually the schema needs `whatsapp-worker migrate`."""
+
+    @property
+    def remedy(self) -> str:
+        """What a person must do about it."""
+        if self.code in PRIVILEGE_CODES:
+            return "grant the database user SELECT, INSERT, UPDATE and DELETE on the worker's tables"
+        return "run `whatsapp-worker migrate`"
 
 
 class RowRefused(DatabaseError):

@@ -32,6 +32,9 @@ from worker.store.db import (
 )
 
 MIGRATE_LOCK = "whatsapp_worker_migrate"
+# MyISAM (MySQL's default until 5.5), Aria, MEMORY: `FOR UPDATE SKIP LOCKED` locks nothing and
+# a rollback undoes nothing, so two daemons would claim and send the same row.
+NEEDS_INNODB = "the claim's row locks and transactions need InnoDB"
 DUPLICATE_KEY = 1062
 # Columns each INSERT of ours names: a PHP column outside these must have a default.
 INSERTED = {
@@ -75,8 +78,9 @@ class FoundColumn:
 @dataclass(slots=True)
 class FoundTable:
     name: str
-    engine: str
+    engine: str  # '' for a view
     collation: str
+    size: int = 0  # bytes of data and indexes, as information_schema estimates them
     columns: dict[str, FoundColumn] = field(default_factory=dict)
     indexes: dict[str, tuple[bool, tuple[str, ...]]] = field(default_factory=dict)  # name -> unique, cols
 
@@ -92,9 +96,13 @@ class Gaps:
     next_attempt: str | None = None  # next_attempt_at is not "NULL DEFAULT NULL"
     keys: list[schema.Key] = field(default_factory=list)
     no_default: list[str] = field(default_factory=list)  # NOT NULL, no default, not inserted by us
+    engine: str | None = None  # the engine found, when it is not InnoDB
 
     def problems(self, table: schema.Table) -> list[str]:
-        out = [f"{table.name}.{c.name} is missing" for c in self.columns]
+        out = []
+        if self.engine is not None:
+            out.append(f"{table.name} is {self.engine or 'not a table'}: {NEEDS_INNODB}")
+        out += [f"{table.name}.{c.name} is missing" for c in self.columns]
         state = f"{table.name}.{table.state.column}"
         if self.state_unusable:
             out.append(f"{state} {self.state_unusable}")
@@ -234,11 +242,14 @@ async def _inspect(cur: aiomysql.Cursor) -> dict[str, FoundTable]:
     names = [t.name for t in schema.TABLES]
     marks = ",".join(["%s"] * len(names))
     await cur.execute(
-        "SELECT TABLE_NAME AS name, ENGINE AS engine, TABLE_COLLATION AS collation"
+        "SELECT TABLE_NAME AS name, ENGINE AS engine, TABLE_COLLATION AS collation,"
+        " COALESCE(DATA_LENGTH, 0) + COALESCE(INDEX_LENGTH, 0) AS size"
         f" FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({marks})",
         names,
     )
-    tables = {_s(r[0]): FoundTable(_s(r[0]), _s(r[1]), _s(r[2])) for r in await cur.fetchall()}
+    tables = {
+        _s(r[0]): FoundTable(_s(r[0]), _s(r[1]), _s(r[2]), int(r[3] or 0)) for r in await cur.fetchall()
+    }
     await cur.execute(
         "SELECT TABLE_NAME AS tbl, COLUMN_NAME AS name, COLUMN_TYPE AS column_type,"
         " DATA_TYPE AS data_type, IS_NULLABLE AS nullable, COLUMN_DEFAULT AS dflt, EXTRA AS extra,"
@@ -296,6 +307,8 @@ def _default(raw: Any) -> str | None:
 
 def _gaps(found: FoundTable, table: schema.Table) -> Gaps:
     gaps = Gaps()
+    if found.engine.lower() != "innodb":
+        gaps.engine = found.engine
     gaps.columns = [c for c in table.columns if c.name not in found.columns]
     state = found.columns.get(table.state.column) if table.state.column else None
     if state is not None:
@@ -365,6 +378,17 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
         plan.blockers.append(f"{name} has no id column")
         return
     gaps = _gaps(found, table)
+    if gaps.engine == "":
+        plan.blockers.append(f"{name} is a view, not a table: {NEEDS_INNODB}")
+    elif gaps.engine is not None:
+        plan.found.append(
+            f"{name}: {gaps.engine}: {NEEDS_INNODB} (without them two daemons send the same row);"
+            f" converted first: the table is copied ({count} row(s), {_megabytes(found.size)}),"
+            " and the PHP application's writes to it wait until the copy ends"
+        )
+        plan.steps.append(
+            Step(f"ALTER TABLE {name} ENGINE=InnoDB", f"{name}: convert {gaps.engine} to InnoDB")
+        )
     if gaps.no_default:
         plan.blockers += gaps.problems(table)[-len(gaps.no_default) :]
     if gaps.state_unusable:
@@ -425,6 +449,10 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
             )
             waiting_copies += int((await cur.fetchone())[0])
         _plan_waiting_copies(plan, keep, waiting_copies)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_048_576:.1f} MB"
 
 
 def _widen(state: FoundColumn, missing: list[str], default: str) -> str:

@@ -1,9 +1,10 @@
 """The result writer: one transaction per batch, fenced on each row's lease token.
 
-A sent row becomes `enviado` and gains its `envios_whatsapp` row in the same commit. A row
-recovered as `desconocido` while its worker was cut off keeps its token for one more lease
-length: the true result that worker holds replaces the guess until then, never after (so
-`retry --include-unknown` knows when a row can no longer change under it).
+A sent row becomes `enviado` and gains its `envios_whatsapp` row in the same commit. A result
+is written whenever its row still carries the claim's token, however late: a row recovered as
+`desconocido` while its worker was cut off (a failover, a long outage) keeps the token, and the
+true result that worker held replaces the guess. Only `retry` takes the token away, and it
+waits for the late-result window (the lease plus one more lease length) before it does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, case, placeholders, with_transient_retry
 
 ERROR_TEXT_MAX = 1000
-# A late result is accepted until the lease expired plus one more lease length.
+# Until then `retry` leaves an unknown row alone: its worker may still write the true result.
 LATE_RESULT_WINDOW = (
     "lease_expires_at + INTERVAL TIMESTAMPDIFF(MICROSECOND, claimed_at, lease_expires_at) MICROSECOND"
 )
@@ -28,8 +29,7 @@ CLEAR_LEASE = "lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, 
 # -- name: lock_claimed :many
 LOCK_CLAIMED = (
     "SELECT id, lease_token FROM cola_envios WHERE id IN ({ids})"
-    f" AND (estado = 'procesando' OR (estado = 'desconocido' AND {LATE_RESULT_WINDOW} > {NOW}))"
-    " FOR UPDATE"
+    " AND estado IN ('procesando', 'desconocido') FOR UPDATE"
 )
 # -- name: already_sent :many
 # A batch retried after its COMMIT's answer was lost (the connection cut during the commit)
@@ -37,8 +37,11 @@ LOCK_CLAIMED = (
 # another worker took over.
 ALREADY_SENT = "SELECT id, wamid FROM cola_envios WHERE id IN ({ids}) AND estado = 'enviado'"
 # -- name: mark_sent :exec
+# A row recovered as unknown counted its attempt then (attempts first: MySQL assigns left to
+# right, so it still sees the old estado).
+SPEND_ATTEMPT = "attempts = attempts + IF(estado = 'desconocido', 0, {spent})"
 MARK_SENT = (
-    "UPDATE cola_envios SET estado = 'enviado', wamid = {wamids}, attempts = attempts + 1,"
+    "UPDATE cola_envios SET " + SPEND_ATTEMPT.format(spent=1) + ", estado = 'enviado', wamid = {wamids},"
     f" sent_at = {NOW}, last_error_code = NULL, last_error = NULL, {CLEAR_LEASE}"
     " WHERE id IN ({ids})"
 )
@@ -54,7 +57,7 @@ INSERT_DELIVERY = (
 # -- name: mark_unsent :exec
 # Retry, error, unknown, pause: per-row state, attempt, delay and error in one UPDATE.
 MARK_UNSENT = (
-    "UPDATE cola_envios SET estado = {states}, attempts = attempts + {spent},"
+    "UPDATE cola_envios SET " + SPEND_ATTEMPT + ", estado = {states},"
     f" next_attempt_at = IF(estado = 'pendiente', {NOW} + INTERVAL {{delays}} MICROSECOND, next_attempt_at),"
     " last_error_code = {codes}, last_error = {texts}, " + CLEAR_LEASE + " WHERE id IN ({ids})"
 )

@@ -91,6 +91,7 @@ class Settings:
     drain_timeout: float = 30.0
     send_timeout: float = 15.0
     db_timeout: float = 15.0
+    ddl_lock_wait: int = 10  # seconds `migrate` waits for a table's metadata lock
     max_attempts: int = 5
     retry_base: float = 5.0
     retry_cap: float = 900.0
@@ -135,6 +136,7 @@ class Settings:
             drain_timeout=reader.number("WORKER_DRAIN_TIMEOUT", 30.0, minimum=0.0, maximum=3600.0),
             send_timeout=reader.number("WORKER_SEND_TIMEOUT", 15.0, minimum=0.1, maximum=600.0),
             db_timeout=reader.number("WORKER_DB_TIMEOUT", 15.0, minimum=0.5, maximum=600.0),
+            ddl_lock_wait=reader.integer("WORKER_DDL_LOCK_WAIT", 10, minimum=1, maximum=3600),
             max_attempts=reader.integer("WORKER_MAX_ATTEMPTS", 5, minimum=1, maximum=1000),
             retry_base=reader.number("WORKER_RETRY_BASE", 5.0, minimum=0.0, maximum=DAY),
             retry_cap=reader.number("WORKER_RETRY_CAP", 900.0, minimum=0.0, maximum=DAY),

@@ -40,3 +40,10 @@ def sent(job: Job, wamid: str) -> Finished:
     settings = Settings(database=DatabaseURL("127.0.0.1", 3306, "root", "", "unused"))
     result = SendResult(Outcome.SENT, wamid=wamid)
     return Finished(job, decide(result, attempt=1, settings=settings, rng=Random()))
+
+
+def unsent(job: Job, code: int = 131026) -> Finished:
+    """The result the daemon writes for a permanent error (the row ends in `error`)."""
+    settings = Settings(database=DatabaseURL("127.0.0.1", 3306, "root", "", "unused"))
+    result = SendResult(Outcome.PERMANENT, error_code=code, error_text="Message undeliverable")
+    return Finished(job, decide(result, attempt=1, settings=settings, rng=Random()))

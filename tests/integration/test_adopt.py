@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -452,3 +453,34 @@ def test_a_queue_table_turned_back_to_myisam_stops_every_command_with_one_line(
         assert len(lines) == 1 and "cola_envios is MyISAM" in lines[0] and "InnoDB" in lines[0], lines
     assert fake_api.requests == []
     assert "ENGINE=InnoDB" in legacy.run("migrate", "--dry-run").stdout
+
+
+def test_migrate_waits_for_a_busy_table_only_as_long_as_configured_names_the_holder_and_resumes(
+    server_url: DatabaseURL,
+) -> None:
+    legacy = Legacy(server_url, "php_latin1.sql")
+    php = connect(legacy.url, legacy.name)  # the PHP application, mid-transaction
+    try:
+        with php.cursor() as cur:
+            cur.execute("SELECT CONNECTION_ID() AS id")
+            php_id = cur.fetchone()["id"]
+            cur.execute("BEGIN")
+            cur.execute("SELECT COUNT(*) FROM cola_envios")
+        before = legacy.structure()
+        started = time.monotonic()
+        busy = legacy.run("migrate", WORKER_DDL_LOCK_WAIT="2")
+        waited = time.monotonic() - started
+        assert busy.returncode == 75, busy.stderr  # try again later
+        assert f"connection {php_id} " in busy.stderr and "cola_envios" in busy.stderr, busy.stderr
+        assert "run the same command again" in busy.stderr
+        assert waited < 15, waited  # seconds, not the server's day
+        # nothing of cola_envios changed (sesiones_envio, before it, may have been upgraded)
+        after = legacy.structure()
+        assert {k: v for k, v in after["columns"].items() if k[0] == "cola_envios"} == {
+            k: v for k, v in before["columns"].items() if k[0] == "cola_envios"
+        }
+        php.commit()  # the transaction ends: the same command resumes and finishes
+        assert f"to version {schema.LATEST}" in legacy.migrate()
+    finally:
+        php.close()
+        legacy.close()

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import SQL, WORKER_BIN, base_env
 from tests.fakeapi import FakeCloudAPI, Step
-from tests.integration.helpers import drain, sent
+from tests.integration.helpers import drain, sent, unsent
 from tests.tcpproxy import TcpProxy
 from worker.config import DatabaseURL, Settings
 from worker.store import DatabaseUnavailable, Store
@@ -129,6 +129,28 @@ async def test_retry_of_unknown_rows_waits_while_their_true_result_may_still_arr
     assert "1 error and unknown-outcome row(s) queued again" in _retry_unknown(db_url, session)
     assert (await store.results.record([sent(second, "wamid.LATE")])).written == 0
     assert sql.value("SELECT estado FROM cola_envios WHERE id = %s", (second.id,)) == "pendiente"
+
+
+async def test_a_held_result_lands_however_late_while_nobody_retried_its_row(sql: SQL, store: Store) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 2)
+    sent_row, failed_row = await store.claims.claim(2, lease_seconds=30)
+    # The daemon holding both results was cut off for an hour: the leases expired long ago,
+    # another daemon recovered the rows as unknown, and the late-result window has passed.
+    sql.execute(
+        "UPDATE cola_envios SET claimed_at = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR,"
+        " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 3570 SECOND"
+    )
+    assert await store.claims.recover_expired() == 2
+    # Nobody re-sent them: the true results replace the guess, one attempt each.
+    recorded = await store.results.record([sent(sent_row, "wamid.TRUE"), unsent(failed_row)])
+    assert (recorded.written, recorded.fenced_out) == (2, ())
+    rows = sql.rows("SELECT id, estado, wamid, attempts, lease_token FROM cola_envios ORDER BY id")
+    assert [(r["estado"], r["wamid"], r["attempts"], r["lease_token"]) for r in rows] == [
+        ("enviado", "wamid.TRUE", 1, None),
+        ("error", None, 1, None),
+    ]
+    assert sql.value("SELECT wamid FROM envios_whatsapp") == "wamid.TRUE"
 
 
 async def test_an_unreachable_api_pauses_sending_and_spends_no_attempt(

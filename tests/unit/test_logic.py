@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import pymysql
 import pytest
 import structlog
 
@@ -17,6 +18,7 @@ from worker.models import Outcome
 from worker.ratelimit import RateLimiter
 from worker.retry import backoff
 from worker.sender import parse_response
+from worker.store.db import PASSING_STATES, DatabaseUnavailable, StatementRefused, translate
 
 
 def test_responses_are_parsed_into_results() -> None:
@@ -222,3 +224,30 @@ async def test_a_rate_limiter_wait_never_outlasts_the_loops_beat() -> None:
     assert await limiter.take(5, max_wait=0.01) == 0
     now[0] += 100.0
     assert await limiter.take(5, max_wait=0.01) == 1
+
+
+@pytest.mark.parametrize("code", sorted(PASSING_STATES))
+def test_a_server_state_that_passes_is_an_outage(code: int) -> None:
+    error = translate(pymysql.err.OperationalError(code, "the server says why"))
+    assert isinstance(error, DatabaseUnavailable) and error.code == code
+
+
+@pytest.mark.parametrize(
+    ("code", "remedy"),
+    [
+        (1054, "run `whatsapp-worker migrate`"),  # unknown column
+        (1146, "run `whatsapp-worker migrate`"),  # no such table
+        (1142, "grant the database user"),  # UPDATE command denied to user
+        (1044, "grant the database user"),  # access denied to the database
+    ],
+)
+def test_a_statement_no_wait_can_fix_says_what_a_person_must_do(code: int, remedy: str) -> None:
+    error = translate(pymysql.err.OperationalError(code, "refused"))
+    assert isinstance(error, StatementRefused) and remedy in error.remedy
+
+
+def test_read_only_is_an_outage_on_both_servers_wordings() -> None:
+    # MariaDB and MySQL both answer 1290 to a user without SUPER; MySQL's InnoDB read-only
+    # mode answers 1836, a START TRANSACTION READ ONLY 1792.
+    for code in (1290, 1836, 1792):
+        assert isinstance(translate(pymysql.err.InternalError(code, "read-only")), DatabaseUnavailable)

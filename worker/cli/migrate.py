@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from worker import schema
 from worker.cli.common import open_store
 from worker.config import Settings
-from worker.exits import EX_OK
+from worker.exits import EX_OK, EX_TEMPFAIL
 from worker.store import DatabaseError
+from worker.store.migrations import TableBusy
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,7 +28,10 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         return await _migrate_dry_run(settings)
     store = await open_store(settings, create=True)
     try:
-        applied = await store.migrations.migrate()
+        applied = await store.migrations.migrate(lock_wait=settings.ddl_lock_wait)
+    except TableBusy as exc:
+        print(f"whatsapp-worker: migrate stopped: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     finally:
         await store.close()
     if applied.steps:

@@ -24,6 +24,7 @@ import pymysql
 from worker import schema
 from worker.store.db import (
     DRIVER_ERRORS,
+    LOCK_WAIT_TIMEOUT,
     Database,
     DatabaseError,
     StatementRefused,
@@ -42,6 +43,27 @@ INSERTED = {
     "cola_envios": {"sesion_id", "cliente_id", "telefono", "mensaje"},
     "envios_whatsapp": {"cola_id", "sesion_id", "cliente_id", "telefono", "wamid", "fecha_envio"},
 }
+
+
+class TableBusy(DatabaseError):
+    """Another connection holds a table's lock longer than `WORKER_DDL_LOCK_WAIT`: migrate
+    stopped before that statement (what ran before it stays; the same command resumes)."""
+
+    def __init__(self, step: Step, holders: list[Holder], wait: int) -> None:
+        who = "; ".join(h.text for h in holders) or "a connection this user cannot see (grant PROCESS)"
+        kill = f" (or end it: KILL {holders[0].id})" if len(holders) == 1 else ""
+        super().__init__(
+            f"{step.why}: waited {wait}s for the table's lock, held by {who}. Nothing more was changed:"
+            f" run the same command again when that transaction ends{kill}",
+            code=LOCK_WAIT_TIMEOUT,
+        )
+        self.holders = holders
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    id: int
+    text: str
 
 
 class SchemaMismatch(DatabaseError):
@@ -128,6 +150,12 @@ class Step:
     # A unique key may meet a duplicate a producer inserted after the numbering: number again.
     renumber: str | None = None
 
+    @property
+    def table(self) -> str:
+        """The table this statement changes."""
+        match = re.match(r"(?:ALTER TABLE|UPDATE|CREATE TABLE(?: IF NOT EXISTS)?)\s+`?(\w+)", self.sql)
+        return match.group(1) if match else ""
+
 
 @dataclass(slots=True)
 class Plan:
@@ -154,16 +182,24 @@ class Migrations:
             await conn.commit()
         return plan
 
-    async def migrate(self) -> Applied:
-        """Upgrade in place, step by step; raises SchemaMismatch if it cannot."""
+    async def migrate(self, *, lock_wait: int = 10) -> Applied:
+        """Upgrade in place, step by step; raises SchemaMismatch if it cannot, TableBusy when
+        a table's lock was not free within `lock_wait` seconds."""
         try:
             async with self._db.connection(deadline=None) as conn, conn.cursor() as cur:
                 await cur.execute("SELECT GET_LOCK(%s, 60)", (MIGRATE_LOCK,))
                 (locked,) = await cur.fetchone()
                 if locked != 1:
                     raise DatabaseError(f"another migrate holds the lock {MIGRATE_LOCK}")
+                # An ALTER waits for the table's metadata lock, and every statement of the PHP
+                # application on that table queues behind the waiting ALTER: the server's
+                # default wait (a day, a year) would freeze the application.
+                await cur.execute(
+                    "SET SESSION lock_wait_timeout = %s, innodb_lock_wait_timeout = %s",
+                    (lock_wait, lock_wait),
+                )
                 try:
-                    return await _migrate(conn, cur)
+                    return await _migrate(conn, cur, lock_wait)
                 finally:
                     await conn.rollback()
                     await cur.execute("DO RELEASE_LOCK(%s)", (MIGRATE_LOCK,))
@@ -200,14 +236,20 @@ class Migrations:
         return int(version or 0)
 
 
-async def _migrate(conn: aiomysql.Connection, cur: aiomysql.Cursor) -> Applied:
+async def _migrate(conn: aiomysql.Connection, cur: aiomysql.Cursor, lock_wait: int) -> Applied:
     with quiet_notes():
         await cur.execute(schema.VERSION_TABLE)
     plan = await _plan(cur)
     if plan.blockers:
         raise SchemaMismatch(plan.blockers, hint="fix these by hand, then run `whatsapp-worker migrate`")
     for step in plan.steps:
-        await _execute(conn, cur, step)
+        try:
+            await _execute(conn, cur, step)
+        except pymysql.err.OperationalError as exc:
+            if exc.args[0] != LOCK_WAIT_TIMEOUT:
+                raise
+            await conn.rollback()
+            raise TableBusy(step, await _lock_holders(cur, step.table), lock_wait) from None
     found = await _inspect(cur)
     problems = [p for t in schema.TABLES for p in _gaps(found[t.name], t).problems(t)]
     if problems:
@@ -285,6 +327,53 @@ async def _inspect(cur: aiomysql.Cursor) -> dict[str, FoundTable]:
             unique, cols = table.indexes.get(_s(r[1]), (not int(r[2]), ()))
             table.indexes[_s(r[1])] = (unique, (*cols, _s(r[3])))
     return tables
+
+
+# -- name: metadata_lock_holders :many
+# MySQL: who holds a lock on the table (performance_schema, on by default since 8.0).
+METADATA_LOCK_HOLDERS = (
+    "SELECT t.PROCESSLIST_ID AS id, t.PROCESSLIST_USER AS user, t.PROCESSLIST_HOST AS host,"
+    " t.PROCESSLIST_COMMAND AS command, t.PROCESSLIST_TIME AS idle, t.PROCESSLIST_INFO AS info"
+    " FROM performance_schema.metadata_locks m JOIN performance_schema.threads t"
+    " ON t.THREAD_ID = m.OWNER_THREAD_ID WHERE m.OBJECT_TYPE = 'TABLE' AND m.OBJECT_SCHEMA = DATABASE()"
+    " AND m.OBJECT_NAME = %s AND m.LOCK_STATUS = 'GRANTED' AND t.PROCESSLIST_ID <> CONNECTION_ID()"
+)
+# -- name: open_transactions :many
+# MariaDB (performance_schema is off by default): the connections with a transaction open,
+# oldest first; one of them holds the table.
+OPEN_TRANSACTIONS = (
+    "SELECT p.ID AS id, p.USER AS user, p.HOST AS host, p.COMMAND AS command, p.TIME AS idle,"
+    " p.INFO AS info, x.trx_started AS started FROM information_schema.INNODB_TRX x"
+    " JOIN information_schema.PROCESSLIST p ON p.ID = x.trx_mysql_thread_id"
+    " WHERE p.ID <> CONNECTION_ID() ORDER BY x.trx_started"
+)
+
+
+async def _lock_holders(cur: aiomysql.Cursor, table: str) -> list[Holder]:
+    """The connections that hold `table`'s lock, as a person can find and end them."""
+    rows: list[Any] = []
+    try:
+        await cur.execute(METADATA_LOCK_HOLDERS, (table,))
+        rows = list(await cur.fetchall())
+    except pymysql.err.MySQLError:
+        pass  # no performance_schema access: the other way
+    open_transaction = ""
+    if not rows:
+        try:
+            await cur.execute(OPEN_TRANSACTIONS)
+            rows = list(await cur.fetchall())
+        except pymysql.err.MySQLError:
+            return []
+        open_transaction = ", a transaction open"
+    holders = []
+    for r in rows:
+        command, idle, info = _s(r[3]).lower(), r[4], _s(r[5])
+        state = "idle" if command in ("sleep", "") else command
+        doing = f"running {info[:80]!r}" if info else f"{state} for {idle}s"
+        holders.append(
+            Holder(int(r[0]), f"connection {r[0]} ({_s(r[1])}@{_s(r[2])}{open_transaction}, {doing})")
+        )
+    return holders
 
 
 def _s(value: Any) -> str:

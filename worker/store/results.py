@@ -214,5 +214,5 @@ async def _write_unsent(cur: aiomysql.Cursor, rows: list[Finished]) -> None:
         MARK_UNSENT.format(
             states=states, spent=spent, delays=delays, codes=codes, texts=texts, ids=placeholders(len(ids))
         ),
-        (*state_params, *spent_params, *delay_params, *code_params, *text_params, *ids),
+        (*spent_params, *state_params, *delay_params, *code_params, *text_params, *ids),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,7 +106,11 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"
     pidfile: Path = Path("/run/whatsapp-worker/whatsapp-worker.pid")
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # Unique per process start: containers with a fixed `hostname:` and pid 1, Swarm templates
+    # and cloned VMs share host and pid, and the fleet must still count each daemon.
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    )
     # `whatsapp-worker webhook` (status webhooks, opt-outs); the secrets are required there only.
     webhook_host: str = "127.0.0.1"
     webhook_port: int = 8080  # 0: any free port (tests; the port is logged)

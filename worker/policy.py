@@ -23,6 +23,12 @@ MARKETING_LIMIT_CODE = 131049  # marketing "healthy ecosystem" limit: defer at l
 MARKETING_LIMIT_DELAY = 24 * 3600.0
 TEMPLATE_PAUSED_CODE = 132015  # template paused for low quality: hold that template's rows
 TEMPLATE_DEAD_CODES = frozenset({132001, 132007, 132016})  # missing / policy / disabled
+INTEGRITY_BLOCK_CODE = 368  # the account is blocked for policy violations: every row would fail
+COUNTRY_BLOCKED_CODE = 130497  # this account may not message users in the recipient's country
+# A permanent error whose text from Meta does not say what it means for the row.
+REASONS = {
+    COUNTRY_BLOCKED_CODE: "this business account may not message users in the recipient's country",
+}
 # The API could not be reached at all (refused, DNS, connect timeout). A network blip usually
 # lasts seconds, and a probe that cannot connect provably sends nothing, so probe sooner than
 # after an account error (WORKER_PAUSE_SECONDS, which waits for a human).
@@ -58,11 +64,13 @@ CODES: dict[int, Outcome] = {
     132005: Outcome.PERMANENT,
     132012: Outcome.PERMANENT,
     135000: Outcome.PERMANENT,
+    COUNTRY_BLOCKED_CODE: Outcome.PERMANENT,  # for that recipient only: the reason says so
     **dict.fromkeys(TEMPLATE_DEAD_CODES, Outcome.PERMANENT),  # and hold that template
     # pause: a template (132015) or all sending (account level)
     TEMPLATE_PAUSED_CODE: Outcome.PAUSE,
     MAINTENANCE_CODE: Outcome.PAUSE,
     **dict.fromkeys((0, 3, 10, 190, 131005, 131031, 131042, 131045, 131048, 133010), Outcome.PAUSE),
+    INTEGRITY_BLOCK_CODE: Outcome.PAUSE,  # a block lasts hours or days: never burn the queue
     **dict.fromkeys(range(200, 300), Outcome.PAUSE),  # permissions
 }
 
@@ -148,7 +156,9 @@ def decide(result: SendResult, *, attempt: int, settings: Settings, rng: random.
             return make(RowState.PENDING, "message_retry_scheduled", "retry", delay=delay)
         case Outcome.PERMANENT:
             hold = template_hold if code in TEMPLATE_DEAD_CODES else None
-            return make(RowState.ERROR, "message_failed", "error", hold=hold)
+            reason = REASONS.get(code or 0)
+            explained = f"{reason} ({code}): {text}" if reason else text
+            return make(RowState.ERROR, "message_failed", "error", hold=hold, error_text=explained)
         case Outcome.UNKNOWN:
             return make(RowState.UNKNOWN, "message_outcome_unknown", "unknown")
         case Outcome.PAUSE if code == TEMPLATE_PAUSED_CODE:

@@ -22,13 +22,15 @@ GROUP BY cliente_id HAVING COUNT(*) > 1"""
 class WorkerProcess:
     """`whatsapp-worker ARGS` in a subprocess, stdout and stderr captured in files."""
 
-    def __init__(self, env: dict[str, str], *args: str, logs: Path) -> None:
+    def __init__(self, env: dict[str, str], *args: str, logs: Path, program: list[str] | None = None) -> None:
+        """`program`: what runs ARGS (default: the worker; `[]`: ARGS is the whole command)."""
         logs.mkdir(parents=True, exist_ok=True)
         stem = logs / f"{args[0]}-{time.monotonic_ns()}"
         self._out_path, self._err_path = stem.with_suffix(".out"), stem.with_suffix(".err")
         self._files: list[IO[str]] = [self._out_path.open("w"), self._err_path.open("w")]
+        command = [*(WORKER_BIN if program is None else program), *args]
         self.process = subprocess.Popen(
-            [*WORKER_BIN, *args], env=env, text=True, stdout=self._files[0], stderr=self._files[1]
+            command, env=env, text=True, stdout=self._files[0], stderr=self._files[1]
         )
         self.pid = self.process.pid
 

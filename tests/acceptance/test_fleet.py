@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.acceptance.processes import WorkerProcess
-from tests.conftest import SQL, eventually
+from tests.conftest import SQL, WORKER_BIN, eventually
 from tests.fakeapi import FakeCloudAPI, Step
 
 LIMIT = 20
+# Each daemon as pid 1 of a pid namespace of its own, with a host name of its own.
+NAMESPACED = ["unshare", "--pid", "--uts", "--fork", "--kill-child=SIGTERM"]
 
 
 def test_three_daemons_share_one_numbers_limit_even_when_one_is_killed_and_restarted(
@@ -145,3 +149,41 @@ def test_meta_saying_too_many_messages_lowers_the_rate_and_every_row_still_goes(
     lowered = [e for e in run.events() if e["event"] == "rate_lowered"]
     assert lowered and lowered[0]["phone_number_id"] == fake_api.phone_number_id
     assert lowered[0]["rate"] < 40 * 0.97 / 2 + 0.01  # halved (at most) at the first 130429
+
+
+def test_two_daemons_with_the_same_host_name_and_pid_still_share_one_limit(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    """Containers with a fixed `hostname:` and `init: true`, Swarm templates, cloned VMs: each
+    daemon runs as pid 1 of its own pid namespace on a host called the same."""
+    session = sql.add_session("twins")
+    sql.add_rows(session, 200)
+    fake_api.latency = 0.02
+
+    def twin(i: int) -> WorkerProcess:
+        env = worker_env(
+            WORKER_PIDFILE=str(tmp_path / f"twin{i}.pid"),
+            WORKER_RATE_LIMIT=str(LIMIT),
+            WORKER_FLEET_BEAT="0.2",
+        )
+        command = f"hostname twin-host && exec {shlex.join(WORKER_BIN)} run"
+        return WorkerProcess(env, *NAMESPACED, "sh", "-c", command, logs=tmp_path, program=[])
+
+    twins = [twin(0), twin(1)]
+    try:
+        assert eventually(
+            lambda: (
+                sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado IN ('pendiente', 'procesando')") == 0
+            ),
+            60,
+        )
+    finally:
+        for daemon in twins:  # unshare passes no signal on: the daemon is its child
+            children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+            os.kill(int(children[0]), signal.SIGTERM)
+        codes = [daemon.wait(timeout=30) for daemon in twins]
+    assert codes == [0, 0], [d.stderr[-2000:] for d in twins]
+    rows = sql.rows("SELECT worker_id, host, pid FROM whatsapp_worker_daemons")
+    assert {(r["host"], r["pid"]) for r in rows} == {("twin-host", 1)} and len(rows) == 2, rows
+    assert fake_api.busiest_second() <= LIMIT
+    assert max(fake_api.counts().values()) == 1

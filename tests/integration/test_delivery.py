@@ -161,6 +161,40 @@ async def test_expired_token_pauses_without_failing_rows(
     assert len(fake_api.requests) == 1  # paused after the first 190, not burning the queue
 
 
+async def test_an_integrity_block_pauses_sending_and_no_row_of_the_queue_ends_in_error(
+    sql: SQL, fake_api: FakeCloudAPI, settings: Callable[..., Settings]
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 300)
+    blocked = "Your account is temporarily blocked for policy violations"
+    fake_api.fail_all(Step.error(368, http_status=403, details=blocked))
+
+    await drain(
+        settings(concurrency=8, pause_seconds=0.2),  # probes every 0.2 s while the block lasts
+        once=False,
+        until=lambda: len(fake_api.requests) >= 20,
+    )
+
+    assert sql.states() == {"pendiente": 300}
+    assert sql.value("SELECT MAX(attempts) FROM cola_envios") == 0
+    assert len(fake_api.requests) <= 20 + 8  # probes, not the queue
+
+
+async def test_a_country_the_account_may_not_message_fails_that_row_only_and_says_why(
+    sql: SQL, fake_api: FakeCloudAPI, settings: Callable[..., Settings]
+) -> None:
+    session = sql.add_session()
+    blocked = sql.add_rows(session, 4)[0]
+    fake_api.script(blocked, Step.error(130497, details="Business account is restricted from messaging"))
+
+    await drain(settings())
+
+    assert sql.states() == {"enviado": 3, "error": 1}
+    row = sql.rows("SELECT last_error_code, last_error FROM cola_envios WHERE estado = 'error'")[0]
+    assert row["last_error_code"] == 130497
+    assert "may not message users in the recipient's country" in row["last_error"]
+
+
 async def test_sending_resumes_by_itself_when_the_token_works_again(
     sql: SQL, fake_api: FakeCloudAPI, settings: Callable[..., Settings]
 ) -> None:

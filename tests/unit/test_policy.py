@@ -53,6 +53,8 @@ DAY = 24 * 3600.0
         (200, 403, Outcome.PAUSE),
         (299, 403, Outcome.PAUSE),
         (133010, 400, Outcome.PAUSE),
+        (368, 403, Outcome.PAUSE),  # the account is blocked for policy violations
+        (130497, 400, Outcome.PERMANENT),  # that recipient's country only
         (None, 502, Outcome.UNKNOWN),
         (None, 429, Outcome.RETRY),
         (None, 401, Outcome.PAUSE),
@@ -71,6 +73,7 @@ def test_every_code_of_the_doc_is_in_the_table() -> None:
     documented |= {132001, 132007, 132016, 132015, 135000, 131049, 0, 190, 3, 10, 131005}
     documented |= {131031, 131042, 131045, 133010, 131048, *range(200, 300)}
     documented |= {131050}  # issue 10: the user stopped marketing messages (an opt-out)
+    documented |= {368, 130497}  # an integrity block pauses; a blocked country is per row
     assert documented == set(CODES)
 
 

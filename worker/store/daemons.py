@@ -14,7 +14,7 @@ from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database
 
 # -- name: register :exec
-# A restarted daemon with the same id (a container's pid 1) starts a fresh row.
+# The id is unique per process start (host:pid:instance); a clash still starts a fresh row.
 REGISTER = (
     "INSERT INTO whatsapp_worker_daemons (worker_id, host, pid, version, started_at, beat_at, state)"
     f" VALUES (%s, %s, %s, %s, {NOW}, {NOW}, 'starting')"

@@ -28,9 +28,11 @@ from worker.recorder import Recorder
 from worker.rotation import Rotation
 from worker.sender import Sender
 from worker.store import Beat, DatabaseError, DatabaseUnavailable, StatementRefused, Store
+from worker.store.claims import MAX_SESSIONS
 from worker.systemd import Notifier
 
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
+CAPPED_LOG_EVERY = 60.0  # seconds between two warnings that the sessions read was capped
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Daemon:
         )
         self._heartbeat = Heartbeat(path=settings.heartbeat_path, notifier=self._notifier)
         self._db_down = False
+        self._capped_logged_at = float("-inf")
         self._once = False
         self._rows_left: int | None = None  # `run --once --max N`
         self._signals = 0
@@ -247,11 +250,24 @@ class Daemon:
             return max(0.005, held)  # due rows wait for a token or a pause: not done
         if not order:
             self._rotation.forget()  # new sessions may have come: read them at the next turn
+            if self._claims.capped:  # more sessions than one read takes: read on at once
+                self._scan_capped()
+                return 0.0
         if self._once:
             if not self._in_flight and not self._recorder.pending:
                 return None  # nothing due and nothing in flight: done
             return BEAT_EVERY
         return self._settings.poll_interval * self._rng.uniform(0.8, 1.2)
+
+    def _scan_capped(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._capped_logged_at >= CAPPED_LOG_EVERY:
+            self._capped_logged_at = now
+            self._log.warning(
+                "sessions_scan_capped",
+                sessions_per_read=MAX_SESSIONS,
+                action="more sessions hold waiting rows than one read takes: the next read goes on",
+            )
 
     def _room(self, number: str, free: int) -> tuple[int, float]:
         """Rows a number may start now, or how long until it may (a paused number under
@@ -365,9 +381,9 @@ class Daemon:
             self._db_down = False
             self._log.warning("database_available")
 
-    def sessions_sending(self) -> list[int] | None:
-        """The sessions whose rows may go now (quiet hours allowing); None: not read yet."""
-        return self._rotation.open_now()
+    def sessions_held(self) -> list[int] | None:
+        """The sessions held by quiet hours now; None: the daemon's own window holds them all."""
+        return self._rotation.held_now()
 
     def _throttled(self, number: str) -> None:
         """Meta said 130429 (too many messages for this number): slow down, then recover."""

@@ -26,7 +26,7 @@ from typing import Any
 
 from worker import __version__
 from worker.ratelimit import RateLimits
-from worker.store import Beat, Daemons, DatabaseError, DatabaseUnavailable
+from worker.store import Beat, Daemons, DatabaseError, DatabaseUnavailable, Live
 
 SETTLE = 2.5  # beats a newcomer waits before sending
 FENCE = 2.0  # beats without a successful beat after which a daemon stops sending
@@ -70,6 +70,9 @@ class Fleet:
         self._last_beat = float("inf")  # when the last good beat started (none yet)
         self._sent: deque[tuple[float, int]] = deque()
         self.live = 1
+        self._differ: dict[str, tuple[float | None, float | None]] = {}  # the last mismatch logged
+        # A daemon that beats more slowly than this one must not look dead between its beats.
+        self._slowest_beat = beat
         if limit > 0:
             limiter.block()  # until the others have counted this daemon
 
@@ -101,14 +104,44 @@ class Fleet:
             except DatabaseError:
                 pass  # the row goes stale and counts as dead after LIVE_HORIZON beats
 
+    def _fleet_limit(self, live: Live) -> float:
+        """The smallest limit any live daemon has: a fleet configured unevenly keeps to the
+        strictest of them, and says so loudly once per change."""
+        differ = {
+            worker: settings
+            for worker, settings in live.settings.items()
+            if settings != (self._limit, self._beat) and settings != (None, None)  # None: older version
+        }
+        if differ != self._differ:
+            self._differ = differ
+            if differ:
+                self._log.error(
+                    "fleet_settings_differ",
+                    rate_limit=self._limit,
+                    fleet_beat=self._beat,
+                    others={worker: {"rate_limit": s[0], "fleet_beat": s[1]} for worker, s in differ.items()},
+                    action="every daemon of a number needs the same WORKER_RATE_LIMIT and WORKER_FLEET_BEAT;"
+                    " the fleet keeps to the smallest limit meanwhile",
+                )
+        beats = [s[1] for s in live.settings.values() if s[1] is not None]
+        self._slowest_beat = max([self._slowest_beat, *beats])
+        limits = [s[0] for s in live.settings.values() if s[0] is not None and s[0] > 0]
+        return min([self._limit, *limits])
+
     async def _turn(self) -> None:
         started = self._clock()
         try:
             if self._registered_at is None:
-                await self._daemons.register(host=socket.gethostname(), pid=os.getpid(), version=__version__)
+                await self._daemons.register(
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    version=__version__,
+                    rate_limit=self._limit,
+                    fleet_beat=self._beat,
+                )
                 await self._daemons.forget_old()  # rows of daemons gone for a day
                 self._registered_at = started
-            self.live = await self._daemons.beat(self._status(), horizon=LIVE_HORIZON * self._beat)
+            live = await self._daemons.beat(self._status(), horizon=LIVE_HORIZON * self._slowest_beat)
         except DatabaseUnavailable:
             return  # the fence set at the last good beat stops sending in time
         except DatabaseError as exc:  # refused: no retry helps; sending stays fenced meanwhile
@@ -118,6 +151,8 @@ class Fleet:
             self._log.exception("fleet_beat_failed")
             return
         assert self._registered_at is not None
+        self.live = live.count
+        limit = self._fleet_limit(live)
         if started - self._last_beat > FENCE * self._beat:
             # Silent long enough for the others to count this daemon dead and take its share:
             # it joins again like a newcomer (after a database outage, every daemon does).
@@ -129,5 +164,5 @@ class Fleet:
             return
         if started - self._registered_at < SETTLE * self._beat:
             return  # still blocked: the others may not have counted this daemon yet
-        rate, burst = fleet_share(self._limit, self.live)
+        rate, burst = fleet_share(limit, self.live)
         self._limiter.set_share(rate, burst, until=started + FENCE * self._beat)

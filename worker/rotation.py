@@ -37,28 +37,25 @@ class Rotation:
         self._sessions: list[DueSession] = []
         self._windows: dict[tuple[str | None, str | None], SendWindow | None] = {}
         self._read_at = float("-inf")
-        self._read_once = False
         self._turn = 0
 
     def forget(self) -> None:
         """Read the sessions again at the next claim (nothing was due in the cached list)."""
         self._read_at = float("-inf")
 
-    def open_now(self) -> list[int] | None:
-        """Ids of the sessions with waiting rows whose windows are open now (as last read);
-        None before the first read."""
-        if not self._read_once:
-            return None
+    def held_now(self) -> list[int] | None:
+        """Ids of the sessions (as last read) whose windows are closed now; None when the
+        daemon's own window is closed: every session is held."""
         now = self._wall()
         if not open_now((self._daemon_window,), now):
-            return []
-        return [s.id for s in self._sessions if self._open(s, now)]
+            return None
+        return [s.id for s in self._sessions if not self._open(s, now)]
 
     async def next_order(self) -> list[DueSession]:
         """Sessions to claim from, a different one first each time; [] when none may send."""
         if self._clock() - self._read_at >= REFRESH:
             self._sessions = await self._read()
-            self._read_at, self._read_once = self._clock(), True
+            self._read_at = self._clock()
         now = self._wall()
         if not open_now((self._daemon_window,), now):
             return []

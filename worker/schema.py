@@ -198,6 +198,9 @@ DAEMONS = Table(
         Column("paused_since", "DATETIME(6) NULL"),
         Column("paused_until", "DATETIME(6) NULL"),
         Column("stopped_at", "DATETIME(6) NULL"),
+        # Each daemon's own settings, so that the fleet can see a daemon configured differently.
+        Column("rate_limit", "DOUBLE NULL"),
+        Column("fleet_beat", "DOUBLE NULL"),
     ),
     (
         Key("uq_whatsapp_worker_daemons_worker", ("worker_id",), unique=True),
@@ -220,6 +223,9 @@ STATUSES = Table(
         Column("raw", f"MEDIUMTEXT {TEXT} NOT NULL"),  # the status object as received, for audit
         Column("received_at", "DATETIME(6) NOT NULL"),
         Column("applied_at", "DATETIME(6) NULL"),  # NULL: not yet applied to its row
+        # Why applying it was refused (a wamid too long for an adopted column, a trigger): the
+        # status is kept and marked applied so that every other status still is.
+        Column("apply_error", f"VARCHAR(1000) {TEXT} NULL"),
     ),
     (
         Key("uq_whatsapp_worker_statuses", ("wamid", "status"), unique=True),
@@ -270,6 +276,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "queue tables"),
     Migration(2, "adopt and upgrade in place"),
     Migration(3, "daemons, sending numbers and windows, status webhooks, opt-outs"),
+    Migration(4, "InnoDB only, the fleet's settings, refused statuses"),
 )
 
 VERSION_TABLE = f"""CREATE TABLE IF NOT EXISTS whatsapp_worker_migrations (

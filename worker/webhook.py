@@ -288,6 +288,11 @@ class WebhookMetrics:
         self.optouts = Counter(
             "whatsapp_worker_webhook_optouts", "Phones newly opted out", registry=self.registry
         )
+        self.refused = Counter(
+            "whatsapp_worker_webhook_statuses_refused",
+            "Statuses the database refused to apply (kept with the reason in apply_error)",
+            registry=self.registry,
+        )
         self.pending = Gauge(
             "whatsapp_worker_webhook_pending_statuses",
             "Stored statuses not applied yet (their row is still being sent), at the last sweep",
@@ -485,6 +490,16 @@ class Settler:
             cursor = applied.last_id
 
     def _report(self, applied: Applied) -> None:
+        for refused in applied.refused:
+            self._log.error(
+                "status_refused",
+                wamid=refused.wamid,
+                job_id=refused.cola_id,
+                error=refused.reason,
+                action="kept with the reason (whatsapp_worker_statuses.apply_error); the others are applied",
+            )
+        if applied.refused:
+            self._metrics.refused.inc(len(applied.refused))
         for outcome, count in applied.settled.items():
             if count:
                 self._metrics.settled.labels(outcome).inc(count)

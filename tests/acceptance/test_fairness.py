@@ -121,3 +121,34 @@ def test_sessions_whose_rows_all_wait_for_later_do_not_hold_a_due_session_back(
     assert run.wait(timeout=60) == 0, run.stderr[-2000:]
     assert len(fake_api.requests) == 60
     assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = 'pendiente'") == 15
+
+
+def test_a_thousand_sessions_of_rows_not_yet_due_never_hide_a_due_one(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    # scheduled reminders: 1,000 sessions, one row each, due tomorrow; then one row due now
+    sql.execute(
+        "INSERT INTO sesiones_envio (nombre) SELECT CONCAT('tomorrow-', seq) FROM"
+        " (SELECT a.n * 100 + b.n * 10 + c.n AS seq FROM"
+        " (SELECT 0 n UNION SELECT 1 UNION SELECT 2 UNION SELECT 3 UNION SELECT 4 UNION SELECT 5"
+        " UNION SELECT 6 UNION SELECT 7 UNION SELECT 8 UNION SELECT 9) a,"
+        " (SELECT 0 n UNION SELECT 1 UNION SELECT 2 UNION SELECT 3 UNION SELECT 4 UNION SELECT 5"
+        " UNION SELECT 6 UNION SELECT 7 UNION SELECT 8 UNION SELECT 9) b,"
+        " (SELECT 0 n UNION SELECT 1 UNION SELECT 2 UNION SELECT 3 UNION SELECT 4 UNION SELECT 5"
+        " UNION SELECT 6 UNION SELECT 7 UNION SELECT 8 UNION SELECT 9) c) seqs"
+    )
+    sql.execute(
+        "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje, next_attempt_at)"
+        " SELECT id, id, CONCAT('+5197', LPAD(id, 7, '0')), %s, UTC_TIMESTAMP() + INTERVAL 1 DAY"
+        " FROM sesiones_envio",
+        ('{"type":"text","text":{"body":"mañana"}}',),
+    )
+    now = sql.add_session("now")
+    (phone,) = sql.add_rows(now, 1, start=5_000_000)
+    assert sql.value("SELECT COUNT(*) FROM sesiones_envio") == 1001
+
+    run = WorkerProcess(worker_env(), "run", "--once", logs=tmp_path)
+    assert run.wait(timeout=60) == 0, run.stderr[-2000:]
+    assert fake_api.counts() == {phone: 1}
+    assert sql.value("SELECT estado FROM cola_envios WHERE sesion_id = %s", (now,)) == "enviado"
+    assert any(e["event"] == "sessions_scan_capped" for e in run.events())

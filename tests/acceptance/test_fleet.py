@@ -187,3 +187,34 @@ def test_two_daemons_with_the_same_host_name_and_pid_still_share_one_limit(
     assert {(r["host"], r["pid"]) for r in rows} == {("twin-host", 1)} and len(rows) == 2, rows
     assert fake_api.busiest_second() <= LIMIT
     assert max(fake_api.counts().values()) == 1
+
+
+def test_a_daemon_configured_differently_is_named_loudly_and_the_fleet_keeps_the_smallest_limit(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    session = sql.add_session("uneven")
+    sql.add_rows(session, 240)
+    fake_api.latency = 0.02
+    settings = [{"WORKER_RATE_LIMIT": "40"}, {"WORKER_RATE_LIMIT": "80", "WORKER_FLEET_BEAT": "0.5"}]
+    daemons = [
+        WorkerProcess(worker_env(WORKER_PIDFILE=str(tmp_path / f"d{i}.pid"), **extra), "run", logs=tmp_path)
+        for i, extra in enumerate(settings)
+    ]
+    try:
+        assert eventually(
+            lambda: (
+                sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado IN ('pendiente', 'procesando')") == 0
+            ),
+            60,
+        )
+    finally:
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+        codes = [daemon.wait(timeout=30) for daemon in daemons]
+    assert codes == [0, 0], [d.stderr[-2000:] for d in daemons]
+    assert fake_api.busiest_second() <= 40
+    for daemon in daemons:
+        differ = [e for e in daemon.events() if e["event"] == "fleet_settings_differ"]
+        assert differ and differ[0]["level"] == "error", daemon.stdout[-2000:]
+    named = next(e for e in daemons[0].events() if e["event"] == "fleet_settings_differ")["others"]
+    assert list(named.values()) == [{"rate_limit": 80.0, "fleet_beat": 0.5}]

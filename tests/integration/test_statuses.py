@@ -291,3 +291,30 @@ async def test_pending_statuses_are_read_on_their_index(sql: SQL, store: Store) 
     plan_rows = sql.rows("EXPLAIN " + PENDING_STATUSES.replace(" FOR UPDATE SKIP LOCKED", ""), (0, 10))
     (first,) = [{k.lower(): v for k, v in r.items()} for r in plan_rows]
     assert first["key"] == "ix_whatsapp_worker_statuses_pending", first
+
+
+async def test_a_status_the_database_refuses_is_kept_with_its_reason_and_every_other_one_applies(
+    sql: SQL, store: Store
+) -> None:
+    # an adopted envios_whatsapp with the PHP era's VARCHAR(100) wamid
+    sql.execute("ALTER TABLE envios_whatsapp MODIFY wamid VARCHAR(100) NULL")
+    session = sql.add_session()
+    sql.add_rows(session, 4)
+    ids = [int(r["id"]) for r in sql.rows("SELECT id FROM cola_envios ORDER BY id")]
+    sql.execute("UPDATE cola_envios SET estado = 'desconocido', attempts = 1")
+    too_long = "wamid." + "x" * 104  # 110 characters: cola_envios holds it, envios_whatsapp does not
+    wamids = ["wamid.A", too_long, "wamid.C", "wamid.D"]
+    await store.statuses.store([status(i, "sent", wamid=w) for i, w in zip(ids, wamids, strict=True)])
+
+    applied = await store.statuses.apply_pending()
+
+    assert applied.settled["sent"] == 3 and sorted(applied.settled_ids) == [ids[0], ids[2], ids[3]]
+    assert [(r.cola_id, r.wamid) for r in applied.refused] == [(ids[1], too_long)]
+    states = {r["id"]: r["estado"] for r in sql.rows("SELECT id, estado FROM cola_envios")}
+    assert states == {ids[0]: "enviado", ids[1]: "desconocido", ids[2]: "enviado", ids[3]: "enviado"}
+    kept = sql.rows(
+        "SELECT wamid, applied_at, apply_error FROM whatsapp_worker_statuses WHERE apply_error IS NOT NULL"
+    )
+    assert len(kept) == 1 and kept[0]["wamid"] == too_long and kept[0]["applied_at"] is not None
+    assert "1406" in kept[0]["apply_error"]  # Data too long
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE applied_at IS NULL") == 0

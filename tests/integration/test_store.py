@@ -62,8 +62,10 @@ async def test_rows_due_count_only_the_sessions_that_may_send_now(sql: SQL, stor
     sql.add_rows(day, 3)
     sql.add_rows(night, 5, start=100)
     assert (await store.claims.queue_due())[0] == 8
-    assert (await store.claims.queue_due([day]))[0] == 3  # the night session's window is closed
-    assert await store.claims.queue_due([]) == (0, 0.0)
+    assert (await store.claims.queue_due([night]))[0] == 3  # the night session's window is closed
+    assert await store.claims.queue_due([day, night]) == (0, 0.0)
+    sql.execute("UPDATE sesiones_envio SET estado = 'pausada' WHERE id = %s", (day,))
+    assert (await store.claims.queue_due())[0] == 5  # a paused session's rows are not late
 
 
 async def test_concurrent_claims_take_disjoint_rows_and_never_more_than_asked(sql: SQL, store: Store) -> None:

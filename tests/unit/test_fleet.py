@@ -9,7 +9,7 @@ import pytest
 from tests.fakeapi import busiest_second
 from worker.fleet import Fleet, fleet_share
 from worker.ratelimit import RateLimiter, RateLimits
-from worker.store import Beat, DatabaseUnavailable
+from worker.store import Beat, DatabaseUnavailable, Live
 
 
 class Clock:
@@ -96,9 +96,9 @@ class FakeDaemons:
     async def forget_old(self) -> int:
         return 0
 
-    async def beat(self, *_: object, **__: object) -> int:
+    async def beat(self, *_: object, **__: object) -> Live:
         self._check()
-        return self.live
+        return Live(self.live, {f"other:{i}": (60.0, 1.0) for i in range(self.live - 1)})
 
     async def stop(self) -> None:
         return None

@@ -62,14 +62,15 @@ def test_rotation_serves_sessions_round_robin_and_skips_closed_windows() -> None
         return sessions
 
     rotation = Rotation(read=read, wall=lambda: wall[0], on_bad_window=lambda s, e: bad.append(s.id))
-    assert rotation.open_now() is None  # not read yet: the gauge falls back to every session
+    assert rotation.held_now() == []  # not read yet: the gauge counts every session
     orders = [[s.id for s in asyncio.run(rotation.next_order())] for _ in range(2)]
     assert orders == [[3, 1], [1, 3]]  # session 2 sleeps, 4 has a window nobody can read
     assert bad == [4]
-    assert sorted(rotation.open_now() or []) == [1, 3]  # what the queue_due gauge counts at night
+    assert sorted(rotation.held_now() or []) == [2, 4]  # what the queue_due gauge leaves out at night
     wall[0] = at("2026-12-01T14:00:00")  # 09:00 in Lima
     assert sorted(s.id for s in asyncio.run(rotation.next_order())) == [1, 2, 3]
-    assert sorted(rotation.open_now() or []) == [1, 2, 3]
+    assert rotation.held_now() == [4]
 
     daemon_night = Rotation(read=read, wall=lambda: wall[0], daemon_window=SendWindow.parse("20:00-22:00"))
     assert asyncio.run(daemon_night.next_order()) == []  # the daemon's window holds every session
+    assert daemon_night.held_now() is None

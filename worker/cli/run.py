@@ -130,7 +130,8 @@ async def _serve_metrics(settings: Settings, store: Store, metrics: Metrics, dae
         try:
             # rows of sessions held by quiet hours are waiting, not late: the alerts on these
             # gauges would fire every night otherwise
-            due, age = await store.claims.queue_due(daemon.sessions_sending())
+            held = daemon.sessions_held()
+            due, age = (0, 0.0) if held is None else await store.claims.queue_due(held)
         except DatabaseError:
             return  # the scrape still answers, with the last known values
         metrics.queue_due.set(due)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from worker.config import DatabaseURL
 from worker.store.claims import Claims
-from worker.store.daemons import Beat, Daemons
+from worker.store.daemons import Beat, Daemons, Live
 from worker.store.db import (
     TRANSACTION_TIMEOUT,
     Database,
@@ -40,6 +40,7 @@ __all__ = [
     "Database",
     "DatabaseError",
     "DatabaseUnavailable",
+    "Live",
     "Migrations",
     "Optouts",
     "Producers",

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiomysql
+
 from worker.messages import MESSAGE_MAX_BYTES
 from worker.models import CANCELLED_REASON, Job, SessionState
 from worker.store.db import UTC_NOW as NOW
@@ -30,7 +32,10 @@ NEXT_SESSION_WAITING = (
     " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
     " WHERE estado = 'pendiente' AND sesion_id > %s ORDER BY sesion_id, next_attempt_at LIMIT 1"
 )
-MAX_SESSIONS = 1000  # sessions with waiting rows read per turn (the lowest ids first)
+# Sessions with waiting rows read per turn. A turn that reaches the cap ends where it stopped,
+# and the next turn goes on from there (wrapping round): however many sessions hold rows that are
+# not due yet (schedules, backoffs, paused sessions), every session with a due row is reached.
+MAX_SESSIONS = 1000
 # -- name: any_optout :one
 ANY_OPTOUT = "SELECT EXISTS (SELECT 1 FROM whatsapp_worker_optouts)"
 # -- name: sessions_may_send :many
@@ -88,12 +93,15 @@ RECOVER_EXPIRED = (
 # For the metrics: rows due now and how long the oldest has waited (a NULL `next_attempt_at`
 # is due since the row was created, in the server's time zone).
 # Only the sessions that may send now: rows held by quiet hours are not late.
+# Every session's due rows, less those of paused or cancelled sessions and of the sessions
+# named as held by quiet hours: never capped by the number of sessions.
 QUEUE_DUE = (
     f"SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(COALESCE(next_attempt_at,"
     f" CONVERT_TZ(created_at, @@session.time_zone, '+00:00'))), {NOW})"
     " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
-    " WHERE estado = 'pendiente' AND sesion_id IN ({sessions})"
-    f" AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
+    f" WHERE estado = 'pendiente' AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
+    " AND sesion_id NOT IN (SELECT id FROM sesiones_envio WHERE estado IN (%s, %s))"
+    " AND sesion_id NOT IN ({held})"
 )
 # -- name: close_cancelled :exec
 # Rows a producer inserted into a cancelled session after the cancel (or that waited for a
@@ -138,20 +146,14 @@ class Claims:
         # Whether any phone opted out (read with the sessions, once a second): most accounts have
         # none for a long time, and the look-up costs a round trip per claim.
         self._optouts_exist = True
+        self._scan_from = 0  # where the next read of the sessions starts (see MAX_SESSIONS)
+        self.capped = False  # the last read stopped at MAX_SESSIONS: more sessions to read now
 
     async def sessions_due(self) -> list[DueSession]:
-        """Sessions with waiting rows that are neither paused nor cancelled."""
+        """Sessions with waiting rows that are neither paused nor cancelled (up to MAX_SESSIONS
+        read, from where the last read stopped)."""
         async with self._db.transaction() as cur:
-            waiting: list[int] = []  # with a row due now
-            after, seen = 0, 0
-            while seen < MAX_SESSIONS:
-                await cur.execute(NEXT_SESSION_WAITING, (after,))
-                found = await cur.fetchone()
-                if found is None:
-                    break
-                after, seen = int(found[0]), seen + 1
-                if found[1]:
-                    waiting.append(after)
+            waiting = await self._scan_sessions(cur)
             await cur.execute(ANY_OPTOUT)
             (self._optouts_exist,) = await cur.fetchone()
             if not waiting:
@@ -170,6 +172,26 @@ class Claims:
         ]
         self._numbers = {session.id: session.phone_number_id for session in due}
         return due
+
+    async def _scan_sessions(self, cur: aiomysql.Cursor) -> list[int]:
+        """The ids of the sessions with a row due now, one index step per session."""
+        waiting: list[int] = []
+        start, after, seen = self._scan_from, self._scan_from, 0
+        wrapped = start == 0
+        while seen < MAX_SESSIONS:
+            await cur.execute(NEXT_SESSION_WAITING, (after,))
+            found = await cur.fetchone()
+            if found is None or (wrapped and start and int(found[0]) > start):
+                if wrapped:
+                    break
+                wrapped, after = True, 0  # the sessions before where this read started
+                continue
+            after, seen = int(found[0]), seen + 1
+            if found[1]:
+                waiting.append(after)
+        self.capped = seen >= MAX_SESSIONS
+        self._scan_from = after if self.capped else 0
+        return sorted(set(waiting))
 
     async def claim(
         self, limit: int, *, lease_seconds: float, sessions: Sequence[int] | None = None
@@ -250,15 +272,15 @@ class Claims:
         """Waiting rows of cancelled sessions end in error (the daemon's periodic sweep)."""
         return await self._db.update(CLOSE_CANCELLED)
 
-    async def queue_due(self, sessions: Sequence[int] | None = None) -> tuple[int, float]:
-        """(rows due now, seconds the oldest of them has waited) in `sessions` (default: every
-        session that may send, whatever its window)."""
-        if sessions is None:
-            sessions = [s.id for s in await self.sessions_due()]
-        if not sessions:
-            return 0, 0.0
+    async def queue_due(self, held: Sequence[int] = ()) -> tuple[int, float]:
+        """(rows due now, seconds the oldest of them has waited) in every session that may send,
+        less the `held` ones (quiet hours)."""
+        held = list(held) or [0]  # no session has id 0: `NOT IN (0)` leaves none out
         async with self._db.transaction() as cur:
-            await cur.execute(QUEUE_DUE.format(sessions=placeholders(len(sessions))), tuple(sessions))
+            await cur.execute(
+                QUEUE_DUE.format(held=placeholders(len(held))),
+                (SessionState.PAUSED, SessionState.CANCELLED, *held),
+            )
             count, age_us = await cur.fetchone()
         return int(count), max(0.0, float(age_us or 0) / 1e6)
 

@@ -16,9 +16,10 @@ from worker.store.db import Database
 # -- name: register :exec
 # The id is unique per process start (host:pid:instance); a clash still starts a fresh row.
 REGISTER = (
-    "INSERT INTO whatsapp_worker_daemons (worker_id, host, pid, version, started_at, beat_at, state)"
-    f" VALUES (%s, %s, %s, %s, {NOW}, {NOW}, 'starting')"
-    f" ON DUPLICATE KEY UPDATE host = %s, pid = %s, version = %s, started_at = {NOW}, beat_at = {NOW},"
+    "INSERT INTO whatsapp_worker_daemons (worker_id, host, pid, version, rate_limit, fleet_beat,"
+    f" started_at, beat_at, state) VALUES (%s, %s, %s, %s, %s, %s, {NOW}, {NOW}, 'starting')"
+    " ON DUPLICATE KEY UPDATE host = %s, pid = %s, version = %s, rate_limit = %s, fleet_beat = %s,"
+    f" started_at = {NOW}, beat_at = {NOW},"
     " state = 'starting', in_flight = 0, sent_total = 0, rate = 0, rate_share = 0,"
     " paused_reason = NULL, paused_since = NULL, paused_until = NULL, stopped_at = NULL"
 )
@@ -33,7 +34,8 @@ BEAT = (
 # -- name: live_daemons :many
 # Live: beaten within the horizon and not stopped. Each one's age tells a newcomer apart.
 LIVE = (
-    "SELECT worker_id FROM whatsapp_worker_daemons FORCE INDEX (ix_whatsapp_worker_daemons_beat)"
+    "SELECT worker_id, rate_limit, fleet_beat FROM whatsapp_worker_daemons"
+    " FORCE INDEX (ix_whatsapp_worker_daemons_beat)"
     f" WHERE beat_at > {NOW} - INTERVAL %s MICROSECOND AND stopped_at IS NULL"
 )
 # -- name: stop :exec
@@ -64,17 +66,27 @@ class Beat:
     paused_for: float = 0.0  # seconds until the pause's probe
 
 
+@dataclass(frozen=True, slots=True)
+class Live:
+    """The live daemons as one beat saw them: how many, and their own settings."""
+
+    count: int
+    settings: dict[str, tuple[float | None, float | None]]  # the others: (rate limit, beat)
+
+
 class Daemons:
     def __init__(self, db: Database, *, worker_id: str) -> None:
         self._db = db
         self._worker_id = worker_id[:128]
 
-    async def register(self, *, host: str, pid: int, version: str) -> None:
-        args = (host[:255], pid, version[:32])
+    async def register(
+        self, *, host: str, pid: int, version: str, rate_limit: float, fleet_beat: float
+    ) -> None:
+        args = (host[:255], pid, version[:32], rate_limit, fleet_beat)
         await self._db.update(REGISTER, (self._worker_id, *args, *args))
 
-    async def beat(self, beat: Beat, *, horizon: float) -> int:
-        """Write this daemon's row; return how many daemons are live (this one included)."""
+    async def beat(self, beat: Beat, *, horizon: float) -> Live:
+        """Write this daemon's row; return the live daemons (this one included)."""
         paused_us = int(beat.paused_for * 1e6) if beat.paused_reason else None
         async with self._db.transaction() as cur:
             await cur.execute(
@@ -92,8 +104,9 @@ class Daemons:
                 ),
             )
             await cur.execute(LIVE, (int(horizon * 1e6),))
-            live = {row[0] for row in await cur.fetchall()}
-        return len(live | {self._worker_id})
+            live = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+        others = {worker: settings for worker, settings in live.items() if worker != self._worker_id}
+        return Live(len(others) + 1, others)
 
     async def stop(self) -> None:
         await self._db.update(STOP, (self._worker_id,))

@@ -29,7 +29,7 @@ import aiomysql
 from worker.models import RowState
 from worker.policy import OPTED_OUT_CODE
 from worker.store.db import UTC_NOW as NOW
-from worker.store.db import Database, case, placeholders, with_transient_retry
+from worker.store.db import Database, RowRefused, case, placeholders, with_transient_retry
 from worker.store.optouts import SOURCE_META, OptOut, add_optouts, phone_from_wa_id
 from worker.store.results import CLEAR_LEASE, ERROR_TEXT_MAX, INSERT_DELIVERY
 
@@ -85,6 +85,9 @@ FAILED_AFTER_ACCEPTED = (
 )
 # -- name: mark_applied :exec
 MARK_APPLIED = f"UPDATE whatsapp_worker_statuses SET applied_at = {NOW} WHERE id IN ({{ids}})"
+# -- name: refuse_status :exec
+# A status the database refused to apply: kept, with why, and out of the way of the others.
+REFUSE_STATUS = f"UPDATE whatsapp_worker_statuses SET applied_at = {NOW}, apply_error = %s WHERE id = %s"
 # -- name: pending_count :one
 PENDING_COUNT = "SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE applied_at IS NULL"
 
@@ -166,6 +169,28 @@ class Applied:
     settled: dict[str, int] = field(default_factory=lambda: {"sent": 0, "failed": 0})
     settled_ids: list[int] = field(default_factory=list)  # cola_envios ids settled
     optouts: int = 0  # new opt-outs from 131050 failures
+    refused: list[Refused] = field(default_factory=list)  # statuses the database refused
+
+    def merge(self, later: Applied) -> Applied:
+        """This batch followed by `later` (the halves of a split batch)."""
+        return Applied(
+            seen=self.seen + later.seen,
+            applied=self.applied + later.applied,
+            waiting=self.waiting + later.waiting,
+            last_id=max(self.last_id, later.last_id),
+            settled={k: self.settled[k] + later.settled[k] for k in self.settled},
+            settled_ids=self.settled_ids + later.settled_ids,
+            optouts=self.optouts + later.optouts,
+            refused=self.refused + later.refused,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    status_id: int
+    wamid: str
+    cola_id: int | None
+    reason: str
 
 
 def plan(row: RowView | None, statuses: Sequence[Pending]) -> Plan:
@@ -247,8 +272,32 @@ class Statuses:
         return await with_transient_retry(attempt)
 
     async def apply_pending(self, *, after_id: int = 0, limit: int = APPLY_BATCH) -> Applied:
-        """Apply up to `limit` pending statuses with an id above `after_id`, in one transaction."""
-        return await with_transient_retry(lambda: self._apply(after_id, limit))
+        """Apply up to `limit` pending statuses with an id above `after_id`, in one transaction.
+
+        A batch the database refuses (a value too long for an adopted column, a trigger) is
+        split like the daemon's result batches until the refused status is alone; that one is
+        marked applied with the reason, and every other status is applied."""
+        try:
+            return await with_transient_retry(lambda: self._apply(after_id, limit))
+        except RowRefused as exc:
+            if limit == 1:
+                return await self._refuse_next(after_id, str(exc))
+            half = limit // 2
+            first = await self.apply_pending(after_id=after_id, limit=half)
+            if first.seen < half:
+                return first
+            return first.merge(await self.apply_pending(after_id=first.last_id, limit=limit - half))
+
+    async def _refuse_next(self, after_id: int, reason: str) -> Applied:
+        async with self._db.transaction() as cur:
+            await cur.execute(PENDING_STATUSES, (after_id, 1))
+            found = await cur.fetchone()
+            if found is None:
+                return Applied(last_id=after_id)
+            status_id, wamid, cola_id = int(found[0]), str(found[1]), found[3]
+            await cur.execute(REFUSE_STATUS, (reason[:ERROR_TEXT_MAX], status_id))
+        refused = Refused(status_id, wamid, None if cola_id is None else int(cola_id), reason)
+        return Applied(seen=1, applied=1, last_id=status_id, refused=[refused])
 
     async def pending_count(self) -> int:
         async with self._db.transaction() as cur:

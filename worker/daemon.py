@@ -323,13 +323,20 @@ class Daemon:
     async def _recover(self) -> bool:
         """The periodic sweep: rows of dead workers, and rows of cancelled sessions."""
         try:
-            count = await self._claims.recover_expired()
+            recovered = await self._claims.recover_expired()
             closed = await self._claims.close_cancelled()
         except DatabaseError as exc:
             self._database_failed(exc)
             return False
-        if count:
-            self._log.warning("expired_leases_recovered", rows=count, state="desconocido")
+        if recovered.rows:
+            self._log.warning("expired_leases_recovered", rows=recovered.rows, state="desconocido")
+        for row_id, error in recovered.kept_in_flight:
+            self._log.error(
+                "row_state_refused",
+                job_id=row_id,
+                error=error,
+                action="kept procesando with the reason; never re-sent",
+            )
         if closed:
             self._log.warning("cancelled_rows_closed", rows=closed, state="error")
         return True

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.acceptance.processes import WorkerProcess
 from tests.conftest import SQL, WORKER_BIN, database_url_text, eventually
-from tests.fakeapi import FakeCloudAPI
+from tests.fakeapi import FakeCloudAPI, Step
 from tests.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
 
@@ -292,3 +292,46 @@ def test_results_held_through_a_cut_longer_than_twice_the_lease_are_all_written(
     assert {r["telefono"]: r["wamid"] for r in rows} == {p: w[0] for p, w in fake_api.accepted.items()}
     assert {r["attempts"] for r in rows} == {1}
     assert set(fake_api.counts().values()) == {1}
+
+
+def test_a_state_a_trigger_refuses_is_a_row_level_problem_and_never_stops_the_daemon(
+    sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    # an audit trigger added by the PHP team after the migration, knowing the PHP states only
+    sql.execute(
+        "CREATE TABLE cola_envios_log (cola_id BIGINT NOT NULL,"
+        " estado ENUM('pendiente','procesando','enviado','error') NOT NULL)"
+    )
+    sql.execute("SET SESSION sql_mode = 'STRICT_ALL_TABLES'")  # MySQL 8's default: stored with it
+    sql.execute(
+        "CREATE TRIGGER cola_envios_auditoria AFTER UPDATE ON cola_envios FOR EACH ROW"
+        " INSERT INTO cola_envios_log (cola_id, estado) VALUES (NEW.id, NEW.estado)"
+    )
+    session = sql.add_session()
+    dropped, *fine = sql.add_rows(session, 6)
+    fake_api.script(dropped, Step.drop())  # the outcome is unknown: desconocido, which it refuses
+    # two rows a dead daemon left claimed, their leases long expired
+    sql.execute(
+        "UPDATE cola_envios SET estado = 'procesando', lease_token = REPEAT('d', 32),"
+        " claimed_at = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR,"
+        " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR"
+        " WHERE telefono IN (%s, %s)",
+        (fine[3], fine[4]),
+    )
+    run = WorkerProcess(worker_env(), "run", "--once", logs=tmp_path)
+    assert run.wait(timeout=60) == 0, run.stderr[-2000:]
+    rows = {r["telefono"]: r for r in sql.rows("SELECT telefono, estado, last_error FROM cola_envios")}
+    assert {p: rows[p]["estado"] for p in fine[:3]} == dict.fromkeys(fine[:3], "enviado")
+    for phone in (dropped, fine[3], fine[4]):  # kept as they were, with the reason, never re-sent
+        assert rows[phone]["estado"] == "procesando", rows[phone]
+        assert "kept procesando, never re-sent" in rows[phone]["last_error"]
+        assert (
+            "desconocido refused" in rows[phone]["last_error"] or "desconocido" in rows[phone]["last_error"]
+        )
+    refused = [e for e in run.events() if e["event"] in ("row_state_refused", "result_refused")]
+    assert {e["job_id"] for e in refused} >= set(
+        sql.value("SELECT id FROM cola_envios WHERE telefono = %s", (p,)) for p in (fine[3], fine[4])
+    )
+    again = WorkerProcess(worker_env(), "run", "--once", logs=tmp_path)
+    assert again.wait(timeout=60) == 0, again.stderr[-2000:]
+    assert fake_api.counts() == dict.fromkeys([dropped, *fine[:3]], 1)

@@ -484,3 +484,28 @@ def test_migrate_waits_for_a_busy_table_only_as_long_as_configured_names_the_hol
     finally:
         php.close()
         legacy.close()
+
+
+def test_a_trigger_that_cannot_store_our_states_stops_migrate_naming_it_and_the_same_command_resumes(
+    server_url: DatabaseURL,
+) -> None:
+    legacy = Legacy(server_url, "php_trigger.sql")
+    try:
+        plan = legacy.run("migrate", "--dry-run").stdout
+        assert "cola_envios: trigger cola_envios_auditoria (AFTER UPDATE)" in plan, plan
+        stopped = legacy.run("migrate")
+        assert stopped.returncode == 78, stopped.stderr
+        lines = [line for line in stopped.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "cola_envios_auditoria (AFTER UPDATE)" in lines[0], lines
+        assert "widen the column the trigger writes to" in lines[0]
+        assert legacy.sql.value("SELECT COUNT(*) FROM whatsapp_worker_migrations WHERE version = 4") == 0
+
+        legacy.sql.execute(
+            "ALTER TABLE cola_envios_log MODIFY estado"
+            " ENUM('pendiente','procesando','enviado','error','desconocido') NOT NULL"
+        )
+        assert f"to version {schema.LATEST}" in legacy.migrate()
+        assert legacy.sql.value("SELECT estado FROM cola_envios WHERE id = 3") == "desconocido"
+        assert legacy.sql.value("SELECT estado FROM cola_envios_log WHERE cola_id = 3") == "desconocido"
+    finally:
+        legacy.close()

@@ -76,7 +76,7 @@ async def test_a_claim_whose_commit_answer_was_lost_gives_its_rows_back(
                 "UPDATE cola_envios SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
                 " ORDER BY id LIMIT 2"
             )
-            assert await store.claims.recover_expired() == 2
+            assert (await store.claims.recover_expired()).rows == 2
             assert await store.claims.claim(0, lease_seconds=60) == []
         finally:
             await store.close()
@@ -108,7 +108,7 @@ async def test_retry_of_unknown_rows_waits_while_their_true_result_may_still_arr
         "UPDATE cola_envios SET claimed_at = UTC_TIMESTAMP(6) - INTERVAL 31 SECOND,"
         " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
     )
-    assert await store.claims.recover_expired() == 2
+    assert (await store.claims.recover_expired()).rows == 2
 
     out = _retry_unknown(db_url, session)
     assert "0 error and unknown-outcome row(s) queued again" in out
@@ -141,7 +141,7 @@ async def test_a_held_result_lands_however_late_while_nobody_retried_its_row(sql
         "UPDATE cola_envios SET claimed_at = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR,"
         " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 3570 SECOND"
     )
-    assert await store.claims.recover_expired() == 2
+    assert (await store.claims.recover_expired()).rows == 2
     # Nobody re-sent them: the true results replace the guess, one attempt each.
     recorded = await store.results.record([sent(sent_row, "wamid.TRUE"), unsent(failed_row)])
     assert (recorded.written, recorded.fenced_out) == (2, ())

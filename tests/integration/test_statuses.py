@@ -227,7 +227,7 @@ async def test_a_late_daemon_result_after_settling_changes_nothing(sql: SQL, sto
     (job,) = await store.claims.claim(1, lease_seconds=30)
     # the lease expired while the send was in flight: another daemon recovered it as unknown
     sql.execute("UPDATE cola_envios SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
-    assert await store.claims.recover_expired() == 1
+    assert (await store.claims.recover_expired()).rows == 1
     await store.statuses.store([status(job.id, "sent", wamid="wamid.META")])
     assert (await store.statuses.apply_pending()).settled["sent"] == 1
     # the cut-off daemon's true result arrives inside the late-result window: the row already

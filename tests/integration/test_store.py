@@ -116,7 +116,7 @@ async def test_expired_leases_become_unknown(sql: SQL, store: Store) -> None:
     sql.execute(
         "UPDATE cola_envios SET lease_expires_at = NOW(6) - INTERVAL 1 SECOND WHERE estado = 'procesando'"
     )
-    assert await store.claims.recover_expired() == 2
+    assert (await store.claims.recover_expired()).rows == 2
     assert sql.states() == {"desconocido": 2, "pendiente": 1}
 
 

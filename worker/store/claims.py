@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomysql
@@ -17,8 +17,9 @@ import aiomysql
 from worker.messages import MESSAGE_MAX_BYTES
 from worker.models import CANCELLED_REASON, Job, SessionState
 from worker.store.db import UTC_NOW as NOW
-from worker.store.db import Database, DatabaseError, placeholders, with_transient_retry
+from worker.store.db import Database, DatabaseError, RowRefused, placeholders, with_transient_retry
 from worker.store.optouts import opted_out
+from worker.store.results import keep_in_flight
 
 OPTED_OUT_REASON = "the phone opted out (whatsapp_worker_optouts): not sent"
 
@@ -89,6 +90,14 @@ RECOVER_EXPIRED = (
     " ' expired while the message may have been in flight')"
     f" WHERE estado = 'procesando' AND lease_expires_at < {NOW}"
 )
+# -- name: expired_rows :many
+# When the server refuses the sweep (a legacy trigger), it goes row by row: the refusing row is
+# kept in flight with the reason, every other row is recovered.
+EXPIRED_ROWS = (
+    "SELECT id, lease_token FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
+    f" WHERE estado = 'procesando' AND lease_expires_at < {NOW} LIMIT 1000"
+)
+RECOVER_ROW = RECOVER_EXPIRED + " AND id = %s"
 # -- name: queue_due :one
 # For the metrics: rows due now and how long the oldest has waited (a NULL `next_attempt_at`
 # is due since the row was created, in the server's time zone).
@@ -129,6 +138,12 @@ class DueSession:
     phone_number_id: str | None
     send_window: str | None
     time_zone: str | None
+
+
+@dataclass(slots=True)
+class Recovered:
+    rows: int  # became desconocido
+    kept_in_flight: list[tuple[int, str]] = field(default_factory=list)  # refused: (id, why)
 
 
 class Claimed(list[Job]):
@@ -264,9 +279,30 @@ class Claims:
             await self._db.update(GIVE_BACK.format(tokens=placeholders(len(tokens))), tokens)
             del self._uncertain[: len(tokens)]
 
-    async def recover_expired(self) -> int:
+    async def recover_expired(self) -> Recovered:
         """Rows whose worker died: their request may have left, so they become unknown."""
-        return await self._db.update(RECOVER_EXPIRED)
+        try:
+            return Recovered(await self._db.update(RECOVER_EXPIRED))
+        except RowRefused as exc:
+            return await self._recover_row_by_row(exc)
+
+    async def _recover_row_by_row(self, refused: RowRefused) -> Recovered:
+        async with self._db.transaction() as cur:
+            await cur.execute(EXPIRED_ROWS)
+            expired = list(await cur.fetchall())
+        if not expired:
+            raise refused  # not a row's value after all
+        recovered = Recovered(0)
+        for row_id, token in expired:
+            try:
+                recovered.rows += await self._db.update(RECOVER_ROW, (row_id,))
+            except RowRefused as exc:
+                reason = (
+                    f"its lease expired while the message may have been in flight; desconocido refused: {exc}"
+                )
+                await keep_in_flight(self._db, row_id, token, reason)
+                recovered.kept_in_flight.append((int(row_id), str(exc)))
+        return recovered
 
     async def close_cancelled(self) -> int:
         """Waiting rows of cancelled sessions end in error (the daemon's periodic sweep)."""

@@ -28,6 +28,7 @@ from worker.store.db import (
     Database,
     DatabaseError,
     StatementRefused,
+    describe,
     quiet_notes,
     translate,
 )
@@ -250,6 +251,13 @@ async def _migrate(conn: aiomysql.Connection, cur: aiomysql.Cursor, lock_wait: i
                 raise
             await conn.rollback()
             raise TableBusy(step, await _lock_holders(cur, step.table), lock_wait) from None
+        except (pymysql.err.DataError, pymysql.err.IntegrityError, pymysql.err.InternalError) as exc:
+            await conn.rollback()
+            triggers = await _triggers(cur, step.table)
+            if not triggers:
+                raise
+            raise _trigger_refused(step.why, step.table, triggers, exc) from None
+    await _probe_states(conn, cur)
     found = await _inspect(cur)
     problems = [p for t in schema.TABLES for p in _gaps(found[t.name], t).problems(t)]
     if problems:
@@ -327,6 +335,57 @@ async def _inspect(cur: aiomysql.Cursor) -> dict[str, FoundTable]:
             unique, cols = table.indexes.get(_s(r[1]), (not int(r[2]), ()))
             table.indexes[_s(r[1])] = (unique, (*cols, _s(r[3])))
     return tables
+
+
+# -- name: triggers :many
+TRIGGERS = (
+    "SELECT TRIGGER_NAME AS name, ACTION_TIMING AS timing, EVENT_MANIPULATION AS event,"
+    " ACTION_STATEMENT AS statement FROM information_schema.TRIGGERS"
+    " WHERE TRIGGER_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = %s ORDER BY TRIGGER_NAME"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    name: str
+    timing: str  # BEFORE, AFTER
+    event: str  # INSERT, UPDATE, DELETE
+    statement: str
+
+
+async def _triggers(cur: aiomysql.Cursor, table: str) -> list[Trigger]:
+    await cur.execute(TRIGGERS, (table,))
+    return [Trigger(_s(r[0]), _s(r[1]), _s(r[2]), _s(r[3])) for r in await cur.fetchall()]
+
+
+def _trigger_refused(what: str, table: str, triggers: list[Trigger], exc: BaseException) -> SchemaMismatch:
+    names = ", ".join(f"{t.name} ({t.timing} {t.event})" for t in triggers)
+    return SchemaMismatch(
+        [f"{what}: the server refused it: {describe(exc)}"],
+        hint=f"{table} has the trigger(s) {names}, which cannot store what the worker writes:"
+        " widen the column the trigger writes to (or drop the trigger), then run `whatsapp-worker migrate`",
+    )
+
+
+async def _probe_states(conn: aiomysql.Connection, cur: aiomysql.Cursor) -> None:
+    """With triggers on cola_envios, try each state of ours on one row and roll it back: a
+    trigger that cannot store one would stop the daemon's writes on every row later."""
+    table = schema.COLA_ENVIOS
+    triggers = await _triggers(cur, table.name)
+    if not any(t.event == "UPDATE" for t in triggers):
+        return
+    await cur.execute("SELECT MIN(id) FROM cola_envios")
+    (row_id,) = await cur.fetchone()
+    if row_id is None:
+        return
+    for state in table.state.values:
+        try:
+            await cur.execute("UPDATE cola_envios SET estado = %s WHERE id = %s", (state, row_id))
+        except (pymysql.err.DataError, pymysql.err.IntegrityError, pymysql.err.InternalError) as exc:
+            await conn.rollback()
+            raise _trigger_refused(f"cola_envios.estado = {state!r}", table.name, triggers, exc) from None
+        finally:
+            await conn.rollback()
 
 
 # -- name: metadata_lock_holders :many
@@ -459,6 +518,12 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
     await cur.execute(f"SELECT COUNT(*) FROM {name}")
     (count,) = await cur.fetchone()
     plan.found.append(f"{name}: {count} row(s), {found.engine}, {found.collation}")
+    for trigger in await _triggers(cur, name):
+        plan.found.append(
+            f"{name}: trigger {trigger.name} ({trigger.timing} {trigger.event}): {trigger.statement[:160]!r}:"
+            " it runs with every change of ours; migrate tries each state of ours under it (and rolls"
+            " back), and stops naming it if it refuses one"
+        )
     ours = {c.name for c in table.columns}
     theirs = [c for c in found.columns if c not in ours]
     if theirs:

@@ -17,7 +17,7 @@ import aiomysql
 from worker.models import RowState
 from worker.policy import Finished
 from worker.store.db import UTC_NOW as NOW
-from worker.store.db import Database, case, placeholders, with_transient_retry
+from worker.store.db import Database, RowRefused, case, placeholders, with_transient_retry
 
 ERROR_TEXT_MAX = 1000
 # Until then `retry` leaves an unknown row alone: its worker may still write the true result.
@@ -80,6 +80,14 @@ MARK_REFUSED = (
     "UPDATE cola_envios SET estado = %s, attempts = attempts + 1, last_error_code = NULL,"
     f" last_error = %s, {CLEAR_LEASE} WHERE id = %s AND lease_token = %s"
 )
+# -- name: keep_in_flight :exec
+# Even that state change was refused (a legacy trigger that cannot store it): the row stays
+# `procesando`, never re-sent, with the reason, and its lease is moved out of the recovery's
+# reach, so that one row never stops the sweep of every other.
+KEEP_IN_FLIGHT = (
+    "UPDATE cola_envios SET last_error = %s, lease_expires_at = GREATEST(lease_expires_at,"
+    f" {NOW}) + INTERVAL 100 YEAR WHERE id = %s AND lease_token = %s AND estado = 'procesando'"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +144,11 @@ class Results:
             state = RowState.ERROR
             text = f"result refused by the database: {reason}; was: {decision.error_text or decision.state}"
         text = text.encode("utf-8", "replace").decode("utf-8")[:ERROR_TEXT_MAX]  # lone surrogates
-        changed = await self._db.update(
-            MARK_REFUSED, (state, text, finished.job.id, finished.job.lease_token)
-        )
+        job = finished.job
+        try:
+            changed = await self._db.update(MARK_REFUSED, (state, text, job.id, job.lease_token))
+        except RowRefused as exc:
+            return await keep_in_flight(self._db, job.id, job.lease_token, f"{text}; {state} refused: {exc}")
         return changed == 1
 
     async def session_totals(self, session_ids: Iterable[int]) -> dict[int, SessionTotals]:
@@ -179,6 +189,12 @@ class Results:
             (session_id, session_id),
         )
         return changed == 1
+
+
+async def keep_in_flight(db: Database, row_id: int, token: str | None, reason: str) -> bool:
+    """The last resort when the table refuses every state we could give a row."""
+    text = f"kept procesando, never re-sent: {reason}"[:ERROR_TEXT_MAX]
+    return await db.update(KEEP_IN_FLIGHT, (text, row_id, token)) == 1
 
 
 async def _landed_earlier(cur: aiomysql.Cursor, fenced: Sequence[Finished]) -> list[Finished]:

@@ -119,6 +119,7 @@ class Settings:
     verify_token: str = field(default="", repr=False)
     app_secret: str = field(default="", repr=False)
     optout_keywords: tuple[str, ...] = ("BAJA", "STOP", "CANCELAR")
+    send_states: tuple[str, ...] = ()  # session states of the PHP application's whose rows are sent too
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_sender: bool = True) -> Settings:
@@ -166,6 +167,7 @@ class Settings:
             verify_token=reader.secret("WHATSAPP_VERIFY_TOKEN"),
             app_secret=reader.secret("WHATSAPP_APP_SECRET"),
             optout_keywords=reader.words("WORKER_OPTOUT_KEYWORDS", ("BAJA", "STOP", "CANCELAR")),
+            send_states=reader.words("WORKER_SEND_STATES", ()),
         )
         if need_sender and sender == "cloud":
             if not settings.phone_number_id:

@@ -28,6 +28,11 @@ class SessionState(StrEnum):
     COMPLETED = "completada"
 
 
+# The session states whose rows the daemon sends. Any other state (a PHP application's own
+# `borrador`, `detenida`..., or NULL) holds the session's rows, unless WORKER_SEND_STATES names it.
+SENDABLE_STATES = (SessionState.ACTIVE.value, SessionState.COMPLETED.value)
+
+
 class Outcome(StrEnum):
     """What one send attempt proved."""
 

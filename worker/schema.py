@@ -55,6 +55,9 @@ class State:
     column: str
     values: tuple[str, ...]
     default: str
+    # Whether producers rely on the default: cola_envios' rows are inserted without a state. A
+    # session's is not (ours are inserted `activa`): a PHP default such as 'borrador' is kept.
+    default_required: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,9 @@ def _enum(state: State, *, null: str = "NOT NULL") -> str:
     return f"ENUM({values}) {null} DEFAULT '{state.default}'"
 
 
-SESSION_STATE = State("estado", ("activa", "pausada", "cancelada", "completada"), "activa")
+SESSION_STATE = State(
+    "estado", ("activa", "pausada", "cancelada", "completada"), "activa", default_required=False
+)
 ROW_STATE = State("estado", ("pendiente", "procesando", "enviado", "error", "desconocido"), "pendiente")
 # envios_whatsapp has no state; this keeps the Table shape uniform (no value is checked).
 NO_STATE = State("", (), "")

@@ -509,3 +509,42 @@ def test_a_trigger_that_cannot_store_our_states_stops_migrate_naming_it_and_the_
         assert legacy.sql.value("SELECT estado FROM cola_envios_log WHERE cola_id = 3") == "desconocido"
     finally:
         legacy.close()
+
+
+def test_sessions_in_the_php_applications_own_states_are_held_unless_named_and_its_default_is_kept(
+    server_url: DatabaseURL, fake_api: FakeCloudAPI, tmp_path: Path
+) -> None:
+    legacy = Legacy(server_url, "php_states.sql")
+    try:
+        plan = legacy.run("migrate", "--dry-run").stdout
+        assert "sessions 'activa': 1 session(s), 2 waiting row(s)" in plan, plan
+        assert (
+            "sessions 'borrador': 1 session(s), 2 waiting row(s) (oldest created 2024-01-02 09:00:00)" in plan
+        )
+        assert "held (WORKER_SEND_STATES=borrador sends them)" in plan
+        assert "sessions 'detenida': 1 session(s), 2 waiting row(s)" in plan
+        assert "first run: sends 2 waiting row(s)" in plan
+        assert "session #2 'recordatorio diciembre' (activa): 2 waiting row(s)" in plan
+        legacy.migrate()
+        column = legacy.sql.rows(
+            "SELECT COLUMN_DEFAULT AS dflt, COLUMN_TYPE AS type FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'sesiones_envio' AND COLUMN_NAME = 'estado'",
+            (legacy.name,),
+        )[0]
+        assert column["dflt"].strip("'") == "borrador" and "'cancelada'" in column["type"]  # kept, widened
+
+        env = fake_api_env(fake_api, tmp_path)
+        assert legacy.run("run", "--once", **env).returncode == 0
+        assert sorted(fake_api.counts()) == ["+51987200001", "+51987200002"]  # activa only
+        # the operator chooses: drafts are sent too; a stopped campaign never
+        assert legacy.run("run", "--once", **env, WORKER_SEND_STATES="borrador").returncode == 0
+        assert sorted(fake_api.counts()) == ["+51987100001", "+51987100002", "+51987200001", "+51987200002"]
+        # a session our enqueue creates is active whatever the PHP default
+        csv = tmp_path / "nuevos.csv"
+        csv.write_text("phone\n+51911000001\n")
+        assert (
+            legacy.run("enqueue", "--session", "nuevo", "--text", "hola", "--csv", str(csv)).returncode == 0
+        )
+        assert legacy.sql.value("SELECT estado FROM sesiones_envio WHERE nombre = 'nuevo'") == "activa"
+    finally:
+        legacy.close()

@@ -7,6 +7,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
 from worker.config import Settings
+from worker.models import SENDABLE_STATES
 from worker.store import Store
 
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -19,6 +20,7 @@ async def open_store(settings: Settings, *, size: int = 2, create: bool = False)
         worker_id=settings.worker_id,
         db_timeout=settings.db_timeout,
         create_database=create,
+        sendable=(*SENDABLE_STATES, *settings.send_states),
     )
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from worker.config import DatabaseURL
+from worker.models import SENDABLE_STATES
 from worker.store.claims import Claims
 from worker.store.daemons import Beat, Daemons, Live
 from worker.store.db import (
@@ -63,15 +64,17 @@ __all__ = [
 class Store:
     """One database, its callers' views of it."""
 
-    def __init__(self, db: Database, *, worker_id: str = "") -> None:
+    def __init__(
+        self, db: Database, *, worker_id: str = "", sendable: tuple[str, ...] = SENDABLE_STATES
+    ) -> None:
         self.db = db
-        self.claims = Claims(db, worker_id=worker_id)
+        self.claims = Claims(db, worker_id=worker_id, sendable=sendable)
         self.daemons = Daemons(db, worker_id=worker_id)
         self.results = Results(db)
         self.sessions = Sessions(db)
         self.producers = Producers(db)
         self.reports = Reports(db)
-        self.migrations = Migrations(db)
+        self.migrations = Migrations(db, sendable=sendable)
         self.pruner = Pruner(db)
         self.statuses = Statuses(db)
         self.optouts = Optouts(db)
@@ -85,9 +88,10 @@ class Store:
         worker_id: str = "",
         db_timeout: float = TRANSACTION_TIMEOUT,
         create_database: bool = False,
+        sendable: tuple[str, ...] = SENDABLE_STATES,
     ) -> Store:
         db = await Database.connect(url, size=size, db_timeout=db_timeout, create_database=create_database)
-        return cls(db, worker_id=worker_id)
+        return cls(db, worker_id=worker_id, sendable=sendable)
 
     async def close(self) -> None:
         self.db.close()

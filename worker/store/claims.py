@@ -15,7 +15,7 @@ from typing import Any
 import aiomysql
 
 from worker.messages import MESSAGE_MAX_BYTES
-from worker.models import CANCELLED_REASON, Job, SessionState
+from worker.models import CANCELLED_REASON, SENDABLE_STATES, Job
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, DatabaseError, RowRefused, placeholders, with_transient_retry
 from worker.store.optouts import opted_out
@@ -42,9 +42,10 @@ ANY_OPTOUT = "SELECT EXISTS (SELECT 1 FROM whatsapp_worker_optouts)"
 # -- name: sessions_may_send :many
 # A row whose session is missing from sesiones_envio (a producer without a foreign key) is
 # sent like a row of an active session with no window, as before sessions had settings.
+# Only the states known to be sendable send: a PHP application's draft is held (NULL too).
 SESSIONS_MAY_SEND = (
-    "SELECT id, phone_number_id, send_window, time_zone, estado IN (%s, %s) FROM sesiones_envio"
-    " WHERE id IN ({ids})"
+    "SELECT id, phone_number_id, send_window, time_zone, COALESCE(estado IN ({sendable}), FALSE)"
+    " FROM sesiones_envio WHERE id IN ({ids})"
 )
 # -- name: claim_session_due :many
 # One session's due rows in order: an index range scan on (estado, sesion_id, next_attempt_at,
@@ -109,7 +110,7 @@ QUEUE_DUE = (
     f" CONVERT_TZ(created_at, @@session.time_zone, '+00:00'))), {NOW})"
     " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
     f" WHERE estado = 'pendiente' AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
-    " AND sesion_id NOT IN (SELECT id FROM sesiones_envio WHERE estado IN (%s, %s))"
+    " AND sesion_id NOT IN (SELECT id FROM sesiones_envio WHERE NOT COALESCE(estado IN ({sendable}), FALSE))"
     " AND sesion_id NOT IN ({held})"
 )
 # -- name: close_cancelled :exec
@@ -153,8 +154,9 @@ class Claimed(list[Job]):
 
 
 class Claims:
-    def __init__(self, db: Database, *, worker_id: str) -> None:
+    def __init__(self, db: Database, *, worker_id: str, sendable: Sequence[str] = SENDABLE_STATES) -> None:
         self._db = db
+        self._sendable = tuple(sendable)
         self._worker_id = worker_id[:128]
         self._uncertain: list[str] = []  # tokens of claims whose commit outcome is unknown
         self._numbers: dict[int, str | None] = {}  # session: its sending number (sessions_due)
@@ -174,8 +176,10 @@ class Claims:
             if not waiting:
                 return []
             await cur.execute(
-                SESSIONS_MAY_SEND.format(ids=placeholders(len(waiting))),
-                (SessionState.PAUSED, SessionState.CANCELLED, *waiting),
+                SESSIONS_MAY_SEND.format(
+                    sendable=placeholders(len(self._sendable)), ids=placeholders(len(waiting))
+                ),
+                (*self._sendable, *waiting),
             )
             known = {int(r[0]): r for r in await cur.fetchall()}
         due = [
@@ -183,7 +187,7 @@ class Claims:
             if (r := known.get(sid)) is None
             else DueSession(sid, r[1] or None, r[2] or None, r[3] or None)
             for sid in waiting
-            if sid not in known or not known[sid][4]
+            if sid not in known or known[sid][4]
         ]
         self._numbers = {session.id: session.phone_number_id for session in due}
         return due
@@ -314,8 +318,8 @@ class Claims:
         held = list(held) or [0]  # no session has id 0: `NOT IN (0)` leaves none out
         async with self._db.transaction() as cur:
             await cur.execute(
-                QUEUE_DUE.format(held=placeholders(len(held))),
-                (SessionState.PAUSED, SessionState.CANCELLED, *held),
+                QUEUE_DUE.format(sendable=placeholders(len(self._sendable)), held=placeholders(len(held))),
+                (*self._sendable, *held),
             )
             count, age_us = await cur.fetchone()
         return int(count), max(0.0, float(age_us or 0) / 1e6)

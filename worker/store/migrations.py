@@ -15,6 +15,7 @@ at start: the list of what the code needs and does not find.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import aiomysql
 import pymysql
 
 from worker import schema
+from worker.models import SENDABLE_STATES
 from worker.store.db import (
     DRIVER_ERRORS,
     LOCK_WAIT_TIMEOUT,
@@ -40,7 +42,7 @@ NEEDS_INNODB = "the claim's row locks and transactions need InnoDB"
 DUPLICATE_KEY = 1062
 # Columns each INSERT of ours names: a PHP column outside these must have a default.
 INSERTED = {
-    "sesiones_envio": {"nombre"},
+    "sesiones_envio": {"nombre", "estado"},
     "cola_envios": {"sesion_id", "cliente_id", "telefono", "mensaje"},
     "envios_whatsapp": {"cola_id", "sesion_id", "cliente_id", "telefono", "wamid", "fecha_envio"},
 }
@@ -173,13 +175,15 @@ class Applied:
 
 
 class Migrations:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, sendable: Sequence[str] = SENDABLE_STATES) -> None:
         self._db = db
+        self._sendable = tuple(sendable)
 
     async def plan(self) -> Plan:
         """What migrate would find and do; reads only (`migrate --dry-run`)."""
         async with self._db.connection(deadline=None) as conn, conn.cursor() as cur:
             plan = await _plan(cur)
+            await _plan_first_run(cur, plan, self._sendable)
             await conn.commit()
         return plan
 
@@ -465,7 +469,7 @@ def _gaps(found: FoundTable, table: schema.Table) -> Gaps:
             gaps.state_values = [v for v in table.state.values if v not in values]
         elif state.data_type not in ("varchar", "char") or _length(state) < max(map(len, table.state.values)):
             gaps.state_unusable = f"is {state.column_type}: it cannot hold {table.state.values}"
-        if state.default != table.state.default:
+        if table.state.default_required and state.default != table.state.default:
             gaps.state_default = repr(state.default) if state.default is not None else "nothing"
     nxt = found.columns.get("next_attempt_at")
     if table is schema.COLA_ENVIOS and nxt is not None and (not nxt.nullable or nxt.default is not None):
@@ -556,7 +560,8 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
         plan.found.append(f"{name}.{state.name}: {state.column_type} DEFAULT {state.default!r}")
         if gaps.state_values and state.enum_values is not None:
             plan.found.append(f"{name}.{state.name}: appends {', '.join(map(repr, gaps.state_values))}")
-            alter.append(_widen(state, gaps.state_values, table.state.default))
+            default = table.state.default if table.state.default_required else state.default
+            alter.append(_widen(state, gaps.state_values, default))
         elif gaps.state_default:
             alter.append(f"ALTER COLUMN {state.name} SET DEFAULT '{table.state.default}'")
         if gaps.state_default:
@@ -605,21 +610,59 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
         _plan_waiting_copies(plan, keep, waiting_copies)
 
 
+# The column a PHP table most often keeps a row's creation time in, in that order.
+CREATED_COLUMNS = ("created_at", "fecha_creacion", "creado", "fecha_alta", "fecha")
+FIRST_RUN_SESSIONS = 10  # sessions listed by the dry run's first-run preview
+
+
+async def _plan_first_run(cur: aiomysql.Cursor, plan: Plan, sendable: tuple[str, ...]) -> None:
+    """What the first `run` after this migrate would send: per session state, and the biggest
+    sessions (the PHP application's own states are held unless WORKER_SEND_STATES names them)."""
+    found = await _inspect(cur)
+    queue, sessions = found.get("cola_envios"), found.get("sesiones_envio")
+    if queue is None or "estado" not in queue.columns or sessions is None:
+        return
+    state = "COALESCE(s.estado, '(NULL)')" if "estado" in sessions.columns else "'activa'"
+    label = f"IF(s.id IS NULL, '(no session row)', {state})"
+    created = next((c for c in CREATED_COLUMNS if c in queue.columns), None)
+    oldest = f"MIN(c.{created})" if created else "MIN(c.id)"
+    source = (
+        "FROM cola_envios c LEFT JOIN sesiones_envio s ON s.id = c.sesion_id WHERE c.estado = 'pendiente'"
+    )
+    await cur.execute(f"SELECT {label}, COUNT(DISTINCT c.sesion_id), COUNT(*), {oldest} {source} GROUP BY 1")
+    by_state = [(_s(r[0]), int(r[1]), int(r[2]), r[3]) for r in await cur.fetchall()]
+    sent = {"(no session row)", *sendable}
+    what = "oldest created" if created else "lowest id"
+    for name, count, rows, first in sorted(by_state):
+        action = "sent by the first run" if name in sent else f"held (WORKER_SEND_STATES={name} sends them)"
+        plan.found.append(
+            f"sessions {name!r}: {count} session(s), {rows} waiting row(s) ({what} {first}): {action}"
+        )
+    total = sum(rows for name, _, rows, _ in by_state if name in sent)
+    plan.found.append(f"first run: sends {total} waiting row(s) of the sessions above that are sent")
+    await cur.execute(
+        f"SELECT c.sesion_id, MAX(s.nombre), MAX({label}), COUNT(*), {oldest} {source}"
+        f" GROUP BY c.sesion_id ORDER BY COUNT(*) DESC, c.sesion_id LIMIT {FIRST_RUN_SESSIONS}"
+    )
+    for session_id, name, state_name, rows, first in await cur.fetchall():
+        action = "sent" if _s(state_name) in sent else "held"
+        described = f"session #{session_id} {_s(name)!r} ({_s(state_name)})"
+        plan.found.append(f"{described}: {rows} waiting row(s), {what} {first}: {action}")
+
+
 def _megabytes(size: int) -> str:
     return f"{size / 1_048_576:.1f} MB"
 
 
-def _widen(state: FoundColumn, missing: list[str], default: str) -> str:
+def _widen(state: FoundColumn, missing: list[str], default: str | None) -> str:
     """The ENUM with the missing values appended: never narrowed, never reordered."""
     values = ",".join(_quote(v) for v in [*(state.enum_values or []), *missing])
     charset = f" CHARACTER SET {state.charset}" if state.charset else ""
     collation = f" COLLATE {state.collation}" if state.collation else ""
     comment = f" COMMENT {_quote(state.comment)}" if state.comment else ""
     null = "NULL" if state.nullable else "NOT NULL"
-    return (
-        f"MODIFY COLUMN {state.name} ENUM({values}){charset}{collation}"
-        f" {null} DEFAULT {_quote(default)}{comment}"
-    )
+    keep_default = f" DEFAULT {_quote(default)}" if default is not None else ""
+    return f"MODIFY COLUMN {state.name} ENUM({values}){charset}{collation} {null}{keep_default}{comment}"
 
 
 def _quote(text: str) -> str:

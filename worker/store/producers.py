@@ -82,7 +82,8 @@ FIND_SESSION = (
 )
 # -- name: create_session :exec (lastrowid: the new or the existing session's id)
 CREATE_SESSION = (
-    "INSERT INTO sesiones_envio (nombre, phone_number_id, send_window, time_zone) VALUES (%s, %s, %s, %s)"
+    "INSERT INTO sesiones_envio (nombre, estado, phone_number_id, send_window, time_zone)"
+    " VALUES (%s, 'activa', %s, %s, %s)"
     " ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id)"
 )
 # -- name: lock_session :one

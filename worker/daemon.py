@@ -321,10 +321,12 @@ class Daemon:
         self._wake.set()
 
     async def _recover(self) -> bool:
-        """The periodic sweep: rows of dead workers, and rows of cancelled sessions."""
+        """The periodic sweep: rows of dead workers, rows of cancelled sessions, rows a pause
+        parked in a session that was re-activated some other way."""
         try:
             recovered = await self._claims.recover_expired()
             closed = await self._claims.close_cancelled()
+            unparked = await self._claims.unpark_active()
         except DatabaseError as exc:
             self._database_failed(exc)
             return False
@@ -339,6 +341,8 @@ class Daemon:
             )
         if closed:
             self._log.warning("cancelled_rows_closed", rows=closed, state="error")
+        if unparked:
+            self._log.warning("held_rows_released", rows=unparked, reason="their session is no longer paused")
         return True
 
     # -- stop -----------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def test_operator_commands_pause_resume_cancel_and_retry(
     )
     assert run.returncode == 0 and fake_api.requests == []
 
-    assert "resumed: 4 row(s) waiting" in worker(db_url, "resume", "--session", str(held)).stdout
+    assert (
+        "resumed: 4 held row(s) back in the queue" in worker(db_url, "resume", "--session", str(held)).stdout
+    )
     fake_api.script(held_phones[0], Step.error(131026))
     fake_api.script(held_phones[1], Step.drop())
     subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
@@ -265,3 +267,43 @@ def test_a_cancelled_session_ends_every_row_whenever_it_was_inserted(
     late = sql.rows("SELECT estado, last_error FROM cola_envios WHERE cliente_id > 50")
     assert [r["estado"] for r in late] == ["error"] * 3
     assert all("session cancelled" in r["last_error"] for r in late)
+
+
+def test_parked_rows_follow_the_sessions_state_however_it_changed(
+    sql: SQL, db_url: DatabaseURL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+) -> None:
+    toggled, twice = sql.add_session("toggled"), sql.add_session("twice")
+    toggled_phones = sql.add_rows(toggled, 3)
+    sql.add_rows(twice, 2, start=100)
+    ahead = (
+        "SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s"
+        " AND next_attempt_at > UTC_TIMESTAMP() + INTERVAL {}"
+    )
+    parked = ahead.format("50 YEAR")
+    for session in (toggled, twice):
+        assert "waiting row(s) held back" in worker(db_url, "pause", "--session", str(session)).stdout
+    # the PHP admin's own toggle re-activates both; then one is paused again with our command
+    sql.execute("UPDATE sesiones_envio SET estado = 'activa'")
+    assert "paused: 0 waiting row(s) held back" in worker(db_url, "pause", "--session", str(twice)).stdout
+    assert sql.value(ahead.format("150 YEAR"), (twice,)) == 0  # parked once, not twice
+
+    # the daemon's sweep releases the rows of the session that is not paused any more
+    run = subprocess.run(
+        [*WORKER_BIN, "run", "--once"], env=worker_env(), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(fake_api.counts()) == sorted(toggled_phones)
+    assert sql.value(parked, (toggled,)) == 0 and sql.value(parked, (twice,)) == 2
+
+    # `resume` of a session re-activated by hand still brings its parked rows back, and says so
+    sql.execute("UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (twice,))
+    out = worker(db_url, "resume", "--session", str(twice)).stdout
+    assert "already activa: 2 row(s) an earlier pause held back are back in the queue" in out, out
+    assert sql.value(parked, (twice,)) == 0
+    assert (
+        sql.value(
+            "SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s AND next_attempt_at > UTC_TIMESTAMP()",
+            (twice,),
+        )
+        == 0
+    )

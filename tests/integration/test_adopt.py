@@ -521,7 +521,7 @@ def test_sessions_in_the_php_applications_own_states_are_held_unless_named_and_i
         assert (
             "sessions 'borrador': 1 session(s), 2 waiting row(s) (oldest created 2024-01-02 09:00:00)" in plan
         )
-        assert "held (WORKER_SEND_STATES=borrador sends them)" in plan
+        assert "held (WORKER_SEND_STATES=borrador sends them, or `resume --session ID` one session)" in plan
         assert "sessions 'detenida': 1 session(s), 2 waiting row(s)" in plan
         assert "first run: sends 2 waiting row(s)" in plan
         assert "session #2 'recordatorio diciembre' (activa): 2 waiting row(s)" in plan
@@ -539,6 +539,11 @@ def test_sessions_in_the_php_applications_own_states_are_held_unless_named_and_i
         # the operator chooses: drafts are sent too; a stopped campaign never
         assert legacy.run("run", "--once", **env, WORKER_SEND_STATES="borrador").returncode == 0
         assert sorted(fake_api.counts()) == ["+51987100001", "+51987100002", "+51987200001", "+51987200002"]
+        # or one session at a time: `resume` activates a stopped campaign
+        resumed = legacy.run("resume", "--session", "3")
+        assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr
+        assert legacy.run("run", "--once", **env).returncode == 0
+        assert len(fake_api.counts()) == 6 and set(fake_api.counts().values()) == {1}
         # a session our enqueue creates is active whatever the PHP default
         csv = tmp_path / "nuevos.csv"
         csv.write_text("phone\n+51911000001\n")
@@ -546,5 +551,80 @@ def test_sessions_in_the_php_applications_own_states_are_held_unless_named_and_i
             legacy.run("enqueue", "--session", "nuevo", "--text", "hola", "--csv", str(csv)).returncode == 0
         )
         assert legacy.sql.value("SELECT estado FROM sesiones_envio WHERE nombre = 'nuevo'") == "activa"
+    finally:
+        legacy.close()
+
+
+def test_prune_keeps_rows_a_legacy_foreign_key_holds_and_refuses_to_cascade_into_the_history(
+    server_url: DatabaseURL,
+) -> None:
+    legacy = Legacy(server_url, "php_fk.sql")
+    try:
+        legacy.migrate()
+        legacy.sql.execute("UPDATE cola_envios SET updated_at = NOW(6) - INTERVAL 40 DAY WHERE id <= 5")
+
+        dry = legacy.run("prune", "--older-than", "30d", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "would delete 2 finished row(s)" in dry.stdout  # the two errors: no history
+        assert "3 finished row(s) kept" in dry.stdout and "fk_envios_cola, ON DELETE RESTRICT" in dry.stdout
+        done = legacy.run("prune", "--older-than", "30d")
+        assert done.returncode == 0, done.stderr
+        assert "deleted 2 finished row(s)" in done.stdout and "3 finished row(s) kept" in done.stdout
+        assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE id <= 5") == 3
+        assert legacy.sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3
+
+        # ON DELETE CASCADE would take the history with the queue rows: nothing without consent
+        legacy.sql.execute("ALTER TABLE envios_whatsapp DROP FOREIGN KEY fk_envios_cola")
+        legacy.sql.execute(
+            "ALTER TABLE envios_whatsapp ADD CONSTRAINT fk_envios_cola"
+            " FOREIGN KEY (cola_id) REFERENCES cola_envios (id) ON DELETE CASCADE"
+        )
+        refused = legacy.run("prune", "--older-than", "30d")
+        assert refused.returncode == 1 and "Nothing was deleted: add --deliveries" in refused.stderr
+        assert "envios_whatsapp kept" not in refused.stdout
+        assert legacy.sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3
+        both = legacy.run("prune", "--older-than", "30d", "--deliveries")
+        assert both.returncode == 0, both.stderr
+        assert "deleted 3 finished row(s)" in both.stdout and "3 of envios_whatsapp" in both.stdout
+        assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE id <= 5") == 0
+    finally:
+        legacy.close()
+
+
+def test_utf8_bytes_in_a_latin1_queue_block_migrate_with_the_conversion_and_are_then_sent_right(
+    server_url: DatabaseURL, fake_api: FakeCloudAPI, tmp_path: Path
+) -> None:
+    legacy = Legacy(server_url, "php_latin1_utf8.sql")
+    try:
+        plan = legacy.run("migrate", "--dry-run").stdout
+        blocked = [
+            line for line in plan.splitlines() if line.startswith("blocked: cola_envios.mensaje is latin1")
+        ]
+        assert len(blocked) == 1 and "2 waiting row(s) hold UTF-8 bytes (e.g. row #1)" in blocked[0], plan
+        stopped = legacy.run("migrate")
+        assert stopped.returncode == 78 and "hold UTF-8 bytes" in stopped.stderr, stopped.stderr
+        assert (
+            legacy.sql.value(
+                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s"
+                " AND TABLE_NAME = 'whatsapp_worker_daemons'",
+                (legacy.name,),
+            )
+            == 0
+        )
+
+        # the conversion the message gives, as given: the bytes are kept, the column says utf8mb4
+        fix = blocked[0].split("without changing a byte: ")[1]
+        fix = fix.removesuffix(" (migrate changes nothing until this is fixed by hand)")
+        for statement in fix.split("; "):
+            legacy.sql.execute(statement)
+        legacy.migrate()
+        env = fake_api_env(fake_api, tmp_path)
+        assert legacy.run("run", "--once", **env).returncode == 0
+        bodies = {r.phone: r.body["text"]["body"] for r in fake_api.requests}
+        assert bodies == {
+            "+51987500001": "Hola Ñandú",
+            "+51987500002": "Campaña de diciembre",
+            "+51987500003": "sin acentos",
+        }
     finally:
         legacy.close()

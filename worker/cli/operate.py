@@ -123,13 +123,23 @@ async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     kept = "" if args.deliveries else "; envios_whatsapp kept"
     print(f"{verb} {pruned.rows} finished row(s) of cola_envios older than {args.older_than.text}", end="")
-    print(f", {pruned.deliveries} of envios_whatsapp" if args.deliveries else kept)
+    print(f", {pruned.deliveries} of envios_whatsapp" if args.deliveries else kept, end="")
+    print(
+        " (and the rows that reference them: " + ", ".join(map(str, pruned.cascading)) + ")"
+        if pruned.cascading
+        else ""
+    )
+    if pruned.kept:
+        print(
+            f"{pruned.kept} finished row(s) kept: rows of another table reference them"
+            f" ({', '.join(map(str, pruned.keeping))})"
+        )
     return EX_OK
 
 
 SESSION_COMMANDS = {
     "pause": (SessionState.PAUSED, "paused: {rows} waiting row(s) held back"),
-    "resume": (SessionState.ACTIVE, "resumed: {rows} row(s) waiting to be sent"),
+    "resume": (SessionState.ACTIVE, "resumed: {rows} held row(s) back in the queue"),
     "cancel": (SessionState.CANCELLED, "cancelled: {rows} waiting row(s) closed as error, not sent"),
 }
 
@@ -142,7 +152,12 @@ async def cmd_session_state(settings: Settings, args: argparse.Namespace) -> int
         change = await store.sessions.set_session_state(session_id, state)
     finally:
         await store.close()
-    if change.before == change.after:
+    if change.before == change.after and change.rows:
+        print(
+            f"session #{session_id} was already {change.after}:"
+            f" {change.rows} row(s) an earlier pause held back are back in the queue"
+        )
+    elif change.before == change.after:
         print(f"session #{session_id} was already {change.after}: nothing changed")
     else:
         print(f"session #{session_id} {message.format(rows=change.rows)}")

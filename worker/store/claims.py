@@ -122,6 +122,26 @@ CLOSE_CANCELLED = (
     f" c.last_error = '{CANCELLED_REASON}'"
     " WHERE s.estado = 'cancelada' AND c.estado = 'pendiente'"
 )
+# A held session's waiting rows are moved this far ahead (`pause`), out of the claim's range.
+# Parking is idempotent (a parked row is not moved again) and unparking takes back every
+# century a row was moved (a row parked twice by an older version, or by hand, comes back too).
+PARKED = "INTERVAL 100 YEAR"
+IS_PARKED = f"next_attempt_at > {NOW} + INTERVAL 50 YEAR"
+UNPARK = (
+    "next_attempt_at = next_attempt_at"
+    f" - INTERVAL (100 * ROUND(TIMESTAMPDIFF(YEAR, {NOW}, next_attempt_at) / 100)) YEAR"
+)
+# -- name: unpark_active :exec
+# The daemon's sweep: a session that is not paused has no parked rows, however it was
+# re-activated (`resume`, the PHP admin's own toggle, an UPDATE). The claim index's range over
+# parked rows only.
+UNPARK_ACTIVE = (
+    "UPDATE cola_envios c FORCE INDEX (ix_cola_envios_claim) LEFT JOIN sesiones_envio s ON s.id = c.sesion_id"
+    " SET c.next_attempt_at = c.next_attempt_at"
+    f" - INTERVAL (100 * ROUND(TIMESTAMPDIFF(YEAR, {NOW}, c.next_attempt_at) / 100)) YEAR"
+    f" WHERE c.estado = 'pendiente' AND c.next_attempt_at > {NOW} + INTERVAL 50 YEAR"
+    " AND (s.id IS NULL OR s.estado <> 'pausada')"
+)
 # -- name: defer_template :exec
 DEFER_TEMPLATE = (
     f"UPDATE cola_envios SET next_attempt_at = {NOW} + INTERVAL %s MICROSECOND"
@@ -307,6 +327,10 @@ class Claims:
                 await keep_in_flight(self._db, row_id, token, reason)
                 recovered.kept_in_flight.append((int(row_id), str(exc)))
         return recovered
+
+    async def unpark_active(self) -> int:
+        """Rows parked by a pause whose session is no longer paused: back to their schedule."""
+        return await self._db.update(UNPARK_ACTIVE)
 
     async def close_cancelled(self) -> int:
         """Waiting rows of cancelled sessions end in error (the daemon's periodic sweep)."""

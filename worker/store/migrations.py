@@ -341,6 +341,77 @@ async def _inspect(cur: aiomysql.Cursor) -> dict[str, FoundTable]:
     return tables
 
 
+# -- name: foreign_keys :many
+FOREIGN_KEYS = (
+    "SELECT k.TABLE_NAME AS child, k.COLUMN_NAME AS col, k.REFERENCED_TABLE_NAME AS parent,"
+    " r.DELETE_RULE AS rule, k.CONSTRAINT_NAME AS name"
+    " FROM information_schema.KEY_COLUMN_USAGE k JOIN information_schema.REFERENTIAL_CONSTRAINTS r"
+    " ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME"
+    " AND r.TABLE_NAME = k.TABLE_NAME WHERE k.TABLE_SCHEMA = DATABASE() AND k.TABLE_NAME = %s"
+    " AND k.REFERENCED_TABLE_NAME IS NOT NULL ORDER BY k.CONSTRAINT_NAME"
+)
+
+
+async def _plan_foreign_keys(cur: aiomysql.Cursor, plan: Plan, table: str) -> None:
+    """A foreign key from one of our tables: what it means for `prune`."""
+    await cur.execute(FOREIGN_KEYS, (table,))
+    for child, column, parent, rule, name in await cur.fetchall():
+        meaning = (
+            "prune deletes only the rows nothing references, and says how many it kept"
+            if _s(rule) in ("RESTRICT", "NO ACTION")
+            else "prune refuses to delete the referenced rows unless --deliveries accepts losing this history"
+        )
+        plan.found.append(
+            f"{_s(child)}.{_s(column)} references {_s(parent)} ({_s(name)}, ON DELETE {_s(rule)}): {meaning}"
+        )
+
+
+# A value of a latin1 column whose bytes are UTF-8 (PHP's old mysql_* connections wrote UTF-8
+# text through a latin1 connection): read as latin1 "Campaña" would be sent as "CampaÃ±a".
+# Counted: bytes that are valid UTF-8 (they convert back unchanged) with a multi-byte character
+# in them; a real latin1 "é" (one byte, E9) is not valid UTF-8 and is not counted.
+# -- name: utf8_in_latin1 :one
+UTF8_IN_LATIN1 = (
+    "SELECT COUNT(*), MIN(id) FROM (SELECT id, CAST(CONVERT(mensaje USING latin1) AS BINARY) AS b"
+    " FROM cola_envios WHERE estado = 'pendiente') x"
+    " WHERE CAST(CONVERT(b USING utf8mb4) AS BINARY) = b"
+    " AND CHAR_LENGTH(CONVERT(b USING utf8mb4)) < LENGTH(b)"
+)
+# -- name: phones_without_plus :one
+PHONES_WITHOUT_PLUS = (
+    "SELECT COUNT(*), MIN(telefono) FROM cola_envios WHERE estado = 'pendiente' AND telefono NOT LIKE '+%%'"
+)
+
+
+async def _plan_queue_contents(cur: aiomysql.Cursor, plan: Plan, found: FoundTable) -> None:
+    """What the waiting rows hold that the daemon would refuse or garble."""
+    if "estado" not in found.columns or "telefono" not in found.columns:
+        return
+    await cur.execute(PHONES_WITHOUT_PLUS)
+    count, example = await cur.fetchone()
+    if count:
+        plan.found.append(
+            f"cola_envios: {count} waiting row(s) have a phone without '+' (e.g. {_s(example)!r}): the daemon"
+            " ends them in error (E.164 needs the +); fix them first, e.g."
+            " UPDATE cola_envios SET telefono = CONCAT('+', telefono) WHERE estado = 'pendiente'"
+            " AND telefono NOT LIKE '+%'"
+        )
+    mensaje = found.columns.get("mensaje")
+    if mensaje is None or (mensaje.charset or "").lower() != "latin1":
+        return
+    await cur.execute(UTF8_IN_LATIN1)
+    count, example = await cur.fetchone()
+    if count:
+        plan.blockers.append(
+            f"cola_envios.mensaje is latin1 but {count} waiting row(s) hold UTF-8 bytes"
+            f" (e.g. row #{example}): they would be sent garbled. If every row of the column was"
+            " written that way (PHP's old mysql_* defaults), convert it without changing a byte:"
+            f" ALTER TABLE cola_envios MODIFY mensaje {mensaje.data_type.upper().replace('TEXT', 'BLOB')};"
+            f" ALTER TABLE cola_envios MODIFY mensaje {mensaje.data_type.upper()} CHARACTER SET utf8mb4"
+            f" {'NULL' if mensaje.nullable else 'NOT NULL'}"
+        )
+
+
 # -- name: triggers :many
 TRIGGERS = (
     "SELECT TRIGGER_NAME AS name, ACTION_TIMING AS timing, EVENT_MANIPULATION AS event,"
@@ -528,6 +599,9 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
             " it runs with every change of ours; migrate tries each state of ours under it (and rolls"
             " back), and stops naming it if it refuses one"
         )
+    await _plan_foreign_keys(cur, plan, name)
+    if table is schema.COLA_ENVIOS:
+        await _plan_queue_contents(cur, plan, found)
     ours = {c.name for c in table.columns}
     theirs = [c for c in found.columns if c not in ours]
     if theirs:
@@ -555,6 +629,10 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
     alter: list[str] = [f"ADD COLUMN {c.name} {c.ddl}" for c in gaps.columns]
     if gaps.columns:
         plan.found.append(f"{name}: missing columns: {', '.join(c.name for c in gaps.columns)}")
+        plan.found.append(
+            f"{name}: after this, an INSERT INTO {name} VALUES (...) without a column list fails"
+            " (1136, column count): every producer must name its columns"
+        )
     state = found.columns.get(table.state.column) if table.state.column else None
     if state is not None:
         plan.found.append(f"{name}.{state.name}: {state.column_type} DEFAULT {state.default!r}")
@@ -634,7 +712,11 @@ async def _plan_first_run(cur: aiomysql.Cursor, plan: Plan, sendable: tuple[str,
     sent = {"(no session row)", *sendable}
     what = "oldest created" if created else "lowest id"
     for name, count, rows, first in sorted(by_state):
-        action = "sent by the first run" if name in sent else f"held (WORKER_SEND_STATES={name} sends them)"
+        action = (
+            "sent by the first run"
+            if name in sent
+            else f"held (WORKER_SEND_STATES={name} sends them, or `resume --session ID` one session)"
+        )
         plan.found.append(
             f"sessions {name!r}: {count} session(s), {rows} waiting row(s) ({what} {first}): {action}"
         )

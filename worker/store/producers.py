@@ -12,9 +12,10 @@ from pymysql.converters import escape_string
 
 from worker.messages import same_message
 from worker.models import SessionState
+from worker.store.claims import PARKED
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, DatabaseError, placeholders, with_transient_retry
-from worker.store.sessions import PARKED, RefusedChange
+from worker.store.sessions import RefusedChange
 
 # (cliente_id, telefono, mensaje JSON)
 QueuedRow = tuple[int | None, str, str]
@@ -36,7 +37,7 @@ class EnqueueRequest:
 @dataclass(slots=True)
 class EnqueueReport:
     session_id: int | None = None  # None: the session does not exist (yet, on a dry run)
-    state: SessionState | None = None
+    state: str | None = None  # a SessionState, or a PHP application's own
     created: bool = False
     written: bool = False  # False: a dry run, or refused because queued messages differ
     rows: int = 0  # valid rows in the file
@@ -168,7 +169,7 @@ class Producers:
         session_id, state, *settings = row
         if state == SessionState.CANCELLED:
             raise RefusedChange(f"session {request.session!r} (#{session_id}) is cancelled")
-        report.session_id, report.state = int(session_id), SessionState(state)
+        report.session_id, report.state = int(session_id), str(state)
         report.changes = _session_changes(settings, request)
         report.before = dict(zip(SESSION_SETTINGS, settings, strict=True))
         return int(session_id)
@@ -217,7 +218,7 @@ class Producers:
                     " WHERE id = %s",
                     (*(new for _, _, new in report.changes), session_id),
                 )
-        report.session_id, report.state, report.created = session_id, SessionState(state), created
+        report.session_id, report.state, report.created = session_id, str(state), created
         return session_id
 
     async def _insert_batch(self, session_id: int, rows: Sequence[QueuedRow], at: datetime | None) -> int:
@@ -227,16 +228,16 @@ class Producers:
             row = await cur.fetchone()
             if row is None:
                 raise RefusedChange(f"session #{session_id} was deleted during the import")
-            state = SessionState(row[0])
-            if state is SessionState.CANCELLED:
+            state = str(row[0])  # a PHP application's own state (a draft) is kept as it is
+            if state == SessionState.CANCELLED:
                 raise RefusedChange(f"session #{session_id} was cancelled during the import")
-            if state is SessionState.PAUSED:
+            if state == SessionState.PAUSED:
                 # A paused session's rows wait outside the claim range, as `pause` leaves them
                 # (`resume` brings them back to their own time).
                 await cur.execute(PARKED_TIME, (at,))
                 (at,) = await cur.fetchone()
             await cur.execute(INSERT_ROWS.format(values=_values(session_id, rows, at)))
             added = int(cur.rowcount)
-            if added and state is SessionState.COMPLETED:
+            if added and state == SessionState.COMPLETED:
                 await cur.execute("UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (session_id,))
         return added

@@ -4,14 +4,20 @@ Each batch is its own short transaction of at most PRUNE_BATCH rows, so no lock 
 long and the daemons keep claiming and recording meanwhile. Only `enviado` and `error` rows go;
 `desconocido` rows wait for a person (or a status webhook). `envios_whatsapp`, the delivery
 history the runbook reads, stays unless asked.
+
+A legacy schema may have foreign keys into `cola_envios`. A row that another table's row
+references with ON DELETE RESTRICT (or NO ACTION) is kept and counted, so that every other row
+still goes; a key that would change the other table (CASCADE, SET NULL) stops the prune
+before it deletes anything, unless that table is `envios_whatsapp` and `--deliveries` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker.store.db import Database
+from worker.store.sessions import RefusedChange
 
 PRUNE_BATCH = 1000
 # A pause between batches leaves the server to the daemons: unpaced, a prune of a million rows
@@ -22,19 +28,43 @@ FINISHED_OLDER = "estado IN ('enviado', 'error') AND updated_at < NOW(6) - INTER
 DELIVERIES_OLDER = "fecha_envio < NOW() - INTERVAL %s SECOND"
 
 # -- name: count_finished :one
-COUNT_FINISHED = f"SELECT COUNT(*) FROM cola_envios WHERE {FINISHED_OLDER}"
+COUNT_FINISHED = "SELECT COUNT(*) FROM cola_envios WHERE {finished}"
 # -- name: delete_finished :exec
-DELETE_FINISHED = f"DELETE FROM cola_envios WHERE {FINISHED_OLDER} LIMIT {PRUNE_BATCH}"
+DELETE_FINISHED = "DELETE FROM cola_envios WHERE {finished} LIMIT " + str(PRUNE_BATCH)
 # -- name: count_deliveries :one
 COUNT_DELIVERIES = f"SELECT COUNT(*) FROM envios_whatsapp WHERE {DELIVERIES_OLDER}"
 # -- name: delete_deliveries :exec
 DELETE_DELIVERIES = f"DELETE FROM envios_whatsapp WHERE {DELIVERIES_OLDER} LIMIT {PRUNE_BATCH}"
+# -- name: foreign_keys_into_queue :many
+FOREIGN_KEYS = (
+    "SELECT k.TABLE_NAME AS child, k.COLUMN_NAME AS col, r.DELETE_RULE AS rule, k.CONSTRAINT_NAME AS name"
+    " FROM information_schema.KEY_COLUMN_USAGE k JOIN information_schema.REFERENTIAL_CONSTRAINTS r"
+    " ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME"
+    " AND r.TABLE_NAME = k.TABLE_NAME"
+    " WHERE k.REFERENCED_TABLE_SCHEMA = DATABASE() AND k.REFERENCED_TABLE_NAME = 'cola_envios'"
+    " ORDER BY k.TABLE_NAME, k.CONSTRAINT_NAME"
+)
+KEEPING_RULES = ("RESTRICT", "NO ACTION")
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignKey:
+    child: str
+    column: str
+    rule: str  # RESTRICT, NO ACTION, CASCADE, SET NULL, SET DEFAULT
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.child}.{self.column} ({self.name}, ON DELETE {self.rule})"
 
 
 @dataclass(frozen=True, slots=True)
 class Pruned:
     rows: int
     deliveries: int
+    kept: int = 0  # finished rows old enough but referenced by another table's rows (RESTRICT)
+    keeping: tuple[ForeignKey, ...] = ()  # the keys that kept them
+    cascading: tuple[ForeignKey, ...] = field(default=())  # envios_whatsapp keys that followed
 
 
 class Pruner:
@@ -43,13 +73,38 @@ class Pruner:
 
     async def prune(self, older_than: int, *, deliveries: bool, dry_run: bool) -> Pruned:
         """Rows finished more than `older_than` seconds ago (counted only, with `dry_run`)."""
-        if dry_run:
-            return Pruned(
-                await self._count(COUNT_FINISHED, older_than),
-                await self._count(COUNT_DELIVERIES, older_than) if deliveries else 0,
+        keys = await self._foreign_keys()
+        keeping = tuple(k for k in keys if k.rule in KEEPING_RULES)
+        cascading = tuple(k for k in keys if k.rule not in KEEPING_RULES)
+        refused = [k for k in cascading if not (deliveries and k.child == "envios_whatsapp")]
+        if refused:
+            raise RefusedChange(
+                f"{'; '.join(map(str, refused))} references cola_envios: deleting queue rows would change"
+                " that table too. Nothing was deleted"
+                + (
+                    ": add --deliveries to delete that history as well"
+                    if refused[0].child == "envios_whatsapp"
+                    else ": drop or change that constraint first"
+                )
             )
-        rows = await self._delete(DELETE_FINISHED, older_than)
-        return Pruned(rows, await self._delete(DELETE_DELIVERIES, older_than) if deliveries else 0)
+        finished = FINISHED_OLDER + "".join(
+            f" AND NOT EXISTS (SELECT 1 FROM {k.child} x WHERE x.{k.column} = cola_envios.id)"
+            for k in keeping
+        )
+        all_old = await self._count(COUNT_FINISHED.format(finished=FINISHED_OLDER), older_than)
+        if dry_run:
+            rows = await self._count(COUNT_FINISHED.format(finished=finished), older_than)
+            history = await self._count(COUNT_DELIVERIES, older_than) if deliveries else 0
+            return Pruned(rows, history, all_old - rows, keeping, cascading)
+        # the history first: rows it referenced (RESTRICT) can go in the same run
+        history = await self._delete(DELETE_DELIVERIES, older_than) if deliveries else 0
+        rows = await self._delete(DELETE_FINISHED.format(finished=finished), older_than)
+        return Pruned(rows, history, max(0, all_old - rows), keeping, cascading)
+
+    async def _foreign_keys(self) -> list[ForeignKey]:
+        async with self._db.transaction() as cur:
+            await cur.execute(FOREIGN_KEYS)
+            return [ForeignKey(*(str(v) for v in row)) for row in await cur.fetchall()]
 
     async def _count(self, sql: str, older_than: int) -> int:
         async with self._db.transaction() as cur:

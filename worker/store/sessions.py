@@ -14,12 +14,10 @@ from typing import Any
 import aiomysql
 
 from worker.models import CANCELLED_REASON, SessionState
+from worker.store.claims import IS_PARKED, PARKED, UNPARK
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, placeholders, with_transient_retry
 from worker.store.results import LATE_RESULT_WINDOW
-
-# A held session's waiting rows are moved this far ahead (`pause`), out of the claim's range.
-PARKED = "INTERVAL 100 YEAR"
 
 
 class RefusedChange(Exception):
@@ -29,8 +27,8 @@ class RefusedChange(Exception):
 @dataclass(frozen=True, slots=True)
 class SessionChange:
     session_id: int
-    before: SessionState
-    after: SessionState
+    before: str  # a SessionState, or a PHP application's own (a draft)
+    after: str
     rows: int  # rows held back (pause), waiting again (resume) or closed (cancel)
 
 
@@ -102,9 +100,15 @@ class Sessions:
         async def attempt() -> SessionChange:
             async with self._db.transaction() as cur:
                 before = await self._lock_session(cur, session_id)
-                if before == state:
-                    return SessionChange(session_id, before, before, 0)
-                if before not in allowed:
+                if before == state:  # rows parked by a pause another way undid are unparked still
+                    rows = (
+                        await self._park_rows(cur, session_id, state) if state is SessionState.ACTIVE else 0
+                    )
+                    return SessionChange(session_id, before, before, rows)
+                # `resume` also activates a session in a PHP application's own state (a draft):
+                # the operator's explicit choice to send it.
+                php_state = before not in {s.value for s in SessionState}
+                if before not in allowed and not (state is SessionState.ACTIVE and php_state):
                     raise RefusedChange(f"session #{session_id} is {before}: cannot become {state}")
                 await cur.execute("UPDATE sesiones_envio SET estado = %s WHERE id = %s", (state, session_id))
                 rows = await self._park_rows(cur, session_id, state)
@@ -121,10 +125,10 @@ class Sessions:
         """
         if state is SessionState.PAUSED:
             sql = f"next_attempt_at = COALESCE(next_attempt_at, {NOW}) + {PARKED}"
-            where = ""
+            where = f" AND NOT COALESCE({IS_PARKED}, FALSE)"
         elif state is SessionState.ACTIVE:
-            sql = f"next_attempt_at = next_attempt_at - {PARKED}"
-            where = f" AND next_attempt_at > {NOW} + INTERVAL 50 YEAR"
+            sql = UNPARK
+            where = f" AND {IS_PARKED}"
         else:
             sql = f"estado = 'error', last_error_code = NULL, last_error = '{CANCELLED_REASON}'"
             where = ""
@@ -132,13 +136,6 @@ class Sessions:
             f"UPDATE cola_envios SET {sql} WHERE sesion_id = %s AND estado = 'pendiente'{where}",
             (session_id,),
         )
-        if state is SessionState.ACTIVE:
-            await cur.execute(
-                "SELECT COUNT(*) FROM cola_envios WHERE sesion_id = %s AND estado = 'pendiente'",
-                (session_id,),
-            )
-            (count,) = await cur.fetchone()
-            return int(count)
         return int(cur.rowcount)
 
     async def rows(
@@ -189,9 +186,9 @@ class Sessions:
         return await with_transient_retry(attempt)
 
     @staticmethod
-    async def _lock_session(cur: aiomysql.Cursor, session_id: int) -> SessionState:
+    async def _lock_session(cur: aiomysql.Cursor, session_id: int) -> str:
         await cur.execute("SELECT estado FROM sesiones_envio WHERE id = %s FOR UPDATE", (session_id,))
         row = await cur.fetchone()
         if row is None:
             raise RefusedChange(f"there is no session #{session_id}")
-        return SessionState(row[0])
+        return str(row[0])

@@ -155,6 +155,7 @@ class CsvSource:
         self.spec = spec
         self.problems = Problems()  # of the last pass
         self.unused: list[str] = []  # parameter columns a text body does not use
+        self.column_charset: str | None = None  # cola_envios.mensaje's: a message must fit it
         try:
             with path.open(newline="", encoding="utf-8-sig") as handle:
                 self.delimiter = _delimiter(handle.readline())
@@ -264,6 +265,8 @@ class CsvSource:
                         if (problem := check(params)) is not None:
                             raise InvalidMessage(problem)
                         message = build(params)
+                        if (problem := unstorable(message, self.column_charset)) is not None:
+                            raise InvalidMessage(problem)
                     except InvalidMessage as exc:
                         if not any(field.strip() for field in fields):
                             continue  # a blank line (or one of separators only: ";;;")
@@ -279,6 +282,30 @@ class CsvSource:
             except csv.Error as exc:
                 problems.add(end + 1, f"line {end + 1}: malformed CSV: {exc}")
                 yield end + 1, None
+
+
+# What a character set of MySQL's can hold, as Python's codec names it (MySQL's latin1 is
+# Windows-1252); utf8mb3 holds the Basic Multilingual Plane only (no emoji).
+CHARSET_CODECS = {"latin1": "cp1252", "ascii": "ascii", "latin2": "iso8859_2", "cp1250": "cp1250"}
+
+
+def unstorable(message: str, charset: str | None) -> str | None:
+    """Why `message` cannot be stored in a cola_envios.mensaje of `charset` (None: it can)."""
+    name = (charset or "utf8mb4").lower()
+    if name == "utf8mb4" or name == "binary":
+        return None
+    if name in ("utf8", "utf8mb3"):
+        bad = next((c for c in message if ord(c) > 0xFFFF), None)
+    elif name in CHARSET_CODECS:
+        bad = next((c for c in message if not c.encode(CHARSET_CODECS[name], "ignore")), None)
+    else:
+        return None  # a character set we do not know: the server decides
+    if bad is None:
+        return None
+    return (
+        f"the message has {bad!r}, which cola_envios.mensaje ({name}) cannot store: convert the column"
+        " to utf8mb4 (ALTER TABLE cola_envios MODIFY mensaje ... CHARACTER SET utf8mb4), or leave it out"
+    )
 
 
 def read_rows(path: Path, spec: MessageSpec) -> list[QueueRow]:

@@ -628,3 +628,25 @@ def test_utf8_bytes_in_a_latin1_queue_block_migrate_with_the_conversion_and_are_
         }
     finally:
         legacy.close()
+
+
+def test_an_emoji_for_a_latin1_queue_is_refused_naming_the_line_and_the_column(
+    server_url: DatabaseURL, tmp_path: Path
+) -> None:
+    legacy = Legacy(server_url, "php_latin1.sql")
+    try:
+        legacy.migrate()
+        csv = tmp_path / "emoji.csv"
+        csv.write_text("phone\n+51911000001\n+51911000002\n")
+        before = legacy.sql.value("SELECT COUNT(*) FROM cola_envios")
+        refused = legacy.run("enqueue", "--session", "emoji", "--text", "hola 😀", "--csv", str(csv))
+        assert refused.returncode == 65, refused.stderr  # a data error, not "try again"
+        assert (
+            "line 2: the message has '😀', which cola_envios.mensaje (latin1) cannot store" in refused.stderr
+        )
+        assert "run the same command again" not in refused.stderr
+        assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios") == before
+        ok = legacy.run("enqueue", "--session", "eñe", "--text", "Campaña de diciembre", "--csv", str(csv))
+        assert ok.returncode == 0, ok.stderr  # what latin1 holds goes in
+    finally:
+        legacy.close()

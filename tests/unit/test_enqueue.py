@@ -22,6 +22,7 @@ from worker.enqueue import (
     schedule,
     send_window,
     time_zone,
+    unstorable,
 )
 from worker.messages import TEXT_BODY_MAX, fill, parse_message, placeholders, same_message
 
@@ -255,3 +256,24 @@ def test_describe_shortens_a_message_for_people() -> None:
     assert describe(json.dumps(template)) == 'template recordatorio_pago (es): "ACME", "S/ 10"'
     assert describe(json.dumps({"type": "text", "text": {"body": "x" * 200}}), 20) == 'text "xxxxxxxxxxx...'
     assert describe("{broken", 80) == "{broken"
+
+
+@pytest.mark.parametrize(
+    ("charset", "text", "bad"),
+    [
+        ("utf8mb4", "hola 😀", None),
+        ("latin1", "Campaña €", None),  # MySQL's latin1 is Windows-1252: it has the euro sign
+        ("latin1", "hola 😀", "'😀'"),
+        ("latin1", "Привет", "'П'"),
+        ("utf8mb3", "Ñandú", None),
+        ("utf8", "hola 😀", "'😀'"),
+        ("koi8r", "anything", None),  # a character set we do not know: the server decides
+    ],
+)
+def test_a_message_the_queue_column_cannot_store_is_named_before_anything_is_queued(
+    charset: str, text: str, bad: str | None
+) -> None:
+    problem = unstorable(text, charset)
+    assert (problem is None) == (bad is None)
+    if bad is not None:
+        assert problem is not None and bad in problem and f"cola_envios.mensaje ({charset})" in problem

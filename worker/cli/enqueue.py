@@ -87,6 +87,7 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
         print(f"whatsapp-worker: note: column {name!r} is not used by --text", file=sys.stderr)
     store = await open_checked_store(settings)
     try:
+        source.column_charset = await store.producers.message_charset()
         report = await store.producers.enqueue(
             request,
             progress.count(source.read(first=True), "checked"),

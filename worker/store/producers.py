@@ -110,6 +110,16 @@ class Producers:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    async def message_charset(self) -> str | None:
+        """The character set of cola_envios.mensaje (an adopted table may be latin1)."""
+        async with self._db.transaction() as cur:
+            await cur.execute(
+                "SELECT CHARACTER_SET_NAME AS charset FROM information_schema.COLUMNS WHERE TABLE_SCHEMA ="
+                " DATABASE() AND TABLE_NAME = 'cola_envios' AND COLUMN_NAME = 'mensaje'"
+            )
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
     async def enqueue(
         self,
         request: EnqueueRequest,

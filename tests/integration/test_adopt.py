@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -648,5 +649,57 @@ def test_an_emoji_for_a_latin1_queue_is_refused_naming_the_line_and_the_column(
         assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios") == before
         ok = legacy.run("enqueue", "--session", "eñe", "--text", "Campaña de diciembre", "--csv", str(csv))
         assert ok.returncode == 0, ok.stderr  # what latin1 holds goes in
+    finally:
+        legacy.close()
+
+
+def test_migrate_finishes_on_a_big_table_whose_producer_keeps_inserting_copies(
+    server_url: DatabaseURL,
+) -> None:
+    legacy = Legacy(server_url, "php_latin1.sql")
+    digits = " UNION ALL ".join(f"SELECT {d} AS n" for d in range(10))
+    legacy.sql.execute(
+        "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje, estado)"
+        " SELECT 30, seq, CONCAT('+5196', LPAD(seq, 7, '0')), %s, 'enviado' FROM (SELECT"
+        " a.n + 10 * b.n + 100 * c.n + 1000 * d.n + 10000 * e.n AS seq FROM"
+        f" ({digits}) a, ({digits}) b, ({digits}) c, ({digits}) d, ({digits}) e) s",
+        (TEXT,),
+    )
+    stop, inserted = threading.Event(), []
+
+    def php_producer() -> None:  # the old bug, still running: the same phone again and again
+        conn = connect(legacy.url, legacy.name)
+        with conn.cursor() as cur:
+            while not stop.is_set():
+                try:
+                    cur.execute(
+                        "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje)"
+                        " VALUES (28, 601, '+51987000011', %s)",
+                        (TEXT,),
+                    )
+                    inserted.append(1)
+                except pymysql.err.IntegrityError:
+                    pass  # the unique key is there: the copy is refused, as it should be
+                stop.wait(0.002)
+        conn.close()
+
+    producer = threading.Thread(target=php_producer, daemon=True)
+    producer.start()
+    try:
+        out = legacy.migrate()
+    finally:
+        stop.set()
+        producer.join(timeout=30)
+    try:
+        assert f"to version {schema.LATEST}" in out and "note: cola_envios: keys: a producer" in out
+        assert inserted  # copies did come in meanwhile
+        waiting = legacy.sql.rows(
+            "SELECT legacy_duplicate, estado FROM cola_envios"
+            " WHERE sesion_id = 28 AND telefono = '+51987000011'"
+        )
+        assert [r for r in waiting if r["estado"] == "pendiente"] == [
+            {"legacy_duplicate": 0, "estado": "pendiente"}
+        ]
+        assert len({r["legacy_duplicate"] for r in waiting}) == len(waiting)  # the key holds
     finally:
         legacy.close()

@@ -39,6 +39,8 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
             print(f"found: {line}")
         for step in applied.steps:
             print(f"done: {step.why}")
+        for note in applied.notes:
+            print(f"note: {note}")
     if applied.steps or applied.versions:
         print(f"migrated {where} to version {schema.LATEST} ({len(applied.steps)} statement(s) run)")
     else:

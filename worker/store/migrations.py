@@ -15,6 +15,7 @@ at start: the list of what the code needs and does not find.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,7 @@ class Applied:
     found: list[str]
     steps: list[Step]
     versions: list[int]  # versions newly recorded in whatsapp_worker_migrations
+    notes: list[str] = field(default_factory=list)  # what took more than one try, and why
 
 
 class Migrations:
@@ -247,9 +249,11 @@ async def _migrate(conn: aiomysql.Connection, cur: aiomysql.Cursor, lock_wait: i
     plan = await _plan(cur)
     if plan.blockers:
         raise SchemaMismatch(plan.blockers, hint="fix these by hand, then run `whatsapp-worker migrate`")
+    notes: list[str] = []
     for step in plan.steps:
         try:
-            await _execute(conn, cur, step)
+            if (note := await _execute(conn, cur, step)) is not None:
+                notes.append(note)
         except pymysql.err.OperationalError as exc:
             if exc.args[0] != LOCK_WAIT_TIMEOUT:
                 raise
@@ -275,20 +279,51 @@ async def _migrate(conn: aiomysql.Connection, cur: aiomysql.Cursor, lock_wait: i
             [(m.version, m.name) for m in versions],
         )
     await conn.commit()
-    return Applied(plan.found, plan.steps, [m.version for m in versions])
+    return Applied(plan.found, plan.steps, [m.version for m in versions], notes)
 
 
-async def _execute(conn: aiomysql.Connection, cur: aiomysql.Cursor, step: Step) -> None:
+# A unique key is built online while the PHP producer keeps inserting; a copy it inserts during
+# the build fails the build at its end. The copies are numbered again and the key built again,
+# online up to ONLINE_BUILDS times; then once more with the table's writes held (LOCK TABLES)
+# from the numbering to the end of the build, so that no copy can come in between: migrate
+# finishes on a live table in a bounded number of tries (the producer's INSERTs wait meanwhile).
+ONLINE_BUILDS = 3
+
+
+async def _execute(conn: aiomysql.Connection, cur: aiomysql.Cursor, step: Step) -> str | None:
+    """Run one step; returns a note for the operator when it took more than one try."""
     with quiet_notes():
-        try:
+        if step.renumber is None:
             await cur.execute(step.sql)
-        except pymysql.err.IntegrityError as exc:
-            if step.renumber is None or exc.args[0] != DUPLICATE_KEY:
-                raise
-            await cur.execute(step.renumber)
             await conn.commit()
+            return None
+        for build in range(1, ONLINE_BUILDS + 1):
+            try:
+                await cur.execute(step.sql)
+            except pymysql.err.IntegrityError as exc:
+                if exc.args[0] != DUPLICATE_KEY:
+                    raise
+                await cur.execute(step.renumber)
+                await conn.commit()
+                continue
+            await conn.commit()
+            if build == 1:
+                return None
+            return (
+                f"{step.why}: a producer inserted copies during the build: numbered again {build - 1} time(s)"
+            )
+        started = time.monotonic()
+        await cur.execute(f"LOCK TABLES {step.table} WRITE, {step.table} AS t WRITE")
+        try:
+            await cur.execute(step.renumber)
             await cur.execute(step.sql)
-    await conn.commit()
+            await conn.commit()
+        finally:
+            await cur.execute("UNLOCK TABLES")
+    return (
+        f"{step.why}: a producer kept inserting copies during {ONLINE_BUILDS} online builds: the last"
+        f" numbering and build held the table's writes for {time.monotonic() - started:.1f}s"
+    )
 
 
 async def _inspect(cur: aiomysql.Cursor) -> dict[str, FoundTable]:

@@ -19,6 +19,17 @@ from tests.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
 
 
+def sample_health(env: dict[str, str], *, seconds: float) -> list[tuple[int, str]]:
+    """`whatsapp-worker health` about once a second for `seconds`: (exit code, line) each."""
+    verdicts = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        health = subprocess.run([*WORKER_BIN, "health"], env=env, capture_output=True, text=True)
+        verdicts.append((health.returncode, health.stdout.strip()))
+        time.sleep(1)  # sampling rate of the probe, not synchronisation
+    return verdicts
+
+
 def test_a_log_reader_that_goes_away_costs_no_result(
     sql: SQL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]], tmp_path: Path
 ) -> None:
@@ -66,12 +77,7 @@ def test_the_heartbeat_beats_through_a_database_outage_longer_than_the_health_to
         daemon = WorkerProcess(env, "run", logs=tmp_path)
         assert fake_api.wait_for_requests(40, timeout=30)
         proxy.cut()
-        verdicts = []
-        deadline = time.monotonic() + 20  # longer than the tolerance
-        while time.monotonic() < deadline:
-            health = subprocess.run([*WORKER_BIN, "health"], env=env, capture_output=True, text=True)
-            verdicts.append((health.returncode, health.stdout.strip()))
-            time.sleep(1)  # sampling rate of the probe, not synchronisation
+        verdicts = sample_health(env, seconds=20)  # longer than the tolerance
         assert daemon.alive()
         proxy.restore()
         assert eventually(lambda: sql.states() == {"enviado": 300}, 60), sql.states()
@@ -236,14 +242,9 @@ def test_a_read_only_database_for_longer_than_the_lease_is_an_outage_and_every_r
         )
         daemon = WorkerProcess(env, "run", logs=tmp_path)
         assert fake_api.wait_for_requests(60, timeout=30)
-        verdicts = []
         with read_only(sql):
             in_flight_then = fake_api.in_flight
-            deadline = time.monotonic() + 8  # more than twice the lease
-            while time.monotonic() < deadline:
-                health = subprocess.run([*WORKER_BIN, "health"], env=env, capture_output=True, text=True)
-                verdicts.append((health.returncode, health.stdout.strip()))
-                time.sleep(1)  # sampling rate of the probe, not synchronisation
+            verdicts = sample_health(env, seconds=8)  # more than twice the lease
             assert daemon.alive(), daemon.stderr
         assert eventually(lambda: sql.states() == {"enviado": 300}, 60), sql.states()
         daemon.send_signal(signal.SIGTERM)

@@ -756,7 +756,7 @@ async def _plan_first_run(cur: aiomysql.Cursor, plan: Plan, sendable: tuple[str,
             f"sessions {name!r}: {count} session(s), {rows} waiting row(s) ({what} {first}): {action}"
         )
     total = sum(rows for name, _, rows, _ in by_state if name in sent)
-    plan.found.append(f"first run: sends {total} waiting row(s) of the sessions above that are sent")
+    plan.found.append(f"first run: sends up to {total} waiting row(s) (less the legacy copies above)")
     await cur.execute(
         f"SELECT c.sesion_id, MAX(s.nombre), MAX({label}), COUNT(*), {oldest} {source}"
         f" GROUP BY c.sesion_id ORDER BY COUNT(*) DESC, c.sesion_id LIMIT {FIRST_RUN_SESSIONS}"

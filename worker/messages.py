@@ -162,3 +162,16 @@ def request_body(row_id: int, phone: str, message: dict[str, Any]) -> bytes:
         raise InvalidMessage("mensaje is nested too deeply") from None
     except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
         raise InvalidMessage(f"mensaje cannot be encoded as JSON: {exc}") from None
+
+
+def phone_from_wa_id(raw: str) -> str | None:
+    """A phone as the queue stores it (`+51987654321`) from Meta's form (`51987654321`, the
+    `from` of an inbound message, a status's `recipient_id`) or an operator's (`+51 987 654 321`);
+    None when it is not an E.164 phone."""
+    candidate = raw.strip()
+    if not candidate.startswith("+"):
+        candidate = f"+{candidate}"
+    try:
+        return normalize_phone(candidate)
+    except InvalidMessage:
+        return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 
@@ -68,3 +69,56 @@ class SendResult:
     error_code: int | None = None
     error_text: str | None = None
     retry_after: float | None = None  # seconds; set by the daemon for RETRY
+
+
+# Meta's error code for "the user stopped marketing messages from this business": an opt-out.
+OPTED_OUT_CODE = 131050
+# Where an opt-out came from (whatsapp_worker_optouts.source).
+SOURCE_KEYWORD = "keyword"
+SOURCE_META = "131050"
+SOURCE_OPERATOR = "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one send's result means for its row and for the daemon."""
+
+    state: RowState  # SENT / PENDING (retry, pause, unreachable) / ERROR / UNKNOWN
+    spend_attempt: bool  # sent, retry, permanent, unknown spend one; pause and unreachable do not
+    delay: float  # seconds until the row is due again (state PENDING); 0 otherwise
+    wamid: str | None
+    error_code: int | None
+    error_text: str | None
+    pause: float | None  # stop ALL sending this long, then probe with one send
+    hold_template: float | None  # hold back this template's waiting rows this long
+    event: str  # stable log event name
+    metric: str  # whatsapp_worker_messages_total{outcome}: sent, retry, error, unknown, paused
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What a send decided for a row, waiting to be written, with the claim it belongs to."""
+
+    job: Job
+    decision: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """One status object from a webhook, checked and cut to the columns' sizes."""
+
+    wamid: str
+    status: str  # one of STATUS_KINDS
+    cola_id: int | None  # from biz_opaque_callback_data `cola:<id>`
+    status_at: datetime | None  # Meta's timestamp, UTC (naive)
+    recipient_id: str | None
+    error_code: int | None
+    error_title: str | None
+    raw: str  # the status object as received (JSON, ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class OptOut:
+    telefono: str  # E.164, `+` included
+    source: str  # keyword, 131050, operator
+    detail: str | None = None

@@ -9,16 +9,14 @@ No I/O and no clock here: the daemon carries a Decision out, the store writes it
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from worker.config import Settings
-from worker.models import Job, Outcome, RowState, SendResult
+from worker.models import OPTED_OUT_CODE, Decision, Outcome, RowState, SendResult
 from worker.retry import backoff
 
 THROTTLED = 130429  # too many messages for this number: the rate is lowered, then recovers
 MAINTENANCE_CODE = 131057  # account in maintenance / throughput upgrade: pause briefly
 MAINTENANCE_PAUSE = 60.0  # Meta says about a minute
-OPTED_OUT_CODE = 131050  # the user stopped marketing messages from this business
 MARKETING_LIMIT_CODE = 131049  # marketing "healthy ecosystem" limit: defer at least 24 h
 MARKETING_LIMIT_DELAY = 24 * 3600.0
 TEMPLATE_PAUSED_CODE = 132015  # template paused for low quality: hold that template's rows
@@ -87,30 +85,6 @@ def classify_error(code: int | None, http_status: int) -> Outcome:
     if http_status == 401:
         return Outcome.PAUSE
     return Outcome.UNKNOWN if http_status >= 500 else Outcome.PERMANENT
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What one send's result means for its row and for the daemon."""
-
-    state: RowState  # SENT / PENDING (retry, pause, unreachable) / ERROR / UNKNOWN
-    spend_attempt: bool  # sent, retry, permanent, unknown spend one; pause and unreachable do not
-    delay: float  # seconds until the row is due again (state PENDING); 0 otherwise
-    wamid: str | None
-    error_code: int | None
-    error_text: str | None
-    pause: float | None  # stop ALL sending this long, then probe with one send
-    hold_template: float | None  # hold back this template's waiting rows this long
-    event: str  # stable log event name
-    metric: str  # whatsapp_worker_messages_total{outcome}: sent, retry, error, unknown, paused
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """What a send decided for a row, waiting to be written, with the claim it belongs to."""
-
-    job: Job
-    decision: Decision
 
 
 def decide(result: SendResult, *, attempt: int, settings: Settings, rng: random.Random) -> Decision:

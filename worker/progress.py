@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.models import RowState
-from worker.policy import Finished
+from worker.models import Finished, RowState
 from worker.store import DatabaseError, Results
 
 PROGRESS_EVERY = 1.0  # seconds between progress lines

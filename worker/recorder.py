@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from worker.heartbeat import BEAT_EVERY
-from worker.models import RowState
-from worker.policy import Finished
+from worker.models import Finished, RowState
 from worker.progress import Progress
 from worker.store import DatabaseError, DatabaseUnavailable, Recorded, Results, RowRefused
 

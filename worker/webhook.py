@@ -38,10 +38,11 @@ from worker import __version__
 from worker.config import ConfigError, Settings
 from worker.exits import EX_IOERR, EX_OK
 from worker.log import on_sink_lost
+from worker.messages import phone_from_wa_id
+from worker.models import SOURCE_KEYWORD, OptOut, StatusUpdate
 from worker.signals import stop_signals
 from worker.store import DatabaseError, DatabaseUnavailable, RowRefused, Store
-from worker.store.optouts import SOURCE_KEYWORD, OptOut, phone_from_wa_id
-from worker.store.statuses import APPLY_BATCH, STATUS_KINDS, Applied, Statuses, StatusUpdate, Stored
+from worker.store.statuses import APPLY_BATCH, STATUS_KINDS, Applied, Statuses, Stored
 from worker.systemd import Notifier
 
 PATH = "/webhook"

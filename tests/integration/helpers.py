@@ -6,8 +6,8 @@ from random import Random
 
 from worker.config import DatabaseURL, Settings
 from worker.daemon import Daemon, RunReport
-from worker.models import Job, Outcome, SendResult
-from worker.policy import Finished, decide
+from worker.models import Finished, Job, Outcome, SendResult
+from worker.policy import decide
 from worker.sender import make_sender
 from worker.store import Store
 

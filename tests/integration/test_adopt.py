@@ -25,9 +25,8 @@ import pytest
 from tests.acceptance.processes import RUNBOOK, WorkerProcess
 from tests.conftest import ROOT, SQL, WORKER_BIN, base_env, connect, fake_api_env
 from tests.fakeapi import FakeCloudAPI
-from worker import schema
 from worker.config import DatabaseURL
-from worker.store import Database, RowRefused
+from worker.store import Database, RowRefused, schema
 
 LEGACY = ROOT / "tests" / "legacy"
 # "FILE@ENGINE": that schema with every table on another engine (MyISAM: MySQL's default until

@@ -13,9 +13,11 @@ import pytest
 from tests.conftest import SQL
 from tests.integration.helpers import sent
 from worker.config import DatabaseURL
+from worker.messages import phone_from_wa_id
+from worker.models import StatusUpdate
 from worker.store import Store
-from worker.store.optouts import opted_out, phone_from_wa_id
-from worker.store.statuses import Action, Pending, RowView, StatusUpdate, plan
+from worker.store.optouts import opted_out
+from worker.store.statuses import Action, Pending, RowView, plan
 
 T0 = datetime(2026, 3, 1, 12, 0, 0)
 

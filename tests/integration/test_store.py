@@ -121,7 +121,7 @@ async def test_expired_leases_become_unknown(sql: SQL, store: Store) -> None:
 
 
 async def test_migrate_is_idempotent(store: Store) -> None:
-    from worker import schema
+    from worker.store import schema
 
     applied = await store.migrations.migrate()
     assert (applied.steps, applied.versions) == ([], [])

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from worker import schema
 from worker.cli.common import open_store
 from worker.config import Settings
 from worker.exits import EX_OK, EX_TEMPFAIL
-from worker.store import DatabaseError
+from worker.store import DatabaseError, schema
 from worker.store.migrations import TableBusy
 
 

@@ -10,7 +10,8 @@ from worker.cli.common import open_checked_store
 from worker.config import ConfigError, Settings
 from worker.exits import EX_OK
 from worker.log import get_logger
-from worker.store.optouts import SOURCE_OPERATOR, phone_from_wa_id
+from worker.messages import phone_from_wa_id
+from worker.models import SOURCE_OPERATOR
 from worker.webhook import run_receiver
 
 OPTOUT_PAGE = 1000

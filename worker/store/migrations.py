@@ -23,8 +23,8 @@ from typing import Any
 import aiomysql
 import pymysql
 
-from worker import schema
 from worker.models import SENDABLE_STATES
+from worker.store import schema
 from worker.store.db import (
     DRIVER_ERRORS,
     LOCK_WAIT_TIMEOUT,

@@ -15,14 +15,11 @@ from typing import Any
 
 import aiomysql
 
-from worker.messages import InvalidMessage, normalize_phone
+from worker.models import OptOut
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, placeholders, with_transient_retry
 
 DETAIL_MAX = 1000
-SOURCE_KEYWORD = "keyword"
-SOURCE_META = "131050"
-SOURCE_OPERATOR = "operator"
 
 # -- name: opted_out :many
 # The unique key on telefono answers it; one query for a whole claim batch.
@@ -43,32 +40,12 @@ LIST_OPTOUTS = (
 
 
 @dataclass(frozen=True, slots=True)
-class OptOut:
-    telefono: str  # E.164, `+` included
-    source: str  # keyword, 131050, operator
-    detail: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class OptOutRow:
     id: int
     telefono: str
     source: str
     detail: str | None
     created_at: datetime  # UTC
-
-
-def phone_from_wa_id(raw: str) -> str | None:
-    """A phone as the queue stores it (`+51987654321`) from Meta's form (`51987654321`, the
-    `from` of an inbound message, a status's `recipient_id`) or an operator's (`+51 987 654 321`);
-    None when it is not an E.164 phone."""
-    candidate = raw.strip()
-    if not candidate.startswith("+"):
-        candidate = f"+{candidate}"
-    try:
-        return normalize_phone(candidate)
-    except InvalidMessage:
-        return None
 
 
 async def opted_out(cur: aiomysql.Cursor, phones: Iterable[str]) -> set[str]:

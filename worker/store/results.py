@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import aiomysql
 
-from worker.models import RowState
-from worker.policy import Finished
+from worker.models import Finished, RowState
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, RowRefused, case, placeholders, with_transient_retry
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import aiomysql
 
-from worker.models import RowState
-from worker.policy import OPTED_OUT_CODE
+from worker.messages import phone_from_wa_id
+from worker.models import OPTED_OUT_CODE, SOURCE_META, OptOut, RowState, StatusUpdate
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, RowRefused, case, placeholders, with_transient_retry
-from worker.store.optouts import SOURCE_META, OptOut, add_optouts, phone_from_wa_id
+from worker.store.optouts import add_optouts
 from worker.store.results import CLEAR_LEASE, ERROR_TEXT_MAX, INSERT_DELIVERY
 
 STATUS_KINDS = ("sent", "delivered", "read", "failed")
@@ -90,20 +90,6 @@ MARK_APPLIED = f"UPDATE whatsapp_worker_statuses SET applied_at = {NOW} WHERE id
 REFUSE_STATUS = f"UPDATE whatsapp_worker_statuses SET applied_at = {NOW}, apply_error = %s WHERE id = %s"
 # -- name: pending_count :one
 PENDING_COUNT = "SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE applied_at IS NULL"
-
-
-@dataclass(frozen=True, slots=True)
-class StatusUpdate:
-    """One status object from a webhook, checked and cut to the columns' sizes."""
-
-    wamid: str
-    status: str  # one of STATUS_KINDS
-    cola_id: int | None  # from biz_opaque_callback_data `cola:<id>`
-    status_at: datetime | None  # Meta's timestamp, UTC (naive)
-    recipient_id: str | None
-    error_code: int | None
-    error_title: str | None
-    raw: str  # the status object as received (JSON, ASCII)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from worker.config import DatabaseURL  # noqa: E402
-from worker.webhook import sign  # noqa: E402
+from worker.webhook.parse import sign  # noqa: E402
 
 SECRET, VERIFY = "bench-app-secret", "bench-verify-token"
 DATABASE = "whatsapp_worker_bench_webhook"

@@ -5,10 +5,10 @@ from collections.abc import Callable
 from random import Random
 
 from worker.config import DatabaseURL, Settings
-from worker.daemon import Daemon, RunReport
+from worker.daemon.loop import Daemon, RunReport
+from worker.daemon.policy import decide
+from worker.daemon.sender import make_sender
 from worker.models import Finished, Job, Outcome, SendResult
-from worker.policy import decide
-from worker.sender import make_sender
 from worker.store import Store
 
 

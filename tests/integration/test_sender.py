@@ -19,8 +19,8 @@ import pytest
 
 from tests.fakeapi import FakeCloudAPI, Step
 from worker.config import DatabaseURL, Settings
+from worker.daemon.sender import CloudSender, SandboxSender
 from worker.models import Job, Outcome, SendResult
-from worker.sender import CloudSender, SandboxSender
 
 PHONE = "+51987654321"
 TEXT = {"type": "text", "text": {"body": "hola", "preview_url": False}}

@@ -13,9 +13,9 @@ import pytest
 from tests.conftest import SQL, connect, eventually
 from tests.integration.helpers import sent
 from worker.config import DatabaseURL
+from worker.daemon.progress import Progress
 from worker.log import get_logger
 from worker.models import Job
-from worker.progress import Progress
 from worker.store import Store
 from worker.store.claims import CLAIM_SESSION_DUE, NEXT_SESSION_WAITING
 

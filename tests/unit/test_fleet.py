@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from tests.fakeapi import busiest_second
-from worker.fleet import Fleet, fleet_share
-from worker.ratelimit import RateLimiter, RateLimits
+from worker.daemon.fleet import Fleet, fleet_share
+from worker.daemon.ratelimit import RateLimiter, RateLimits
 from worker.store import Beat, DatabaseUnavailable, Live
 
 

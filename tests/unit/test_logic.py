@@ -12,12 +12,12 @@ import pytest
 import structlog
 
 from worker.config import ConfigError, Settings
+from worker.daemon.ratelimit import RateLimiter
+from worker.daemon.retry import backoff
+from worker.daemon.sender import parse_response
 from worker.log import configure, get_logger
 from worker.messages import InvalidMessage, normalize_phone, parse_message, request_body
 from worker.models import Outcome
-from worker.ratelimit import RateLimiter
-from worker.retry import backoff
-from worker.sender import parse_response
 from worker.store.db import PASSING_STATES, DatabaseUnavailable, StatementRefused, translate
 
 

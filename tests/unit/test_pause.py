@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.pause import PauseReason, Pauses, SendingPause
+from worker.daemon.pause import PauseReason, Pauses, SendingPause
 
 
 def test_only_a_send_started_after_the_pause_can_close_it() -> None:

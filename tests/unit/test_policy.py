@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 
 from worker.config import DatabaseURL, Settings
+from worker.daemon.policy import CODES, classify_error, decide
 from worker.models import Decision, Outcome, RowState, SendResult
-from worker.policy import CODES, classify_error, decide
 
 SETTINGS = Settings(
     database=DatabaseURL("db", 3306, "u", "p", "q"),

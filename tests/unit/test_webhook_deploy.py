@@ -19,7 +19,8 @@ from tests.unit.test_deployment_files import (
     verify,
 )
 from worker.exits import EX_CONFIG
-from worker.webhook import SHUTDOWN_TIMEOUT, SWEEP_EVERY
+from worker.webhook.serve import SHUTDOWN_TIMEOUT
+from worker.webhook.settler import SWEEP_EVERY
 
 UNIT = ROOT / "systemd" / "whatsapp-worker-webhook.service"
 EXEC_START = "/opt/whatsapp-worker/venv/bin/whatsapp-worker webhook"

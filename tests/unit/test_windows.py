@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.rotation import Rotation
+from worker.daemon.rotation import Rotation
 from worker.store.claims import DueSession
 from worker.windows import SendWindow, WindowError
 

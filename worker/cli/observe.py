@@ -16,8 +16,8 @@ from typing import Any
 
 from worker.cli.common import open_checked_store
 from worker.config import Settings
+from worker.daemon.fleet import LIVE_HORIZON
 from worker.exits import EX_OK
-from worker.fleet import LIVE_HORIZON
 from worker.pidfile import PidFile
 from worker.store import DatabaseError, Store
 

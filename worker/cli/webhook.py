@@ -12,7 +12,7 @@ from worker.exits import EX_OK
 from worker.log import get_logger
 from worker.messages import phone_from_wa_id
 from worker.models import SOURCE_OPERATOR
-from worker.webhook import run_receiver
+from worker.webhook.serve import run_receiver
 
 OPTOUT_PAGE = 1000
 OPTOUT_COLUMNS = ("telefono", "source", "detail", "created_at")

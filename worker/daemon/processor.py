@@ -16,13 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.config import Settings
+from worker.daemon.pause import PauseReason, Pauses, TemplateHolds
+from worker.daemon.policy import THROTTLED, decide
+from worker.daemon.recorder import Recorder
+from worker.daemon.sender import Sender
 from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, parse_message
 from worker.metrics import Metrics
 from worker.models import OPTED_OUT_CODE, SOURCE_META, Decision, Finished, Job, Outcome, SendResult
-from worker.pause import PauseReason, Pauses, TemplateHolds
-from worker.policy import THROTTLED, decide
-from worker.recorder import Recorder
-from worker.sender import Sender
 from worker.store import Claims, DatabaseError
 from worker.store.optouts import Optouts
 

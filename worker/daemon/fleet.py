@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker import __version__
-from worker.ratelimit import RateLimits
+from worker.daemon.ratelimit import RateLimits
 from worker.store import Beat, Daemons, DatabaseError, DatabaseUnavailable, Live
 
 SETTLE = 2.5  # beats a newcomer waits before sending

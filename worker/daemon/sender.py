@@ -17,15 +17,11 @@ from typing import Any, Protocol
 import aiohttp
 
 from worker.config import Settings, check_header_value
+from worker.daemon.policy import classify_error
 from worker.messages import InvalidMessage, request_body
 from worker.models import Job, Outcome, SendResult
-from worker.policy import MAINTENANCE_CODE, TEMPLATE_DEAD_CODES, TEMPLATE_PAUSED_CODE, classify_error
 
-# Re-exported for worker/daemon.py until it takes its decisions from worker.policy.
 __all__ = [
-    "MAINTENANCE_CODE",
-    "TEMPLATE_DEAD_CODES",
-    "TEMPLATE_PAUSED_CODE",
     "CloudSender",
     "SandboxSender",
     "Sender",

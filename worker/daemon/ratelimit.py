@@ -1,7 +1,7 @@
 """A token bucket for sends per second, sized by the fleet's share and slowed by 130429.
 
 The bound it keeps: in any interval of T seconds a bucket lets out at most `burst + rate * T`
-sends. The fleet (worker/fleet.py) picks each daemon's rate and burst so that the sum over all
+sends. The fleet (daemon/fleet.py) picks each daemon's rate and burst so that the sum over all
 live daemons stays within the number's limit in every one-second window.
 """
 

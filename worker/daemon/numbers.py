@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from worker.pause import Pauses
-from worker.ratelimit import RateLimits
+from worker.daemon.pause import Pauses
+from worker.daemon.ratelimit import RateLimits
 from worker.store.claims import DueSession
 
 NO_SLOT_WAIT = 5.0  # seconds: a number whose probe is out waits; its answer wakes the loop

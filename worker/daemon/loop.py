@@ -17,16 +17,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from worker.config import Settings
+from worker.daemon.fleet import Fleet
+from worker.daemon.heartbeat import BEAT_EVERY, Heartbeat
+from worker.daemon.numbers import Numbers
+from worker.daemon.processor import RowProcessor
+from worker.daemon.recorder import Recorder
+from worker.daemon.rotation import Rotation
+from worker.daemon.sender import Sender
 from worker.exits import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_TEMPFAIL
-from worker.fleet import Fleet
-from worker.heartbeat import BEAT_EVERY, Heartbeat
 from worker.log import get_logger
 from worker.metrics import Metrics
-from worker.numbers import Numbers
-from worker.processor import RowProcessor
-from worker.recorder import Recorder
-from worker.rotation import Rotation
-from worker.sender import Sender
 from worker.store import Beat, DatabaseError, DatabaseUnavailable, StatementRefused, Store
 from worker.store.claims import MAX_SESSIONS
 from worker.systemd import Notifier

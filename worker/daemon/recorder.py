@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from worker.heartbeat import BEAT_EVERY
+from worker.daemon.heartbeat import BEAT_EVERY
+from worker.daemon.progress import Progress
 from worker.models import Finished, RowState
-from worker.progress import Progress
 from worker.store import DatabaseError, DatabaseUnavailable, Recorded, Results, RowRefused
 
 BATCH_MAX = 500

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 
 from worker.config import Settings
+from worker.daemon.retry import backoff
 from worker.models import OPTED_OUT_CODE, Decision, Outcome, RowState, SendResult
-from worker.retry import backoff
 
 THROTTLED = 130429  # too many messages for this number: the rate is lowered, then recovers
 MAINTENANCE_CODE = 131057  # account in maintenance / throughput upgrade: pause briefly

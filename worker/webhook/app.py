@@ -1,0 +1,145 @@
+"""The HTTP side: the subscription handshake and the signed POSTs, in the order the package's
+docstring gives (size, signature, shape, then the writer)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from worker.config import Settings
+from worker.store import DatabaseError, DatabaseUnavailable
+from worker.webhook.metrics import WebhookMetrics
+from worker.webhook.parse import Malformed, parse_payload, signature_ok
+from worker.webhook.writer import StatusWriter
+
+PATH = "/webhook"
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+READ_TIMEOUT = 10.0  # seconds to receive a body (a client that trickles it is cut off)
+LOG_SAMPLE_EVERY = 10.0  # seconds: a flood of refused requests logs one line, then one summary
+LINGER = 2.0  # seconds an unread (refused) body is drained before the connection closes
+
+
+class _Sampled:
+    """Logs an event the first time, then at most one summary per LOG_SAMPLE_EVERY."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def warning(self, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        self._count[event] = self._count.get(event, 0) + 1
+        if now - self._last.get(event, -LOG_SAMPLE_EVERY) >= LOG_SAMPLE_EVERY:
+            self._last[event] = now
+            self._log.warning(event, times=self._count.pop(event), **fields)
+
+
+class Receiver:
+    """The aiohttp application: GET (handshake) and POST (notifications) on /webhook."""
+
+    def __init__(
+        self, *, settings: Settings, writer: StatusWriter, metrics: WebhookMetrics, log: Any
+    ) -> None:
+        self._secret = settings.app_secret
+        self._verify_token = settings.verify_token
+        self._max_body = settings.webhook_max_body
+        self._keywords = settings.optout_keywords
+        self._writer = writer
+        self._metrics = metrics
+        self._log = log
+        self._sampled = _Sampled(log)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body, middlewares=[self._never_crash])
+        app.router.add_get(PATH, self.handshake)
+        app.router.add_post(PATH, self.notification)
+        return app
+
+    @web.middleware
+    async def _never_crash(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # a bug: answer 500 (Meta retries) and say what happened
+            self._log.exception("webhook_request_failed", error=type(exc).__name__)
+            self._metrics.requests.labels("failed").inc()
+            return web.Response(status=500, text="internal error")
+
+    async def handshake(self, request: web.Request) -> web.Response:
+        query = request.query
+        token = query.get("hub.verify_token", "")
+        good = hmac.compare_digest(
+            token.encode("utf-8", "surrogateescape"), self._verify_token.encode("utf-8", "surrogateescape")
+        )
+        if query.get("hub.mode") != "subscribe" or not good:
+            self._sampled.warning("webhook_handshake_refused", mode=str(query.get("hub.mode"))[:20])
+            return web.Response(status=403, text="forbidden")
+        self._log.info("webhook_handshake_answered")
+        return web.Response(text=query.get("hub.challenge", ""))
+
+    async def notification(self, request: web.Request) -> web.Response:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            return self._too_large(length)
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(None)
+        except TimeoutError:
+            self._sampled.warning("webhook_body_timeout", seconds=READ_TIMEOUT)
+            return web.Response(status=408, text="request timeout")
+        started = time.perf_counter()
+        signature = request.headers.get(SIGNATURE_HEADER)
+        if signature is None:
+            self._metrics.signature_failures.inc()
+            self._metrics.requests.labels("unsigned").inc()
+            self._sampled.warning("webhook_signature_missing", bytes=len(body))
+            return web.Response(status=401, text="signature required")
+        if not signature_ok(self._secret, body, signature):
+            self._metrics.signature_failures.inc()
+            self._metrics.requests.labels("bad_signature").inc()
+            self._sampled.warning("webhook_signature_invalid", bytes=len(body))
+            return web.Response(status=403, text="bad signature")
+        try:
+            parsed = parse_payload(body, self._keywords)
+        except Malformed as exc:
+            self._metrics.requests.labels("malformed").inc()
+            self._sampled.warning("webhook_malformed", reason=str(exc), bytes=len(body))
+            return web.Response(text="ignored")
+        if parsed.ignored:
+            self._sampled.warning(
+                "webhook_parts_ignored", reasons=sorted(set(parsed.ignored))[:5], parts=len(parsed.ignored)
+            )
+        for status in parsed.statuses:
+            self._metrics.statuses.labels(status.status).inc()
+        if not parsed.size:
+            self._metrics.requests.labels("empty").inc()
+            return web.Response(text="ok")
+        try:
+            await self._writer.submit(parsed)  # opt-outs are counted and logged per batch
+        except DatabaseUnavailable:
+            self._metrics.requests.labels("failed").inc()
+            return web.Response(status=503, text="try again later")
+        except DatabaseError:
+            self._metrics.requests.labels("failed").inc()
+            return web.Response(status=500, text="not stored")
+        self._metrics.requests.labels("stored").inc()
+        self._metrics.ack_seconds.observe(time.perf_counter() - started)
+        return web.Response(text="ok")
+
+    def _too_large(self, length: int | None) -> web.Response:
+        self._metrics.requests.labels("too_large").inc()
+        self._sampled.warning("webhook_body_too_large", bytes=length, limit=self._max_body)
+        response = web.Response(status=413, text="body too large")
+        response.force_close()  # the rest of the body is never read: this connection is done
+        return response

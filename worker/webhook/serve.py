@@ -1,0 +1,125 @@
+"""The receiver's composition root (`whatsapp-worker webhook`): the writer, the settler, the
+HTTP app, the metrics endpoint, signals and the systemd watchdog, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from worker import __version__
+from worker.config import ConfigError, Settings
+from worker.exits import EX_IOERR, EX_OK
+from worker.log import on_sink_lost
+from worker.signals import stop_signals
+from worker.store import Store
+from worker.store.statuses import Stored
+from worker.systemd import Notifier
+from worker.webhook.app import LINGER, PATH, Receiver
+from worker.webhook.metrics import WebhookMetrics, metrics_app
+from worker.webhook.settler import Settler
+from worker.webhook.writer import StatusWriter
+
+SHUTDOWN_TIMEOUT = 10.0  # seconds for requests in progress to finish after SIGTERM
+
+
+async def run_receiver(settings: Settings, store: Store, *, log: Any) -> int:
+    """Serve until SIGTERM/SIGINT/SIGHUP; then stop accepting, let requests in progress get
+    their answer (their batch committed), and stop. Exit code: 0, or 74 when the log output
+    was lost (a closed pipe): every status it acknowledged is stored, and the supervisor
+    restarts it with a log that works, as it does the daemon."""
+    exit_code = EX_OK
+    metrics = WebhookMetrics()
+    notifier = Notifier()
+    watchdog = _Watchdog(notifier)
+    settler = Settler(statuses=store.statuses, metrics=metrics, log=log, on_turn=watchdog.ping)
+
+    def on_stored(stored: Stored) -> None:
+        settler.poke()
+        if stored.optouts:
+            metrics.optouts.inc(stored.optouts)
+            log.info("opted_out", source="keyword", phones=stored.optouts)
+
+    writer = StatusWriter(statuses=store.statuses, log=log, on_stored=on_stored)
+    receiver = Receiver(settings=settings, writer=writer, metrics=metrics, log=log)
+    runner = web.AppRunner(
+        receiver.app(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, lingering_time=LINGER
+    )
+    await runner.setup()
+    metrics_runner: web.AppRunner | None = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        port = await _listen(runner, settings.webhook_host, settings.webhook_port, "WORKER_WEBHOOK_PORT")
+        if settings.webhook_metrics_port:
+            metrics_runner = web.AppRunner(metrics_app(metrics), access_log=None)
+            await metrics_runner.setup()
+            await _listen(
+                metrics_runner,
+                settings.metrics_host,
+                settings.webhook_metrics_port,
+                "WORKER_WEBHOOK_METRICS_PORT",
+            )
+        tasks = [asyncio.create_task(writer.run()), asyncio.create_task(settler.run())]
+        stop = asyncio.Event()
+
+        def on_signal(name: str) -> None:
+            log.info("stop_requested", signal=name)
+            notifier.notify(stopping=1)
+            stop.set()
+
+        def on_log_lost() -> None:
+            nonlocal exit_code
+            exit_code = EX_IOERR
+            stop.set()
+
+        on_sink_lost(on_log_lost)
+
+        with stop_signals(on_signal):
+            log.info(
+                "webhook_started",
+                version=__version__,
+                host=settings.webhook_host,
+                port=port,
+                path=PATH,
+                metrics_port=settings.webhook_metrics_port or None,
+                database=settings.database.redacted(),
+            )
+            notifier.notify(ready=1, status=f"listening on {settings.webhook_host}:{port}{PATH}")
+            await stop.wait()
+    finally:
+        await runner.cleanup()  # no new requests; those in progress finish (their batch commits)
+        writer.close()
+        settler.stop()
+        if tasks:
+            await asyncio.gather(*tasks)
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+    log.info("webhook_stopped")
+    return exit_code
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int, variable: str) -> int:
+    """Bind, and return the port (the one the system chose when 0 asked for any free one)."""
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        raise ConfigError(f"{variable} {port} on {host}: {exc.strerror or exc}") from None
+    return int(runner.addresses[-1][1])
+
+
+class _Watchdog:
+    """WATCHDOG=1 when the settler's loop goes round (at least every SWEEP_EVERY), no more often
+    than systemd asks for."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+        self._last = 0.0
+
+    def ping(self) -> None:
+        every = self._notifier.watchdog_interval
+        now = time.monotonic()
+        if every is not None and now - self._last >= min(every, 1.0):
+            self._last = now
+            self._notifier.notify(watchdog=1)

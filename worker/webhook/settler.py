@@ -1,0 +1,107 @@
+"""Applies stored statuses to their rows: at once after each write, and in a full sweep every
+few seconds for statuses that arrived before the daemon's own result."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from worker.store import DatabaseError
+from worker.store.statuses import APPLY_BATCH, Applied, Statuses
+from worker.webhook.metrics import WebhookMetrics
+
+SWEEP_EVERY = 5.0  # seconds between full sweeps of the pending statuses
+
+
+class Settler:
+    """Applies stored statuses: the new ones at once, all pending ones every SWEEP_EVERY."""
+
+    def __init__(
+        self, *, statuses: Statuses, metrics: WebhookMetrics, log: Any, on_turn: Callable[[], None]
+    ) -> None:
+        self._statuses = statuses
+        self._metrics = metrics
+        self._log = log
+        self._on_turn = on_turn
+        self._poke = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    def poke(self) -> None:
+        self._poke.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        cursor, next_sweep, failures = 0, 0.0, 0
+        while not self._stop.is_set():
+            self._poke.clear()
+            full = time.monotonic() >= next_sweep
+            if full:
+                cursor, next_sweep = 0, time.monotonic() + SWEEP_EVERY
+            try:
+                cursor = await self._apply_from(cursor)
+                if full:
+                    self._metrics.pending.set(await self._statuses.pending_count())
+            except DatabaseError as exc:
+                failures += 1
+                if failures == 1:
+                    self._log.error("statuses_not_applied", error=str(exc), action="retrying")
+                next_sweep = 0.0  # start over from the first pending status once it answers
+                await _wait_any((self._stop,), min(SWEEP_EVERY, 0.2 * 2**failures))
+                self._on_turn()
+                continue
+            except Exception:  # a bug: say so, keep receiving; the next sweep tries again
+                self._log.exception("settler_failed")
+                next_sweep = time.monotonic() + SWEEP_EVERY
+            if failures:
+                self._log.warning("statuses_applied_again", retries=failures)
+                failures = 0
+            self._on_turn()
+            await _wait_any((self._poke, self._stop), max(0.0, next_sweep - time.monotonic()))
+
+    async def _apply_from(self, cursor: int) -> int:
+        while True:
+            applied = await self._statuses.apply_pending(after_id=cursor, limit=APPLY_BATCH)
+            self._report(applied)
+            self._on_turn()  # a long backlog is progress too
+            if applied.seen < APPLY_BATCH:
+                return max(cursor, applied.last_id)
+            cursor = applied.last_id
+
+    def _report(self, applied: Applied) -> None:
+        for refused in applied.refused:
+            self._log.error(
+                "status_refused",
+                wamid=refused.wamid,
+                job_id=refused.cola_id,
+                error=refused.reason,
+                action="kept with the reason (whatsapp_worker_statuses.apply_error); the others are applied",
+            )
+        if applied.refused:
+            self._metrics.refused.inc(len(applied.refused))
+        for outcome, count in applied.settled.items():
+            if count:
+                self._metrics.settled.labels(outcome).inc(count)
+        if applied.optouts:
+            self._metrics.optouts.inc(applied.optouts)
+        if applied.settled["sent"] or applied.settled["failed"]:
+            self._log.info(
+                "unknown_outcomes_settled",
+                sent=applied.settled["sent"],
+                failed=applied.settled["failed"],
+                job_ids=applied.settled_ids[:100],
+            )
+        if applied.optouts:
+            self._log.info("opted_out", source="131050", phones=applied.optouts)
+
+
+async def _wait_any(events: Iterable[asyncio.Event], seconds: float) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

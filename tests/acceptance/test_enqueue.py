@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SQL, WORKER_BIN, base_env
+from worker.campaign_csv import BATCH_ROWS
 from worker.config import DatabaseURL
-from worker.enqueue import BATCH_ROWS
 
 TEMPLATE = ["--template", "recordatorio_pago", "--language", "es"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import worker.enqueue as enqueue_module
-from worker.enqueue import (
+import worker.campaign_csv as enqueue_module
+from worker.campaign_csv import (
     BadFlag,
     CsvError,
     CsvSource,

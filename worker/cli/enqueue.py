@@ -9,9 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from worker.cli.common import open_checked_store
-from worker.config import Settings
-from worker.enqueue import (
+from worker.campaign_csv import (
     MAX_ERRORS_SHOWN,
     BadFlag,
     CsvError,
@@ -23,6 +21,8 @@ from worker.enqueue import (
     send_window,
     time_zone,
 )
+from worker.cli.common import open_checked_store
+from worker.config import Settings
 from worker.exits import EX_DATAERR, EX_OK
 from worker.store.producers import EnqueueReport, EnqueueRequest
 

@@ -1,4 +1,4 @@
-"""CSV import for `whatsapp-worker enqueue`: the whole file is checked before anything is written.
+"""The campaign CSV (`whatsapp-worker enqueue --csv`): read and checked whole before anything is written.
 
 Header: `phone` (required), `client_id` (optional); every other column, in order, is a body
 parameter of the template (or fills `{{1}}`, `{{2}}` ... of a text body).

@@ -1,0 +1,73 @@
+"""The webhook parser, pure (no store, no HTTP), against Meta's 32 real bodies (tests/payloads,
+a copy of shared/meta_payloads): what comes out is checked against each body's own structure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.webhook.parse import Malformed, parse_payload, sign, signature_ok
+
+PAYLOADS = Path(__file__).resolve().parents[1] / "payloads"
+KINDS = {"sent", "delivered", "read", "failed"}
+FILES = sorted(PAYLOADS.glob("*.json"))
+
+
+def statuses_in(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The status objects of a body, as its JSON nests them."""
+    return [
+        status
+        for entry in body.get("entry", [])
+        for change in entry.get("changes", [])
+        for status in (change.get("value") or {}).get("statuses", []) or []
+    ]
+
+
+def test_the_real_bodies_are_here() -> None:
+    assert len(FILES) == 32, PAYLOADS
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_every_real_body_parses_into_exactly_its_own_statuses(path: Path) -> None:
+    raw = path.read_bytes()
+    body = json.loads(raw)
+    parsed = parse_payload(raw, ("BAJA", "STOP"))
+    expected = [s for s in statuses_in(body) if s.get("status") in KINDS and s.get("id")]
+    assert [(s.wamid, s.status) for s in parsed.statuses] == [(s["id"], s["status"]) for s in expected]
+    for update, status in zip(parsed.statuses, expected, strict=True):
+        reference = str(status.get("biz_opaque_callback_data") or "")
+        expected_row = (
+            int(reference[5:]) if reference.startswith("cola:") and reference[5:].isdigit() else None
+        )
+        assert update.cola_id == expected_row  # "some data" of another program is no row of ours
+        assert json.loads(update.raw)["id"] == status["id"]  # kept as received, for audit
+        if status["status"] == "failed":
+            assert update.error_code == status["errors"][0]["code"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "not an object"),
+        (b'{"object": "whatsapp_business_account"}', "no `entry` list"),
+        (b'{"entry": [' * 5000 + b"]}" * 5000, "nested too deeply"),
+        (b'{"entry": [], "x": NaN}', "not valid JSON"),
+    ],
+)
+def test_a_body_that_is_no_webhook_is_refused_with_a_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(Malformed, match=reason):
+        parse_payload(body, ("BAJA",))
+
+
+def test_the_signature_is_checked_in_any_hex_case_and_refused_otherwise() -> None:
+    body = (PAYLOADS / "01_meta_status_sent_pmp_marketing.json").read_bytes()
+    header = sign("app-secret", body)
+    assert signature_ok("app-secret", body, header)
+    assert signature_ok("app-secret", body, "SHA256=" + header[7:].upper())
+    assert not signature_ok("another-secret", body, header)
+    assert not signature_ok("app-secret", body + b" ", header)
+    assert not signature_ok("app-secret", body, "")

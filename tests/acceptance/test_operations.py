@@ -183,7 +183,9 @@ def test_chaos_kills_and_faults_never_duplicate_and_leave_every_row_final(
     # sends plus its results not yet written (WORKER_CONCURRENCY + WORKER_MAX_UNWRITTEN)
     owners: Counter[int] = Counter()
     for r in rows.values():
-        match = re.search(r"lease of .*:(\d+) expired", r["last_error"] or "")
+        match = re.search(
+            r"lease of [^:]+:(\d+):[0-9a-f]+ expired", r["last_error"] or ""
+        )  # host:pid:instance
         if r["estado"] == "desconocido" and match:
             owners[int(match.group(1))] += 1
     assert set(owners) <= set(killed), (owners, killed)

@@ -195,7 +195,7 @@ def test_health_reports_whether_the_local_daemon_is_alive(
     before = health()
     assert before.returncode == 1 and "no daemon holds" in before.stdout
     daemon = WorkerProcess(env, "run", logs=tmp_path)
-    assert eventually(lambda: (tmp_path / "worker.daemon.heartbeat").exists(), 20), daemon.stderr
+    assert eventually(lambda: (tmp_path / "worker.heartbeat").exists(), 20), daemon.stderr
     during = health()
     assert during.returncode == 0 and f"healthy: daemon {daemon.pid} - " in during.stdout
     daemon.send_signal(signal.SIGTERM)

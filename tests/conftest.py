@@ -126,9 +126,7 @@ def db_url(server_url: DatabaseURL) -> Iterator[DatabaseURL]:
     with admin.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     url = server_url.with_database(name)
-    result = subprocess.run(
-        [*WORKER_BIN, "migrate"], env=base_env(url), capture_output=True, text=True, timeout=60
-    )
+    result = run_worker(url, "migrate")
     assert result.returncode == 0, result.stderr
     try:
         yield url
@@ -161,6 +159,20 @@ def base_env(url: DatabaseURL, **extra: str) -> dict[str, str]:
     env.update(WORKER_DATABASE_URL=database_url_text(url), PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
+
+
+def run_worker(
+    url: DatabaseURL, *args: str, env: dict[str, str] | None = None, timeout: float = 60, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`whatsapp-worker ARGS` on the database at `url`, run to its end, its output captured: the
+    one CLI runner of the tests (`env` replaces the environment, `extra` adds to it)."""
+    return subprocess.run(
+        [*WORKER_BIN, *args],
+        env=env or base_env(url, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def fake_api_env(fake_api: FakeCloudAPI, tmp_path: Path) -> dict[str, str]:

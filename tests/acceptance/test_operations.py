@@ -15,16 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.acceptance.processes import RUNBOOK, WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, base_env, eventually
+from tests.conftest import SQL, WORKER_BIN, eventually, run_worker
 from tests.fakeapi import FakeCloudAPI, Step
 from tests.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
-
-
-def worker(db_url: DatabaseURL, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*WORKER_BIN, *args], env=base_env(db_url), capture_output=True, text=True, timeout=60
-    )
 
 
 def test_operator_commands_pause_resume_cancel_and_retry(
@@ -33,8 +27,8 @@ def test_operator_commands_pause_resume_cancel_and_retry(
     held, closed = sql.add_session("held"), sql.add_session("closed")
     held_phones = sql.add_rows(held, 4)
     sql.add_rows(closed, 3, start=100)
-    assert "paused: 4 waiting row(s) held back" in worker(db_url, "pause", "--session", str(held)).stdout
-    assert "3 waiting row(s) closed as error" in worker(db_url, "cancel", "--session", str(closed)).stdout
+    assert "paused: 4 waiting row(s) held back" in run_worker(db_url, "pause", "--session", str(held)).stdout
+    assert "3 waiting row(s) closed as error" in run_worker(db_url, "cancel", "--session", str(closed)).stdout
 
     run = subprocess.run(
         [*WORKER_BIN, "run", "--once"], env=worker_env(), capture_output=True, text=True, timeout=60
@@ -42,7 +36,8 @@ def test_operator_commands_pause_resume_cancel_and_retry(
     assert run.returncode == 0 and fake_api.requests == []
 
     assert (
-        "resumed: 4 held row(s) back in the queue" in worker(db_url, "resume", "--session", str(held)).stdout
+        "resumed: 4 held row(s) back in the queue"
+        in run_worker(db_url, "resume", "--session", str(held)).stdout
     )
     fake_api.script(held_phones[0], Step.error(131026))
     fake_api.script(held_phones[1], Step.drop())
@@ -52,22 +47,22 @@ def test_operator_commands_pause_resume_cancel_and_retry(
         (held,),
     ) == [{"estado": "enviado", "n": 2}, {"estado": "error", "n": 1}, {"estado": "desconocido", "n": 1}]
 
-    out = worker(db_url, "retry", "--session", str(held)).stdout
+    out = run_worker(db_url, "retry", "--session", str(held)).stdout
     assert "1 error row(s) queued again" in out
     subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
     assert fake_api.counts()[held_phones[0]] == 2  # the rejected row was sent again
     assert fake_api.counts()[held_phones[1]] == 1  # the unknown one was not, without the flag
-    out = worker(db_url, "retry", "--session", str(held), "--include-unknown").stdout
+    out = run_worker(db_url, "retry", "--session", str(held), "--include-unknown").stdout
     assert "1 error and unknown-outcome row(s) queued again" in out
 
-    refused = worker(db_url, "resume", "--session", str(closed))
+    refused = run_worker(db_url, "resume", "--session", str(closed))
     assert refused.returncode == 1 and "is cancelada: cannot become activa" in refused.stderr
-    missing = worker(db_url, "pause", "--session", "999")
+    missing = run_worker(db_url, "pause", "--session", "999")
     assert missing.returncode == 1 and "there is no session '999'" in missing.stderr
     # every session command takes a name as well as an id
-    by_name = worker(db_url, "pause", "--session", "held")
+    by_name = run_worker(db_url, "pause", "--session", "held")
     assert by_name.returncode == 0 and f"session #{held} paused" in by_name.stdout
-    status = worker(db_url, "status", "--session", "held")
+    status = run_worker(db_url, "status", "--session", "held")
     assert status.returncode == 0 and f"\n#{held} held" in status.stdout
 
 
@@ -204,16 +199,16 @@ def test_failed_rows_are_listed_exported_and_retried_by_code(
     fake_api.script(phones[3], Step.drop())
     subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
 
-    listed = worker(db_url, "rows", "--session", "failed-work")
+    listed = run_worker(db_url, "rows", "--session", "failed-work")
     assert listed.returncode == 0, listed.stderr
     assert sorted(line.split()[1] for line in listed.stdout.splitlines()) == sorted(phones[:4])
     assert "4 row(s)" in listed.stderr
-    exported = worker(db_url, "rows", "--session", "failed-work", "--code", "131026", "--csv")
+    exported = run_worker(db_url, "rows", "--session", "failed-work", "--code", "131026", "--csv")
     table = list(csv.DictReader(io.StringIO(exported.stdout)))
     assert sorted(r["telefono"] for r in table) == sorted(phones[:2])
     assert {r["estado"] for r in table} == {"error"} and {r["last_error_code"] for r in table} == {"131026"}
 
-    retried = worker(db_url, "retry", "--session", "failed-work", "--code", "131026")
+    retried = run_worker(db_url, "retry", "--session", "failed-work", "--code", "131026")
     assert "2 error row(s) queued again" in retried.stdout
     assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = 'pendiente'") == 2
     assert sql.value("SELECT last_error_code FROM cola_envios WHERE telefono = %s", (phones[2],)) == 100
@@ -235,20 +230,20 @@ def test_prune_deletes_old_finished_rows_and_keeps_the_rest(sql: SQL, db_url: Da
         (ids[:3],),
     )
 
-    dry = worker(db_url, "prune", "--older-than", "30d", "--dry-run")
+    dry = run_worker(db_url, "prune", "--older-than", "30d", "--dry-run")
     assert dry.returncode == 0 and "would delete 5 finished row(s)" in dry.stdout
     assert sql.value("SELECT COUNT(*) FROM cola_envios") == 10
 
-    done = worker(db_url, "prune", "--older-than", "30d")
+    done = run_worker(db_url, "prune", "--older-than", "30d")
     assert "deleted 5 finished row(s)" in done.stdout and "envios_whatsapp kept" in done.stdout
     left = {r["id"]: r["estado"] for r in sql.rows("SELECT id, estado FROM cola_envios")}
     assert sorted(left) == ids[5:] and left[ids[5]] == "desconocido"
     assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3  # the history the runbook reads
 
-    history = worker(db_url, "prune", "--older-than", "30d", "--deliveries")
+    history = run_worker(db_url, "prune", "--older-than", "30d", "--deliveries")
     assert "3 of envios_whatsapp" in history.stdout
     assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 0
-    assert worker(db_url, "prune", "--older-than", "soon").returncode == 2
+    assert run_worker(db_url, "prune", "--older-than", "soon").returncode == 2
 
 
 def test_a_cancelled_session_ends_every_row_whenever_it_was_inserted(
@@ -259,9 +254,9 @@ def test_a_cancelled_session_ends_every_row_whenever_it_was_inserted(
     subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
     assert sql.value("SELECT estado FROM sesiones_envio WHERE id = %s", (session,)) == "completada"
     # a completed session still sends what producers add: it can be paused and cancelled
-    paused = worker(db_url, "pause", "--session", "done-then-more")
+    paused = run_worker(db_url, "pause", "--session", "done-then-more")
     assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
-    cancelled = worker(db_url, "cancel", "--session", "done-then-more")
+    cancelled = run_worker(db_url, "cancel", "--session", "done-then-more")
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stderr
     sql.add_rows(session, 3, start=50)  # a producer that did not hear of the cancel
     subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
@@ -283,10 +278,10 @@ def test_parked_rows_follow_the_sessions_state_however_it_changed(
     )
     parked = ahead.format("50 YEAR")
     for session in (toggled, twice):
-        assert "waiting row(s) held back" in worker(db_url, "pause", "--session", str(session)).stdout
+        assert "waiting row(s) held back" in run_worker(db_url, "pause", "--session", str(session)).stdout
     # the PHP admin's own toggle re-activates both; then one is paused again with our command
     sql.execute("UPDATE sesiones_envio SET estado = 'activa'")
-    assert "paused: 0 waiting row(s) held back" in worker(db_url, "pause", "--session", str(twice)).stdout
+    assert "paused: 0 waiting row(s) held back" in run_worker(db_url, "pause", "--session", str(twice)).stdout
     assert sql.value(ahead.format("150 YEAR"), (twice,)) == 0  # parked once, not twice
 
     # the daemon's sweep releases the rows of the session that is not paused any more
@@ -299,7 +294,7 @@ def test_parked_rows_follow_the_sessions_state_however_it_changed(
 
     # `resume` of a session re-activated by hand still brings its parked rows back, and says so
     sql.execute("UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (twice,))
-    out = worker(db_url, "resume", "--session", str(twice)).stdout
+    out = run_worker(db_url, "resume", "--session", str(twice)).stdout
     assert "already activa: 2 row(s) an earlier pause held back are back in the queue" in out, out
     assert sql.value(parked, (twice,)) == 0
     assert (

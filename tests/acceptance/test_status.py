@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.acceptance.processes import WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, base_env, eventually
+from tests.conftest import SQL, WORKER_BIN, base_env, eventually, run_worker
 from tests.fakeapi import FakeCloudAPI
 from worker import __version__
 from worker.config import DatabaseURL
@@ -27,16 +27,8 @@ from worker.config import DatabaseURL
 REASON = "code 190: Error validating access token"
 
 
-def worker(
-    db_url: DatabaseURL, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*WORKER_BIN, *args], env=env or base_env(db_url), capture_output=True, text=True, timeout=60
-    )
-
-
 def status_json(db_url: DatabaseURL, *args: str) -> dict[str, Any]:
-    result = worker(db_url, "status", "--json", *args)
+    result = run_worker(db_url, "status", "--json", *args)
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
     return report
@@ -99,7 +91,7 @@ def mark_sent(sql: SQL, session: int, count: int, *, seconds_ago: float, spread:
 def test_status_shows_the_daemons_and_a_sending_pause_first(sql: SQL, db_url: DatabaseURL) -> None:
     session = sql.add_session("noviembre")
     sql.add_rows(session, 3)
-    quiet = worker(db_url, "status")
+    quiet = run_worker(db_url, "status")
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.startswith("daemons: none seen in the last 10 minutes: nothing is sending")
 
@@ -122,7 +114,7 @@ def test_status_shows_the_daemons_and_a_sending_pause_first(sql: SQL, db_url: Da
     sql.execute("UPDATE whatsapp_worker_daemons SET stopped_at = beat_at WHERE worker_id = 'web3:12'")
     add_daemon(sql, "web4:1", beat_ago=3 * 3600, state="sending")  # long gone: not shown
 
-    text = worker(db_url, "status").stdout
+    text = run_worker(db_url, "status").stdout
     lines = text.splitlines()
     assert lines[0].startswith("PAUSED since ") and lines[0].endswith(f"{REASON}  [web1:4242]")
     assert "(3m1" in lines[0] and "probe in 4" in lines[0]  # 3m12s ago, probe in ~48s
@@ -166,7 +158,7 @@ def test_rate_is_measured_over_the_span_covered_and_gives_an_eta(sql: SQL, db_ur
     assert abs(report["eta_seconds"] - 500 / report["rate"]) < 0.2
     assert (report["sent"], report["done"], report["total"]) == (500, 500, 1000)
 
-    text = worker(db_url, "status", "--session", "arranque").stdout
+    text = run_worker(db_url, "status", "--session", "arranque").stdout
     head = next(line for line in text.splitlines() if line.startswith("#"))
     assert head.startswith(f"#{session} arranque  sending  [500/1,000] 50%  ")
     assert " sent/s (last " in head and "  ETA " in head
@@ -183,11 +175,11 @@ def test_cancelled_rows_are_counted_apart_from_errors(
         " WHERE sesion_id = %s AND estado = 'pendiente' ORDER BY id LIMIT 1",
         (session,),
     )
-    cancel = worker(db_url, "cancel", "--session", "promo")
+    cancel = run_worker(db_url, "cancel", "--session", "promo")
     assert cancel.returncode == 0, cancel.stderr
     # a producer adds rows after the cancel: the daemon's sweep closes them the same way
     sql.add_rows(session, 2, start=100)
-    run = worker(db_url, "run", "--once", env=worker_env())
+    run = run_worker(db_url, "run", "--once", env=worker_env())
     assert run.returncode == 0, run.stderr
     assert fake_api.requests == [] and sql.states() == {"enviado": 3, "error": 9}
 
@@ -197,7 +189,7 @@ def test_cancelled_rows_are_counted_apart_from_errors(
     assert [(e["code"], e["count"]) for e in report["errors"]] == [(131026, 1)]
     assert report["eta_seconds"] is None
 
-    text = worker(db_url, "status", "--session", "promo").stdout
+    text = run_worker(db_url, "status", "--session", "promo").stdout
     head = next(line for line in text.splitlines() if line.startswith("#"))
     assert head.startswith(f"#{session} promo  CANCELLED  [3 sent, 8 cancelled (not sent) of 12]")
     assert "%" not in head
@@ -234,7 +226,7 @@ def test_a_sessions_shown_state_matches_its_rows(sql: SQL, db_url: DatabaseURL) 
         "all-rejected": "failed",
         "done": "completed",
     }
-    heads = [line for line in worker(db_url, "status").stdout.splitlines() if line.startswith("#")]
+    heads = [line for line in run_worker(db_url, "status").stdout.splitlines() if line.startswith("#")]
     assert heads[0].startswith(f"#{waiting} marked-done-but-waiting  waiting  [0/3] 0%")
     assert heads[1].startswith(f"#{unknown} shutdown-timed-out  finished, 3 unknown outcome(s) to resolve")
     assert heads[2].startswith(f"#{failed} all-rejected  finished, nothing sent  [2/2] 100%")
@@ -260,7 +252,7 @@ def test_status_counts_what_the_status_webhooks_recorded(sql: SQL, db_url: Datab
 
     (report,) = status_json(db_url)["sessions"]
     assert (report["delivered"], report["read"], report["settled"]) == (4, 2, 1)
-    text = worker(db_url, "status").stdout
+    text = run_worker(db_url, "status").stdout
     assert "    delivered 4 (80%)  read 2 (40%)  settled by webhooks 1" in text
 
 
@@ -345,7 +337,7 @@ def test_a_running_daemon_is_shown_live_then_stopped(
     (progress,) = report["sessions"]
     assert progress["phase"] == "sending" and progress["eta_seconds"] > 0
 
-    text = worker(db_url, "status").stdout
+    text = run_worker(db_url, "status").stdout
     line = next(line for line in text.splitlines() if f" {daemon.pid} " in line)
     assert line.split()[0] == socket.gethostname() and " sending " in line
     assert text.startswith("daemons: 1 live of 1 seen")
@@ -354,7 +346,7 @@ def test_a_running_daemon_is_shown_live_then_stopped(
     assert daemon.wait(timeout=30) == 0, daemon.stderr[-2000:]
     (row,) = status_json(db_url)["daemons"]
     assert row["condition"] == "stopped" and not row["live"]
-    after = worker(db_url, "status").stdout
+    after = run_worker(db_url, "status").stdout
     assert after.startswith("daemons: 0 live of 1 seen") and " STOPPED " in after
 
 
@@ -371,10 +363,10 @@ def test_a_real_sending_pause_comes_first(
     daemon = start(env, "run")
     me = f"{socket.gethostname()}:{daemon.pid}:"  # and an instance id
 
-    assert eventually(lambda: worker(db_url, "status").stdout.startswith("PAUSED since "), 40), daemon.stderr[
-        -2000:
-    ]
-    first = worker(db_url, "status").stdout.splitlines()[0]
+    assert eventually(lambda: run_worker(db_url, "status").stdout.startswith("PAUSED since "), 40), (
+        daemon.stderr[-2000:]
+    )
+    first = run_worker(db_url, "status").stdout.splitlines()[0]
     assert ": code 190" in first and f"[{me}" in first and first.endswith("]") and "probe in " in first
     report = status_json(db_url)
     (pause,) = report["pauses"]

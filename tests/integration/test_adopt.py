@@ -23,7 +23,7 @@ import pymysql
 import pytest
 
 from tests.acceptance.processes import RUNBOOK, WorkerProcess
-from tests.conftest import ROOT, SQL, WORKER_BIN, base_env, connect, fake_api_env
+from tests.conftest import ROOT, SQL, base_env, connect, fake_api_env, run_worker
 from tests.fakeapi import FakeCloudAPI
 from worker.config import DatabaseURL
 from worker.store import Database, RowRefused, schema
@@ -100,13 +100,7 @@ class Legacy:
         return structure(self.sql, self.name)
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*WORKER_BIN, *args],
-            env=base_env(self.url, **env),
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
+        return run_worker(self.url, *args, timeout=90, **env)
 
     def migrate(self) -> str:
         result = self.run("migrate")
@@ -162,9 +156,7 @@ def fresh(server_url: DatabaseURL) -> Iterator[SQL]:
     """An empty database migrated by the real command."""
     name = f"ww_adopt_{os.getpid()}_{next(_names)}"
     url = server_url.with_database(name)
-    result = subprocess.run(
-        [*WORKER_BIN, "migrate"], env=base_env(url), capture_output=True, text=True, timeout=60
-    )
+    result = run_worker(url, "migrate")
     assert result.returncode == 0, result.stderr
     helper = SQL(url)
     yield helper

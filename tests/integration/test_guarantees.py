@@ -5,25 +5,17 @@ Real database, real HTTP to the local fake Cloud API, a real TCP proxy for lost 
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import SQL, WORKER_BIN, base_env
+from tests.conftest import SQL, run_worker
 from tests.fakeapi import FakeCloudAPI, Step
 from tests.integration.helpers import drain, sent, unsent
 from tests.tcpproxy import TcpProxy
 from worker.config import DatabaseURL, Settings
 from worker.store import DatabaseUnavailable, Store
-
-
-@pytest.fixture
-async def store(db_url: DatabaseURL) -> AsyncIterator[Store]:
-    store = await Store.connect(db_url, size=2, worker_id="test-host:1")
-    yield store
-    await store.close()
 
 
 async def test_a_result_the_database_refuses_is_isolated_and_every_other_row_is_recorded(
@@ -86,13 +78,7 @@ async def test_a_claim_whose_commit_answer_was_lost_gives_its_rows_back(
 
 
 def _retry_unknown(db_url: DatabaseURL, session: int) -> str:
-    done = subprocess.run(
-        [*WORKER_BIN, "retry", "--session", str(session), "--include-unknown"],
-        env=base_env(db_url),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_worker(db_url, "retry", "--session", str(session), "--include-unknown")
     assert done.returncode == 0, done.stderr
     return done.stdout
 

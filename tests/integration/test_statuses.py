@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import pymysql
@@ -12,7 +11,6 @@ import pytest
 
 from tests.conftest import SQL
 from tests.integration.helpers import sent
-from worker.config import DatabaseURL
 from worker.messages import phone_from_wa_id
 from worker.models import StatusUpdate
 from worker.store import Store
@@ -108,13 +106,6 @@ def test_phones_from_meta_and_operators_take_the_queue_form() -> None:
 
 
 # -- the database ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def store(db_url: DatabaseURL) -> AsyncIterator[Store]:
-    store = await Store.connect(db_url, size=4, worker_id="test-host:1")
-    yield store
-    await store.close()
 
 
 def status(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pymysql
-import pytest
 
 from tests.conftest import SQL, connect, eventually
 from tests.integration.helpers import sent
@@ -18,13 +16,6 @@ from worker.log import get_logger
 from worker.models import Job
 from worker.store import Store
 from worker.store.claims import CLAIM_SESSION_DUE, NEXT_SESSION_WAITING
-
-
-@pytest.fixture
-async def store(db_url: DatabaseURL) -> AsyncIterator[Store]:
-    store = await Store.connect(db_url, size=4, worker_id="test-host:1")
-    yield store
-    await store.close()
 
 
 def test_fair_claim_queries_are_index_range_scans_without_filesort(sql: SQL) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import random
@@ -19,6 +20,7 @@ from worker.log import configure, get_logger
 from worker.messages import InvalidMessage, normalize_phone, parse_message, request_body
 from worker.models import Outcome
 from worker.store.db import PASSING_STATES, DatabaseUnavailable, StatementRefused, translate
+from worker.waits import wait_any
 
 
 def test_responses_are_parsed_into_results() -> None:
@@ -251,3 +253,12 @@ def test_read_only_is_an_outage_on_both_servers_wordings() -> None:
     # mode answers 1836, a START TRANSACTION READ ONLY 1792.
     for code in (1290, 1836, 1792):
         assert isinstance(translate(pymysql.err.InternalError(code, "read-only")), DatabaseUnavailable)
+
+
+async def test_every_background_wait_ends_at_an_event_or_at_its_timeout() -> None:
+    stop, poke = asyncio.Event(), asyncio.Event()
+    assert await wait_any(stop, poke, seconds=0.01) is False  # nothing set: the timeout
+    asyncio.get_running_loop().call_soon(poke.set)
+    assert await wait_any(stop, poke, seconds=5) is True  # the first event set ends it
+    assert await wait_any(poke, seconds=0) is True  # already set: at once
+    assert await wait_any(stop, seconds=-1) is False  # a deadline already passed waits nothing

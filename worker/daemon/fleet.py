@@ -27,6 +27,7 @@ from typing import Any
 from worker import __version__
 from worker.daemon.ratelimit import RateLimits
 from worker.store import Beat, Daemons, DatabaseError, DatabaseUnavailable, Live
+from worker.waits import wait_any
 
 SETTLE = 2.5  # beats a newcomer waits before sending
 FENCE = 2.0  # beats without a successful beat after which a daemon stops sending
@@ -94,10 +95,7 @@ class Fleet:
         try:
             while not self._stop.is_set():
                 await self._turn()
-                try:
-                    await asyncio.wait_for(self._stop.wait(), self._beat)
-                except TimeoutError:
-                    pass
+                await wait_any(self._stop, seconds=self._beat)
         finally:
             try:
                 await self._daemons.stop()

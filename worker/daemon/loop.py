@@ -30,6 +30,7 @@ from worker.metrics import Metrics
 from worker.store import Beat, DatabaseError, DatabaseUnavailable, StatementRefused, Store
 from worker.store.claims import MAX_SESSIONS
 from worker.systemd import Notifier
+from worker.waits import wait_any
 
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
 CAPPED_LOG_EVERY = 60.0  # seconds between two warnings that the sessions read was capped
@@ -280,10 +281,7 @@ class Daemon:
 
     async def _wait(self, seconds: float) -> None:
         """The loop's only wait: stop, a freed slot or a written batch, or the timeout."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout=min(seconds, BEAT_EVERY))
-        except TimeoutError:
-            pass
+        await wait_any(self._wake, seconds=min(seconds, BEAT_EVERY))
 
     def _paused(self) -> None:
         """Sending paused: under `run --once` (cron) the run ends here, rows untouched."""
@@ -359,10 +357,7 @@ class Daemon:
                 break
             self._heartbeat.beat(self._status_line)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=min(remaining, BEAT_EVERY))
-            except TimeoutError:
-                pass
+            await wait_any(self._wake, seconds=min(remaining, BEAT_EVERY))
         if self._in_flight:
             self.report.drained = False
             pending = set(self._in_flight)

@@ -15,6 +15,7 @@ from typing import Any
 
 from worker.models import Finished, RowState
 from worker.store import DatabaseError, Results
+from worker.waits import wait_any
 
 PROGRESS_EVERY = 1.0  # seconds between progress lines
 FINAL = frozenset({RowState.SENT, RowState.ERROR, RowState.UNKNOWN})
@@ -46,10 +47,7 @@ class Progress:
     async def run(self) -> None:
         """Report every PROGRESS_EVERY seconds; a last time after `stop()`."""
         while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), PROGRESS_EVERY)
-            except TimeoutError:
-                pass
+            await wait_any(self._stop, seconds=PROGRESS_EVERY)
             await self.report()
 
     async def report(self) -> None:

@@ -17,6 +17,7 @@ from worker.daemon.heartbeat import BEAT_EVERY
 from worker.daemon.progress import Progress
 from worker.models import Finished, RowState
 from worker.store import DatabaseError, DatabaseUnavailable, Recorded, Results, RowRefused
+from worker.waits import wait_any
 
 BATCH_MAX = 500
 
@@ -74,7 +75,7 @@ class Recorder:
                 if self._closing:
                     return
                 self._ready.clear()
-                await wait(self._ready, BEAT_EVERY)
+                await wait_any(self._ready, seconds=BEAT_EVERY)
                 continue
             batch = self._queue[:BATCH_MAX]
             try:
@@ -160,11 +161,3 @@ class Recorder:
             if finished.decision.state is RowState.SENT:  # the only trace of an accepted message
                 self._log.error("sent_result_lost", job_id=finished.job.id, wamid=finished.decision.wamid)
         self._queue.clear()
-
-
-async def wait(event: asyncio.Event, seconds: float) -> None:
-    """Until `event` is set, at most `seconds`."""
-    try:
-        await asyncio.wait_for(event.wait(), seconds)
-    except TimeoutError:
-        pass

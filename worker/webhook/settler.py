@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from worker.store import DatabaseError
 from worker.store.statuses import APPLY_BATCH, Applied, Statuses
+from worker.waits import wait_any
 from worker.webhook.metrics import WebhookMetrics
 
 SWEEP_EVERY = 5.0  # seconds between full sweeps of the pending statuses
@@ -50,7 +51,7 @@ class Settler:
                 if failures == 1:
                     self._log.error("statuses_not_applied", error=str(exc), action="retrying")
                 next_sweep = 0.0  # start over from the first pending status once it answers
-                await _wait_any((self._stop,), min(SWEEP_EVERY, 0.2 * 2**failures))
+                await wait_any(self._stop, seconds=min(SWEEP_EVERY, 0.2 * 2**failures))
                 self._on_turn()
                 continue
             except Exception:  # a bug: say so, keep receiving; the next sweep tries again
@@ -60,7 +61,7 @@ class Settler:
                 self._log.warning("statuses_applied_again", retries=failures)
                 failures = 0
             self._on_turn()
-            await _wait_any((self._poke, self._stop), max(0.0, next_sweep - time.monotonic()))
+            await wait_any(self._poke, self._stop, seconds=next_sweep - time.monotonic())
 
     async def _apply_from(self, cursor: int) -> int:
         while True:
@@ -96,12 +97,3 @@ class Settler:
             )
         if applied.optouts:
             self._log.info("opted_out", source="131050", phones=applied.optouts)
-
-
-async def _wait_any(events: Iterable[asyncio.Event], seconds: float) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

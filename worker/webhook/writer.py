@@ -11,10 +11,12 @@ from typing import Any
 
 from worker.store import DatabaseError, DatabaseUnavailable, RowRefused
 from worker.store.statuses import Statuses, Stored
+from worker.waits import wait_any
 from worker.webhook.parse import Parsed
 
 BATCH_MAX_STATUSES = 2000  # statuses + opt-outs per transaction (whole requests only)
 BATCH_MAX_BYTES = 4 * 1024 * 1024  # raw statuses per transaction (max_allowed_packet is 16 MiB+)
+IDLE_WAIT = 1.0  # seconds an idle writer waits before it looks again (every wait has a timeout)
 QUEUE_MAX = 50_000  # statuses waiting for the writer; beyond it requests get 503 at once
 
 
@@ -72,7 +74,7 @@ class StatusWriter:
                 if self._closing:
                     return
                 self._ready.clear()
-                await self._ready.wait()
+                await wait_any(self._ready, seconds=IDLE_WAIT)
                 continue
             batch = self._take()
             try:

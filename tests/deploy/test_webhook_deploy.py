@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.unit.test_deployment_files import (
+from tests.deploy.test_deployment_files import (
     DB_TIMEOUT,
     MAX_EXPOSURE,
     ROOT,

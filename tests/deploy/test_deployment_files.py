@@ -200,7 +200,7 @@ def test_unit_secrets_come_as_credentials() -> None:
 
 
 def test_env_example_is_non_secret_and_names_real_settings() -> None:
-    source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "worker").glob("*.py"))
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "worker").rglob("*.py"))
     active: dict[str, str] = {}
     for raw in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
         match = re.fullmatch(r"(#?)([A-Z][A-Z0-9_]*)=(.*)", raw)

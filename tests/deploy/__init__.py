@@ -1,0 +1,1 @@
+"""Checks of the deployment files (systemd units, image, compose, alerts, dashboard)."""

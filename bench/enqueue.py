@@ -4,7 +4,7 @@ For each size (default 100,000 and 1,000,000 rows) it writes a CSV (phone, clien
 template parameters), creates a fresh database, runs `migrate`, then runs the command as a
 subprocess twice: the import, and the same import again (which must queue nothing). Peak RSS is
 the child's own `ru_maxrss` from `wait4`. A one-row import gives the command's baseline RSS.
-Every database this creates is dropped at the end. Run: `python bench/enqueue.py -h`.
+Every database this creates is dropped at the end. Run: `python -m bench.enqueue -h`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pymysql
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from worker.config import DatabaseURL
 
-from worker.config import DatabaseURL  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ARGS = ["--session", "bench", "--template", "recordatorio_pago", "--language", "es"]
 

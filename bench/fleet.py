@@ -12,7 +12,7 @@
    times (and from the rows' `sent_at`) side by side, and the ratio (goal: close to 3).
 Figures are printed, never asserted. Each run gets a fresh database (dropped at the end);
 daemon output goes to files in a temporary directory (kept when something went wrong).
-Run: `python bench/fleet.py` (`-h` for the options).
+Run: `python -m bench.fleet` (`-h` for the options).
 """
 
 from __future__ import annotations
@@ -33,14 +33,11 @@ from typing import IO, Any
 
 import pymysql
 
+from bench import throughput
+from tests.fakeapi import FakeCloudAPI
+from worker.config import DatabaseURL
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import throughput  # noqa: E402
-
-from tests.fakeapi import FakeCloudAPI  # noqa: E402
-from worker.config import DatabaseURL  # noqa: E402
 
 MESSAGE = json.dumps(throughput.MESSAGE)
 STOP_TIMEOUT = 30.0  # seconds a daemon gets to drain after SIGTERM before it is SIGKILLed

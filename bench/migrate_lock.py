@@ -9,7 +9,7 @@ lock, and the producer's INSERTs queue behind the waiting ALTER for as long as i
 side by side per setting: migrate's exit code and time, the longest INSERT wait, and whether
 migrate named the holding connection. Then the transaction ends and migrate runs once more.
 Figures are printed, never asserted. The database is dropped at the end.
-Run: `python bench/migrate_lock.py` (`-h` for the options).
+Run: `python -m bench.migrate_lock` (`-h` for the options).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ and the claim's latency with 0 and with 1,000,000 finished rows.
    it ended), then drains alone after it. The medians side by side and their ratio (goal: a drop
    of less than a fifth). The claim is also timed while the prune deletes, and after it.
 Figures are printed, never asserted. The database is dropped at the end.
-Run: `python bench/prune.py` (`-h` for the options).
+Run: `python -m bench.prune` (`-h` for the options).
 """
 
 from __future__ import annotations
@@ -31,15 +31,11 @@ from typing import Any
 
 import pymysql
 
+from bench import table_size, throughput
+from worker.config import DatabaseURL
+from worker.store import Store
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import table_size  # noqa: E402
-import throughput  # noqa: E402
-
-from worker.config import DatabaseURL  # noqa: E402
-from worker.store import Store  # noqa: E402
 
 MESSAGE = json.dumps(throughput.MESSAGE)
 LIVE_ROWS = 1_000

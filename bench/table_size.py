@@ -7,7 +7,7 @@ Timed (median of many, in-process, the daemon's own store code): a claim of 50 r
 (`Results.session_totals`, read once per session; `rows_added` + `live_rows`, every refresh) and
 `status`'s counts for the live session (`Sessions.status`).
 Part 2: the daemon's peak RSS (VmHWM) draining 20,000 and 200,000 rows (bench/throughput.py).
-Every database this creates is dropped at the end. Run: `python bench/table_size.py -h`.
+Every database this creates is dropped at the end. Run: `python -m bench.table_size -h`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 
 import pymysql
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from worker.config import DatabaseURL
+from worker.store import Store
+from worker.store.claims import GIVE_BACK
+from worker.store.db import placeholders
 
-from worker.config import DatabaseURL  # noqa: E402
-from worker.store import Store  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MESSAGE = '{"type":"text","text":{"body":"hola"}}'
 FINISHED = 1_000_000
@@ -86,11 +86,8 @@ async def claim_and_undo(store: Store) -> float:
     jobs = await store.claims.claim(50, lease_seconds=60)
     elapsed = (time.perf_counter() - start) * 1000
     assert len(jobs) == 50, len(jobs)
-    ids = ",".join(str(job.id) for job in jobs)
-    await store.db.update(
-        "UPDATE cola_envios SET estado = 'pendiente', lease_owner = NULL, lease_token = NULL,"
-        f" lease_expires_at = NULL, claimed_at = NULL WHERE id IN ({ids})"
-    )
+    # the store's own give-back statement (what a daemon runs for a claim nobody sent)
+    await store.db.update(GIVE_BACK.format(tokens=placeholders(1)), (jobs[0].lease_token,))
     return elapsed
 
 

@@ -4,7 +4,7 @@ Both send the same requests at the same concurrency to the same local fake Cloud
 separate process, fixed latency). The bare client has no database; the daemon claims, sends
 and records every row in MySQL/MariaDB. Each run times the bare client before and after the
 daemon (their mean is the run's reference), at every concurrency asked for; every run is
-printed, then the medians. Run: `make bench` (or `python bench/throughput.py -h`).
+printed, then the medians. Run: `make bench` (or `python -m bench.throughput -h`).
 
 Both sides run as their own processes: CPU is the process's own user + system time (the
 daemon's less its start-up, measured by a `run --once` on an empty queue), peak RSS is the
@@ -29,11 +29,10 @@ from pathlib import Path
 import aiohttp
 import pymysql
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from worker.config import DatabaseURL
+from worker.messages import request_body
 
-from worker.config import DatabaseURL  # noqa: E402
-from worker.messages import request_body  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TOKEN, PHONE_ID = "bench-token", "1234567890"
 MESSAGE = {

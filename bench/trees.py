@@ -5,7 +5,7 @@ medians move by 10-15% from one set to the next. To see what a change costs, run
 before it and the change itself in turns instead, on identical queues:
 
     git worktree add --detach /tmp/before HEAD~3
-    .venv/bin/python bench/trees.py --old /tmp/before --new . --concurrency 32 --messages 3000
+    .venv/bin/python -m bench.trees --old /tmp/before --new . --concurrency 32 --messages 3000
 
 Each run drops and migrates a database, queues `--messages` rows in one session and times
 `whatsapp-worker run --once` (the whole process: its CPU from the children's rusage, start-up
@@ -26,12 +26,10 @@ from pathlib import Path
 
 import pymysql
 
+from bench import throughput
+from worker.config import DatabaseURL
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import throughput  # noqa: E402
-
-from worker.config import DatabaseURL  # noqa: E402
 
 
 def queue(url: DatabaseURL, tree: Path, env: dict[str, str], count: int) -> None:

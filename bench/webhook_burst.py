@@ -11,7 +11,7 @@ carrying `--per-request` statuses, and prints:
 - how long after the last answer every status had been applied to its row;
 - the same database's raw INSERT rate into the statuses table: one row per transaction (what a
   receiver without batching would do) and 100 rows per transaction.
-It prints figures and asserts nothing about timing. Run: `python bench/webhook_burst.py -h`.
+It prints figures and asserts nothing about timing. Run: `python -m bench.webhook_burst -h`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from pathlib import Path
 import aiohttp
 import pymysql
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from worker.config import DatabaseURL
+from worker.webhook.parse import sign
 
-from worker.config import DatabaseURL  # noqa: E402
-from worker.webhook.parse import sign  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SECRET, VERIFY = "bench-app-secret", "bench-verify-token"
 DATABASE = "whatsapp_worker_bench_webhook"

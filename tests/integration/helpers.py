@@ -20,7 +20,7 @@ async def drain(
         settings.database, size=4, worker_id=settings.worker_id, db_timeout=settings.db_timeout
     )
     sender = make_sender(settings)
-    daemon = Daemon(settings=settings, store=store, sender=sender)
+    daemon = Daemon.build(settings=settings, store=store, sender=sender)
     try:
         if until is None:
             return await asyncio.wait_for(daemon.run(once=once), seconds)

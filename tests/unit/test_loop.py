@@ -136,7 +136,7 @@ def settings(tmp_path: Path, concurrency: int) -> Settings:
 
 async def test_the_loop_claims_no_more_than_its_free_slots_and_sends_each_row_once(tmp_path: Path) -> None:
     store, sender = MemoryStore(rows=50), HeldSender(full=8)
-    daemon = Daemon(settings=settings(tmp_path, concurrency=8), store=store, sender=sender)  # type: ignore[arg-type]
+    daemon = Daemon.build(settings=settings(tmp_path, concurrency=8), store=store, sender=sender)  # type: ignore[arg-type]
     run = asyncio.create_task(daemon.run(once=True))
     await asyncio.wait_for(sender.full.wait(), 10)  # the first claim fills the slots, then the loop waits
     assert store.claims.limits == [8] and len(sender.sent) == 8
@@ -152,6 +152,6 @@ async def test_the_loop_claims_no_more_than_its_free_slots_and_sends_each_row_on
 
 async def test_a_once_run_with_nothing_due_ends_at_once(tmp_path: Path) -> None:
     store, sender = MemoryStore(rows=0), HeldSender(full=1)
-    daemon = Daemon(settings=settings(tmp_path, concurrency=4), store=store, sender=sender)  # type: ignore[arg-type]
+    daemon = Daemon.build(settings=settings(tmp_path, concurrency=4), store=store, sender=sender)  # type: ignore[arg-type]
     report = await asyncio.wait_for(daemon.run(once=True), 10)
     assert sender.sent == [] and store.claims.limits == [] and report.exit_code == 0

@@ -13,41 +13,55 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections import Counter
-from dataclasses import dataclass, field
 
 from worker.config import Settings
-from worker.daemon.fleet import Fleet
-from worker.daemon.heartbeat import BEAT_EVERY, Heartbeat
-from worker.daemon.numbers import Numbers
-from worker.daemon.processor import RowProcessor
-from worker.daemon.recorder import Recorder
-from worker.daemon.rotation import Rotation
+from worker.daemon.control import RunReport
+from worker.daemon.heartbeat import BEAT_EVERY
+from worker.daemon.parts import Parts
 from worker.daemon.sender import Sender
-from worker.exits import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_TEMPFAIL
-from worker.log import get_logger
+from worker.exits import EX_OK, EX_SOFTWARE
 from worker.metrics import Metrics
-from worker.store import Beat, DatabaseError, DatabaseUnavailable, StatementRefused, Store
+from worker.store import DatabaseError, Store
 from worker.store.claims import MAX_SESSIONS
 from worker.systemd import Notifier
 from worker.waits import wait_any
+
+__all__ = ["Daemon", "RunReport"]
 
 RECOVERY_INTERVAL = 30.0  # seconds between sweeps for rows of dead workers (at most)
 CAPPED_LOG_EVERY = 60.0  # seconds between two warnings that the sessions read was capped
 
 
-@dataclass
-class RunReport:
-    outcomes: Counter[str] = field(default_factory=Counter)
-    drained: bool = True  # False when sends were cancelled or results could not be written
-    lost: int = 0  # results that never reached the database
-    exit_code: int = EX_OK
-    reason: str | None = None  # why the run ended early, for the one line `run` prints
-
-
 class Daemon:
-    def __init__(
-        self,
+    """The loop over its built parts (`Parts.build`); `Daemon.build` builds them too."""
+
+    def __init__(self, *, settings: Settings, parts: Parts) -> None:
+        self._settings = settings
+        self._parts = parts
+        self._control = parts.control
+        self._claims = parts.claims
+        self._numbers = parts.numbers
+        self._recorder = parts.recorder
+        self._rows = parts.rows
+        self._fleet = parts.fleet
+        self._rotation = parts.rotation
+        self._heartbeat = parts.heartbeat
+        self._status = parts.status
+        self._sweep = parts.sweep
+        self._in_flight = parts.in_flight
+        self._rng = parts.rng
+        self._log = parts.log
+        self._stop, self._forced, self._wake = parts.control.stop, parts.control.forced, parts.control.wake
+        self.report = parts.control.report
+        self._capped_logged_at = float("-inf")
+        self._rows_left: int | None = None  # `run --once --max N`
+        # Claim in batches when busy: one claim per freed slot would make the database the
+        # bottleneck; "no more rows than free slots" still holds.
+        self._batch_min = max(1, settings.concurrency // 4)
+
+    @classmethod
+    def build(
+        cls,
         *,
         settings: Settings,
         store: Store,
@@ -55,103 +69,27 @@ class Daemon:
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
-    ) -> None:
-        self._settings = settings
-        self._claims = store.claims
-        self._notifier = notifier or Notifier()
-        self._rng = rng or random.Random()
-        self._log = get_logger(worker_id=settings.worker_id)
-        self._numbers = Numbers(
-            default=settings.phone_number_id, rate_limit=settings.rate_limit, concurrency=settings.concurrency
+    ) -> Daemon:
+        parts = Parts.build(
+            settings=settings, store=store, sender=sender, notifier=notifier, rng=rng, metrics=metrics
         )
-        self._stop = asyncio.Event()
-        self._forced = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._recorder = Recorder(
-            results=store.results,
-            log=self._log,
-            on_written=self._wake.set,
-            on_fatal=self._on_fatal,
-            on_outage=self._database_failed,
-        )
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self._rows = RowProcessor(
-            settings=settings,
-            sender=sender,
-            recorder=self._recorder,
-            claims=store.claims,
-            pauses=self._numbers.pauses,
-            log=self._log,
-            rng=self._rng,
-            metrics=metrics,
-            on_pause=self._paused,
-            on_throttled=self._throttled,
-            optouts=store.optouts,
-        )
-        self._fleet = Fleet(
-            daemons=store.daemons,
-            limiter=self._numbers.limits,
-            limit=settings.rate_limit,
-            beat=settings.fleet_beat,
-            status=self._beat,
-            log=self._log,
-        )
-        self._rotation = Rotation(
-            read=store.claims.sessions_due,
-            daemon_window=settings.send_window,
-            on_bad_window=lambda session, error: self._log.error(
-                "session_window_unreadable", sesion_id=session.id, error=error, action="held"
-            ),
-        )
-        self._heartbeat = Heartbeat(path=settings.heartbeat_path, notifier=self._notifier)
-        self._db_down = False
-        self._capped_logged_at = float("-inf")
-        self._once = False
-        self._rows_left: int | None = None  # `run --once --max N`
-        self._signals = 0
-        self.report = RunReport(outcomes=self._rows.outcomes)
-        if metrics:
-            metrics.in_flight.set_function(lambda: len(self._in_flight))
-            metrics.unwritten.set_function(lambda: self._recorder.pending)
-        # Claim in batches when busy: one claim per freed slot would make the database the
-        # bottleneck; "no more rows than free slots" still holds.
-        self._batch_min = max(1, settings.concurrency // 4)
+        return cls(settings=settings, parts=parts)
 
-    # -- control --------------------------------------------------------------------------
+    # -- control (see control.py) ---------------------------------------------------------
 
     def request_stop(self, *, exit_code: int | None = None, reason: str | None = None) -> None:
         """Stop claiming and drain; the first reason given is the one reported."""
-        if exit_code is not None and self.report.exit_code == EX_OK:
-            self.report.exit_code, self.report.reason = exit_code, reason
-        self._stop.set()
-        self._wake.set()
-
-    def force_stop(self) -> None:
-        """Stop waiting for in-flight sends (a second signal)."""
-        self._forced.set()
-        self.request_stop()
+        self._control.request_stop(exit_code=exit_code, reason=reason)
 
     def on_signal(self, name: str) -> None:
         """A stop signal (see `worker.signals`): the first drains, a second stops waiting."""
-        self._notifier.notify(stopping=1, status="draining in-flight sends")
-        self._signals += 1
-        if self._signals > 1:  # a second signal, not an internal stop, ends the wait
-            self.force_stop()
-        self.request_stop()
-        self._log.info("stop_requested", signal=name, in_flight=len(self._in_flight))
-
-    def _on_fatal(self) -> None:
-        error = self._recorder.fatal
-        if isinstance(error, StatementRefused):
-            self.request_stop(exit_code=EX_CONFIG, reason=f"the database refuses our statements: {error}")
-        else:
-            self.request_stop(exit_code=EX_SOFTWARE, reason=f"results cannot be written: {error}")
+        self._control.signal(name, in_flight=len(self._in_flight))
 
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, *, once: bool = False, max_rows: int | None = None) -> RunReport:
         """`once`: drain what is due, then stop; `max_rows`: claim at most that many rows."""
-        self._once = once
+        self._control.once = once
         self._rows_left = max_rows
         recorder = asyncio.create_task(self._recorder.run(), name="recorder")
         progress = asyncio.create_task(self._recorder.progress.run(), name="progress")
@@ -193,7 +131,7 @@ class Daemon:
     async def _wait_for(self, task: asyncio.Task[None]) -> None:
         """Wait for the recorder without giving up the heartbeat."""
         while not task.done():
-            self._heartbeat.beat(self._status_line)
+            self._heartbeat.beat(self._status.line)
             await asyncio.wait({task}, timeout=BEAT_EVERY)
         await task
 
@@ -203,8 +141,8 @@ class Daemon:
         next_recovery = 0.0
         while not self._stop.is_set():
             self._wake.clear()
-            self._heartbeat.beat(self._status_line)
-            if loop.time() >= next_recovery and await self._recover():
+            self._heartbeat.beat(self._status.line)
+            if loop.time() >= next_recovery and await self._sweep.run():
                 next_recovery = loop.time() + recovery_every
             wait = await self._step()
             if wait is None:
@@ -231,7 +169,7 @@ class Daemon:
         try:
             order = await self._rotation.next_order()
         except DatabaseError as exc:
-            self._database_failed(exc)
+            self._control.database_failed(exc)
             return min(BEAT_EVERY, self._settings.poll_interval * 2)
         claimed, held = 0, float("inf")  # held: when a number kept back by its pace may go
         for number, sessions in self._numbers.group(order).items():
@@ -254,7 +192,7 @@ class Daemon:
             if self._claims.capped:  # more sessions than one read takes: read on at once
                 self._scan_capped()
                 return 0.0
-        if self._once:
+        if self._control.once:
             if not self._in_flight and not self._recorder.pending:
                 return None  # nothing due and nothing in flight: done
             return BEAT_EVERY
@@ -275,19 +213,13 @@ class Daemon:
         `run --once` ends the run)."""
         paused = self._numbers.paused(number)
         if paused > 0:
-            self._paused()
+            self._control.paused()
             return 0, paused
         return self._numbers.room(number, free)
 
     async def _wait(self, seconds: float) -> None:
         """The loop's only wait: stop, a freed slot or a written batch, or the timeout."""
         await wait_any(self._wake, seconds=min(seconds, BEAT_EVERY))
-
-    def _paused(self) -> None:
-        """Sending paused: under `run --once` (cron) the run ends here, rows untouched."""
-        if self._once:
-            reason = self._numbers.pauses.describe() or "sending paused"
-            self.request_stop(exit_code=EX_TEMPFAIL, reason=f"sending paused ({reason}); rows left untouched")
 
     async def _claim(self, number: str, tokens: int, sessions: list[int]) -> int | None:
         """Claim and start up to `tokens` sends of one number's sessions; None when the
@@ -298,9 +230,9 @@ class Daemon:
             )
         except DatabaseError as exc:
             self._numbers.unused(number, tokens)
-            self._database_failed(exc)
+            self._control.database_failed(exc)
             return None
-        self._database_up()
+        self._control.database_up()
         if jobs.opted_out:
             self._log.warning("opted_out_rows_closed", rows=jobs.opted_out, state="error")
         self._numbers.unused(number, tokens - len(jobs))
@@ -318,31 +250,6 @@ class Daemon:
         self._numbers.finished(number)
         self._wake.set()
 
-    async def _recover(self) -> bool:
-        """The periodic sweep: rows of dead workers, rows of cancelled sessions, rows a pause
-        parked in a session that was re-activated some other way."""
-        try:
-            recovered = await self._claims.recover_expired()
-            closed = await self._claims.close_cancelled()
-            unparked = await self._claims.unpark_active()
-        except DatabaseError as exc:
-            self._database_failed(exc)
-            return False
-        if recovered.rows:
-            self._log.warning("expired_leases_recovered", rows=recovered.rows, state="desconocido")
-        for row_id, error in recovered.kept_in_flight:
-            self._log.error(
-                "row_state_refused",
-                job_id=row_id,
-                error=error,
-                action="kept procesando with the reason; never re-sent",
-            )
-        if closed:
-            self._log.warning("cancelled_rows_closed", rows=closed, state="error")
-        if unparked:
-            self._log.warning("held_rows_released", rows=unparked, reason="their session is no longer paused")
-        return True
-
     # -- stop -----------------------------------------------------------------------------
 
     async def _drain(self, deadline: float) -> None:
@@ -355,7 +262,7 @@ class Daemon:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            self._heartbeat.beat(self._status_line)
+            self._heartbeat.beat(self._status.line)
             self._wake.clear()
             await wait_any(self._wake, seconds=min(remaining, BEAT_EVERY))
         if self._in_flight:
@@ -365,62 +272,6 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    # -- database health ------------------------------------------------------------------
-
-    def _database_failed(self, exc: DatabaseError) -> None:
-        if not isinstance(exc, DatabaseUnavailable):
-            # 1054, 1146, 1142, a refused value in our own claim: no wait can fix it.
-            remedy = exc.remedy if isinstance(exc, StatementRefused) else "run `whatsapp-worker migrate`"
-            self._log.error("database_refused_statement", code=exc.code, error=str(exc), action=remedy)
-            self.request_stop(
-                exit_code=EX_CONFIG, reason=f"the database refuses our statements ({exc}): {remedy}"
-            )
-            return
-        if not self._db_down:
-            self._db_down = True
-            self._log.error("database_unavailable", error=str(exc))
-        if self._once:  # under cron: give the pidfile back; the next run tries again
-            self.request_stop(exit_code=EX_TEMPFAIL, reason=f"database unavailable ({exc}); try again later")
-
-    def _database_up(self) -> None:
-        if self._db_down:
-            self._db_down = False
-            self._log.warning("database_available")
-
     def sessions_held(self) -> list[int] | None:
         """The sessions held by quiet hours now; None: the daemon's own window holds them all."""
         return self._rotation.held_now()
-
-    def _throttled(self, number: str) -> None:
-        """Meta said 130429 (too many messages for this number): slow down, then recover."""
-        rate = self._numbers.throttled(number)
-        if rate is not None:
-            self._log.warning("rate_lowered", code=130429, phone_number_id=number, rate=round(rate, 2))
-
-    def _beat(self) -> Beat:
-        """This daemon's row in the daemons table (what `status` shows of it)."""
-        sent = self.report.outcomes["sent"]
-        reason = self._numbers.pauses.describe()
-        if self._stop.is_set():
-            state = "draining"
-        elif reason is not None:
-            state = "paused"
-        else:
-            state = "sending" if self._in_flight else "idle"
-        return Beat(
-            state=state,
-            in_flight=len(self._in_flight),
-            sent_total=sent,
-            rate=self._fleet.rate(sent),
-            rate_share=self._numbers.limits.rate,
-            paused_reason=reason,
-            paused_for=self._numbers.pauses.remaining(),
-        )
-
-    def _status_line(self) -> str:
-        counts = self.report.outcomes
-        totals = f"in flight {len(self._in_flight)}, sent {counts['sent']}, errors {counts['error']}"
-        reason = self._numbers.pauses.describe()
-        if reason is None:
-            return f"sending: {totals}"
-        return f"paused: {reason}; probing in {self._numbers.pauses.remaining():.0f}s; {totals}"

@@ -16,6 +16,7 @@ from typing import Any
 from worker.daemon.heartbeat import BEAT_EVERY
 from worker.daemon.progress import Progress
 from worker.models import Finished, RowState
+from worker.outage import Outage
 from worker.store import DatabaseError, DatabaseUnavailable, Recorded, Results, RowRefused
 from worker.waits import wait_any
 
@@ -69,7 +70,7 @@ class Recorder:
             self._on_fatal()
 
     async def _run(self) -> None:
-        failures = 0
+        outage = Outage(self._log, down="results_not_written", up="results_written_after_outage")
         while True:
             if not self._queue:
                 if self._closing:
@@ -81,28 +82,19 @@ class Recorder:
             try:
                 recorded = await self._write(batch)
             except DatabaseUnavailable as exc:
-                failures += 1
+                outage.failed(exc, rows=len(batch), action="kept in memory; retrying")
                 self._on_outage(exc)
-                if failures == 1:
-                    self._log.error(
-                        "results_not_written",
-                        rows=len(batch),
-                        error=str(exc),
-                        action="kept in memory; retrying",
-                    )
                 if self._closing and self._deadline is not None and time.monotonic() > self._deadline:
                     self._give_up("results_lost_at_shutdown", str(exc))
                     return
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(outage.failures, 6)))
                 continue
             except DatabaseError as exc:  # a statement the server will never accept: schema
                 self.fatal = exc
                 self._give_up("results_not_writable", str(exc))
                 self._on_fatal()
                 return
-            if failures:
-                self._log.warning("results_written_after_outage", retries=failures)
-                failures = 0
+            outage.recovered()
             del self._queue[: len(batch)]
             self._on_written()
             self._fenced_out(recorded.fenced_out)

@@ -25,7 +25,7 @@ async def serve(settings: Settings, store: Store, *, once: bool, max_rows: int |
     notifier = Notifier()
     sender = make_sender(settings)
     metrics = Metrics() if settings.metrics_port else None
-    daemon = Daemon(settings=settings, store=store, sender=sender, notifier=notifier, metrics=metrics)
+    daemon = Daemon.build(settings=settings, store=store, sender=sender, notifier=notifier, metrics=metrics)
     endpoint = await _serve_metrics(settings, store, metrics, daemon) if metrics else None
     log.info(
         "started",

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from worker.outage import Outage
 from worker.store import DatabaseError
 from worker.store.statuses import APPLY_BATCH, Applied, Statuses
 from worker.waits import wait_any
@@ -36,7 +37,8 @@ class Settler:
         self._stop.set()
 
     async def run(self) -> None:
-        cursor, next_sweep, failures = 0, 0.0, 0
+        cursor, next_sweep = 0, 0.0
+        outage = Outage(self._log, down="statuses_not_applied", up="statuses_applied_again")
         while not self._stop.is_set():
             self._poke.clear()
             full = time.monotonic() >= next_sweep
@@ -47,19 +49,15 @@ class Settler:
                 if full:
                     self._metrics.pending.set(await self._statuses.pending_count())
             except DatabaseError as exc:
-                failures += 1
-                if failures == 1:
-                    self._log.error("statuses_not_applied", error=str(exc), action="retrying")
+                outage.failed(exc, action="retrying")
                 next_sweep = 0.0  # start over from the first pending status once it answers
-                await wait_any(self._stop, seconds=min(SWEEP_EVERY, 0.2 * 2**failures))
+                await wait_any(self._stop, seconds=min(SWEEP_EVERY, 0.2 * 2**outage.failures))
                 self._on_turn()
                 continue
             except Exception:  # a bug: say so, keep receiving; the next sweep tries again
                 self._log.exception("settler_failed")
                 next_sweep = time.monotonic() + SWEEP_EVERY
-            if failures:
-                self._log.warning("statuses_applied_again", retries=failures)
-                failures = 0
+            outage.recovered()
             self._on_turn()
             await wait_any(self._poke, self._stop, seconds=next_sweep - time.monotonic())
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from worker.outage import Outage
 from worker.store import DatabaseError, DatabaseUnavailable, RowRefused
 from worker.store.statuses import Statuses, Stored
 from worker.waits import wait_any
@@ -48,7 +49,7 @@ class StatusWriter:
         self._queued = 0
         self._ready = asyncio.Event()
         self._closing = False
-        self._outage = False
+        self._outage = Outage(log, down="statuses_not_written", up="statuses_written_again")
 
     async def submit(self, parsed: Parsed) -> Stored:
         """Resolves once the request's statuses are committed; raises DatabaseError if not."""
@@ -112,20 +113,11 @@ class StatusWriter:
             await self._write(batch[middle:])
             return
         except DatabaseError as exc:
-            if not self._outage:
-                self._outage = True
-                self._log.error(
-                    "statuses_not_written",
-                    requests=len(batch),
-                    error=str(exc),
-                    action="answered 503: Meta retries",
-                )
+            self._outage.failed(exc, requests=len(batch), action="answered 503: Meta retries")
             for waiting in batch:
                 _answer(waiting, exc)
             return
-        if self._outage:
-            self._outage = False
-            self._log.warning("statuses_written_again")
+        self._outage.recovered()
         for waiting in batch:
             _answer(waiting, stored)
         self._on_stored(stored)

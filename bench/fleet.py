@@ -34,7 +34,7 @@ from typing import IO, Any
 import pymysql
 
 from bench import throughput
-from tests.fakeapi import FakeCloudAPI
+from tests.support.fakeapi import FakeCloudAPI
 from worker.config import DatabaseURL
 
 ROOT = Path(__file__).resolve().parent.parent

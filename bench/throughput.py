@@ -44,7 +44,7 @@ MESSAGE = {
     },
 }
 FAKE_API = (
-    "import sys\nfrom tests.fakeapi import FakeCloudAPI\n"
+    "import sys\nfrom tests.support.fakeapi import FakeCloudAPI\n"
     "api = FakeCloudAPI(token=sys.argv[1], latency=float(sys.argv[2]), phone_number_id=sys.argv[3])\n"
     "api.start()\nprint(api.base_url, flush=True)\nsys.stdin.read()\napi.close()\n"
 )

@@ -11,20 +11,21 @@ import itertools
 import os
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pymysql
 import pytest
 
-from tests.fakeapi import FakeCloudAPI
+from tests.support.env import (
+    base_env,
+    fake_api_env,
+    run_worker,
+)
+from tests.support.fakeapi import FakeCloudAPI
+from tests.support.sql import SQL, connect
 from worker.config import DatabaseURL, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKER_BIN = [sys.executable, "-m", "worker"]
 _names = itertools.count()
 
 
@@ -56,68 +57,6 @@ def _testcontainers_mysql() -> Iterator[DatabaseURL]:
         )
 
 
-def connect(url: DatabaseURL, database: str | None = None) -> pymysql.connections.Connection[Any]:
-    return pymysql.connect(
-        host=url.host,
-        port=url.port,
-        user=url.user,
-        password=url.password,
-        database=database,
-        autocommit=True,
-        cursorclass=pymysql.cursors.DictCursor,
-    )
-
-
-class SQL:
-    """Synchronous helper for arranging rows and asserting on them."""
-
-    def __init__(self, url: DatabaseURL) -> None:
-        self.url = url
-        self._conn = connect(url, url.database)
-
-    def rows(self, query: str, args: Any = None) -> list[dict[str, Any]]:
-        with self._conn.cursor() as cur:
-            cur.execute(query, args)
-            return list(cur.fetchall())
-
-    def value(self, query: str, args: Any = None) -> Any:
-        rows = self.rows(query, args)
-        return next(iter(rows[0].values())) if rows else None
-
-    def execute(self, query: str, args: Any = None) -> int:
-        with self._conn.cursor() as cur:
-            return int(cur.execute(query, args))
-
-    def states(self) -> dict[str, int]:
-        return {
-            r["estado"]: int(r["n"])
-            for r in self.rows("SELECT estado, COUNT(*) AS n FROM cola_envios GROUP BY estado")
-        }
-
-    def add_session(self, name: str = "test-session") -> int:
-        self.execute("INSERT INTO sesiones_envio (nombre) VALUES (%s)", (name,))
-        return int(self.value("SELECT id FROM sesiones_envio WHERE nombre = %s", (name,)))
-
-    def add_rows(
-        self,
-        session_id: int,
-        count: int,
-        *,
-        start: int = 0,
-        message: str = '{"type":"text","text":{"body":"hola"}}',
-    ) -> list[str]:
-        phones = [f"+5198{start + i:07d}" for i in range(count)]
-        with self._conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje) VALUES (%s, %s, %s, %s)",
-                [(session_id, start + i + 1, phone, message) for i, phone in enumerate(phones)],
-            )
-        return phones
-
-    def close(self) -> None:
-        self._conn.close()
-
-
 @pytest.fixture
 def db_url(server_url: DatabaseURL) -> Iterator[DatabaseURL]:
     """A fresh database with the schema applied by the real `migrate` command."""
@@ -147,44 +86,6 @@ def sql(db_url: DatabaseURL) -> Iterator[SQL]:
 def fake_api() -> Iterator[FakeCloudAPI]:
     with FakeCloudAPI(token="test-token") as api:
         yield api
-
-
-def database_url_text(url: DatabaseURL) -> str:
-    auth = f"{url.user}:{url.password}" if url.password else url.user
-    return f"mysql://{auth}@{url.host}:{url.port}/{url.database}"
-
-
-def base_env(url: DatabaseURL, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "WHATSAPP_"))}
-    env.update(WORKER_DATABASE_URL=database_url_text(url), PYTHONPATH=str(ROOT))
-    env.update(extra)
-    return env
-
-
-def run_worker(
-    url: DatabaseURL, *args: str, env: dict[str, str] | None = None, timeout: float = 60, **extra: str
-) -> subprocess.CompletedProcess[str]:
-    """`whatsapp-worker ARGS` on the database at `url`, run to its end, its output captured: the
-    one CLI runner of the tests (`env` replaces the environment, `extra` adds to it)."""
-    return subprocess.run(
-        [*WORKER_BIN, *args],
-        env=env or base_env(url, **extra),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def fake_api_env(fake_api: FakeCloudAPI, tmp_path: Path) -> dict[str, str]:
-    """The variables that point a daemon at the fake API, with a pidfile of its own."""
-    return {
-        "WHATSAPP_API_URL": fake_api.base_url,
-        "WHATSAPP_PHONE_NUMBER_ID": fake_api.phone_number_id,
-        "WHATSAPP_ACCESS_TOKEN": fake_api.token,
-        "WORKER_PIDFILE": str(tmp_path / "worker.pid"),
-        "WORKER_POLL_INTERVAL": "0.05",
-        "WORKER_RATE_LIMIT": "0",
-    }
 
 
 @pytest.fixture
@@ -224,13 +125,3 @@ def settings(db_url: DatabaseURL, fake_api: FakeCloudAPI, tmp_path: Path) -> Cal
         return Settings(**values)
 
     return make
-
-
-def eventually(check: Callable[[], bool], seconds: float) -> bool:
-    """Poll a condition (the database, a log file) until it holds or `seconds` pass."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()

@@ -12,9 +12,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.acceptance.processes import RUNBOOK, WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, base_env, eventually
-from tests.fakeapi import FakeCloudAPI, Step
+from tests.support.env import WORKER_BIN, base_env, eventually
+from tests.support.fakeapi import FakeCloudAPI, Step
+from tests.support.processes import RUNBOOK, WorkerProcess
+from tests.support.sql import SQL
 from worker.config import DatabaseURL
 
 

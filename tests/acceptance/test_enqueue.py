@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SQL, WORKER_BIN, base_env
+from tests.support.env import WORKER_BIN, base_env
+from tests.support.sql import SQL
 from worker.campaign_csv import BATCH_ROWS
 from worker.config import DatabaseURL
 

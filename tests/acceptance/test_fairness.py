@@ -7,9 +7,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.acceptance.processes import WorkerProcess
-from tests.conftest import SQL, eventually
-from tests.fakeapi import FakeCloudAPI
+from tests.support.env import eventually
+from tests.support.fakeapi import FakeCloudAPI
+from tests.support.processes import WorkerProcess
+from tests.support.sql import SQL
 
 
 def test_a_small_session_enqueued_after_a_big_one_is_not_starved(

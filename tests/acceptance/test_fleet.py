@@ -8,9 +8,10 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.acceptance.processes import WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, eventually
-from tests.fakeapi import FakeCloudAPI, Step
+from tests.support.env import WORKER_BIN, eventually
+from tests.support.fakeapi import FakeCloudAPI, Step
+from tests.support.processes import WorkerProcess
+from tests.support.sql import SQL
 
 LIMIT = 20
 # Each daemon as pid 1 of a pid namespace of its own, with a host name of its own.

@@ -14,10 +14,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.acceptance.processes import RUNBOOK, WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, eventually, run_worker
-from tests.fakeapi import FakeCloudAPI, Step
-from tests.tcpproxy import TcpProxy
+from tests.support.env import WORKER_BIN, eventually, run_worker
+from tests.support.fakeapi import FakeCloudAPI, Step
+from tests.support.processes import RUNBOOK, WorkerProcess
+from tests.support.sql import SQL
+from tests.support.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
 
 

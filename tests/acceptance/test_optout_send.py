@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.acceptance.processes import WorkerProcess
-from tests.conftest import SQL
-from tests.fakeapi import FakeCloudAPI, Step
+from tests.support.fakeapi import FakeCloudAPI, Step
+from tests.support.processes import WorkerProcess
+from tests.support.sql import SQL
 
 
 def test_a_131050_answer_records_an_opt_out_and_later_sessions_skip_the_phone(

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.acceptance.processes import WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, base_env, eventually, run_worker
-from tests.fakeapi import FakeCloudAPI
+from tests.support.env import WORKER_BIN, base_env, eventually, run_worker
+from tests.support.fakeapi import FakeCloudAPI
+from tests.support.processes import WorkerProcess
+from tests.support.sql import SQL
 from worker import __version__
 from worker.config import DatabaseURL
 

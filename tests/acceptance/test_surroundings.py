@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.acceptance.processes import WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, database_url_text, eventually
-from tests.fakeapi import FakeCloudAPI, Step
-from tests.tcpproxy import TcpProxy
+from tests.support.env import WORKER_BIN, database_url_text, eventually
+from tests.support.fakeapi import FakeCloudAPI, Step
+from tests.support.processes import WorkerProcess
+from tests.support.sql import SQL
+from tests.support.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
 
 

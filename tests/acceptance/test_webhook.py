@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from tests.acceptance.processes import RUNBOOK, WorkerProcess
-from tests.conftest import SQL, WORKER_BIN, base_env, eventually
-from tests.fakeapi import FakeCloudAPI, Step
-from tests.tcpproxy import TcpProxy
+from tests.support.env import WORKER_BIN, base_env, eventually
+from tests.support.fakeapi import FakeCloudAPI, Step
+from tests.support.processes import RUNBOOK, WorkerProcess
+from tests.support.sql import SQL
+from tests.support.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
 
 APP_SECRET = "test-app-secret-0123456789"

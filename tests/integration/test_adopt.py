@@ -22,9 +22,10 @@ from typing import Any
 import pymysql
 import pytest
 
-from tests.acceptance.processes import RUNBOOK, WorkerProcess
-from tests.conftest import ROOT, SQL, base_env, connect, fake_api_env, run_worker
-from tests.fakeapi import FakeCloudAPI
+from tests.support.env import ROOT, base_env, fake_api_env, run_worker
+from tests.support.fakeapi import FakeCloudAPI
+from tests.support.processes import RUNBOOK, WorkerProcess
+from tests.support.sql import SQL, connect
 from worker.config import DatabaseURL
 from worker.store import Database, RowRefused, schema
 

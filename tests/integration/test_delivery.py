@@ -6,9 +6,9 @@ import json
 import threading
 from collections.abc import Callable
 
-from tests.conftest import SQL
-from tests.fakeapi import FakeCloudAPI, Step
 from tests.integration.helpers import drain
+from tests.support.fakeapi import FakeCloudAPI, Step
+from tests.support.sql import SQL
 from worker.config import Settings
 
 

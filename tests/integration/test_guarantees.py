@@ -10,10 +10,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import SQL, run_worker
-from tests.fakeapi import FakeCloudAPI, Step
 from tests.integration.helpers import drain, sent, unsent
-from tests.tcpproxy import TcpProxy
+from tests.support.env import run_worker
+from tests.support.fakeapi import FakeCloudAPI, Step
+from tests.support.sql import SQL
+from tests.support.tcpproxy import TcpProxy
 from worker.config import DatabaseURL, Settings
 from worker.store import DatabaseUnavailable, Store
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakeapi import FakeCloudAPI, Step
+from tests.support.fakeapi import FakeCloudAPI, Step
 from worker.config import DatabaseURL, Settings
 from worker.daemon.sender import CloudSender, SandboxSender
 from worker.models import Job, Outcome, SendResult

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 import pymysql
 import pytest
 
-from tests.conftest import SQL
 from tests.integration.helpers import sent
+from tests.support.sql import SQL
 from worker.messages import phone_from_wa_id
 from worker.models import StatusUpdate
 from worker.store import Store

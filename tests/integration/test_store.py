@@ -8,8 +8,9 @@ from typing import Any
 
 import pymysql
 
-from tests.conftest import SQL, connect, eventually
 from tests.integration.helpers import sent
+from tests.support.env import eventually
+from tests.support.sql import SQL, connect
 from worker.config import DatabaseURL
 from worker.daemon.progress import Progress
 from worker.log import get_logger

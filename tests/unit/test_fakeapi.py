@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.fakeapi import FakeCloudAPI, Step
+from tests.support.fakeapi import FakeCloudAPI, Step
 
 TOKEN = "test-token"
 PHONE = "+51987654321"

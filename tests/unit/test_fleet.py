@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.fakeapi import busiest_second
+from tests.support.fakeapi import busiest_second
 from worker.daemon.fleet import Fleet, fleet_share
 from worker.daemon.ratelimit import RateLimiter, RateLimits
 from worker.store import Beat, DatabaseUnavailable, Live

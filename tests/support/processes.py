@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from tests.conftest import WORKER_BIN
+from tests.support.env import WORKER_BIN
 
 RUNBOOK = """SELECT cliente_id, COUNT(*) as envios FROM envios_whatsapp
 WHERE fecha_envio >= DATE_SUB(NOW(), INTERVAL 10 MINUTE)

@@ -328,6 +328,12 @@ async def _execute(conn: aiomysql.Connection, cur: aiomysql.Cursor, step: Step) 
 
 async def _inspect(cur: aiomysql.Cursor) -> dict[str, FoundTable]:
     """Our three tables as they are. Columns are aliased: key case differs between servers."""
+    # information_schema warns about other databases' tables under concurrent DDL: not ours
+    with quiet_notes():
+        return await _read_tables(cur)
+
+
+async def _read_tables(cur: aiomysql.Cursor) -> dict[str, FoundTable]:
     names = [t.name for t in schema.TABLES]
     marks = ",".join(["%s"] * len(names))
     await cur.execute(
@@ -389,7 +395,8 @@ FOREIGN_KEYS = (
 
 async def _plan_foreign_keys(cur: aiomysql.Cursor, plan: Plan, table: str) -> None:
     """A foreign key from one of our tables: what it means for `prune`."""
-    await cur.execute(FOREIGN_KEYS, (table,))
+    with quiet_notes():
+        await cur.execute(FOREIGN_KEYS, (table,))
     for child, column, parent, rule, name in await cur.fetchall():
         meaning = (
             "prune deletes only the rows nothing references, and says how many it kept"
@@ -464,7 +471,8 @@ class Trigger:
 
 
 async def _triggers(cur: aiomysql.Cursor, table: str) -> list[Trigger]:
-    await cur.execute(TRIGGERS, (table,))
+    with quiet_notes():
+        await cur.execute(TRIGGERS, (table,))
     return [Trigger(_s(r[0]), _s(r[1]), _s(r[2]), _s(r[3])) for r in await cur.fetchall()]
 
 
@@ -624,10 +632,43 @@ async def _plan(cur: aiomysql.Cursor) -> Plan:
 
 
 async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table: schema.Table) -> None:
+    """What one existing table holds, and the steps that upgrade it: the engine first, then the
+    columns and the state, then the keys (numbering legacy duplicates), then the old rows."""
     name = table.name
     await cur.execute(f"SELECT COUNT(*) FROM {name}")
     (count,) = await cur.fetchone()
     plan.found.append(f"{name}: {count} row(s), {found.engine}, {found.collation}")
+    await _plan_surroundings(cur, plan, found, table)
+    if "id" not in found.columns:
+        plan.blockers.append(f"{name} has no id column")
+        return
+    gaps = _gaps(found, table)
+    _plan_engine(plan, found, gaps, count)
+    if gaps.no_default:
+        plan.blockers += gaps.problems(table)[-len(gaps.no_default) :]
+    if gaps.state_unusable:
+        plan.blockers.append(f"{name}.{table.state.column} {gaps.state_unusable}")
+    _plan_columns(plan, found, table, gaps)
+    keep = _keep_auto_updated(found, {c.name for c in table.columns})
+    waiting_copies = await _plan_numbering(cur, plan, found, table, gaps, keep)
+    if table is schema.COLA_ENVIOS and table.state.column in found.columns:
+        await _plan_lost_rows(cur, plan, found, keep)
+    _plan_key_step(plan, table, gaps, keep)
+    if table is schema.COLA_ENVIOS:
+        if schema.LEGACY_DUPLICATE in found.columns:  # numbered by an interrupted earlier run
+            await cur.execute(
+                f"SELECT COUNT(*) FROM cola_envios"
+                f" WHERE {schema.LEGACY_DUPLICATE} > 0 AND estado = 'pendiente'"
+            )
+            waiting_copies += int((await cur.fetchone())[0])
+        _plan_waiting_copies(plan, keep, waiting_copies)
+
+
+async def _plan_surroundings(
+    cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table: schema.Table
+) -> None:
+    """What lives around the table: triggers, foreign keys, the PHP columns, the waiting rows."""
+    name = table.name
     for trigger in await _triggers(cur, name):
         plan.found.append(
             f"{name}: trigger {trigger.name} ({trigger.timing} {trigger.event}): {trigger.statement[:160]!r}:"
@@ -641,26 +682,26 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
     theirs = [c for c in found.columns if c not in ours]
     if theirs:
         plan.found.append(f"{name}: columns of the PHP application, kept as they are: {', '.join(theirs)}")
-    if "id" not in found.columns:
-        plan.blockers.append(f"{name} has no id column")
-        return
-    gaps = _gaps(found, table)
+
+
+def _plan_engine(plan: Plan, found: FoundTable, gaps: Gaps, count: int) -> None:
+    """A table that is not InnoDB is converted first (or, a view, refused)."""
     if gaps.engine == "":
-        plan.blockers.append(f"{name} is a view, not a table: {NEEDS_INNODB}")
+        plan.blockers.append(f"{found.name} is a view, not a table: {NEEDS_INNODB}")
     elif gaps.engine is not None:
         plan.found.append(
-            f"{name}: {gaps.engine}: {NEEDS_INNODB} (without them two daemons send the same row);"
+            f"{found.name}: {gaps.engine}: {NEEDS_INNODB} (without them two daemons send the same row);"
             f" converted first: the table is copied ({count} row(s), {_megabytes(found.size)}),"
             " and the PHP application's writes to it wait until the copy ends"
         )
         plan.steps.append(
-            Step(f"ALTER TABLE {name} ENGINE=InnoDB", f"{name}: convert {gaps.engine} to InnoDB")
+            Step(f"ALTER TABLE {found.name} ENGINE=InnoDB", f"{found.name}: convert {gaps.engine} to InnoDB")
         )
-    if gaps.no_default:
-        plan.blockers += gaps.problems(table)[-len(gaps.no_default) :]
-    if gaps.state_unusable:
-        plan.blockers.append(f"{name}.{table.state.column} {gaps.state_unusable}")
 
+
+def _plan_columns(plan: Plan, found: FoundTable, table: schema.Table, gaps: Gaps) -> None:
+    """One ALTER for the missing columns, the widened state ENUM and next_attempt_at."""
+    name = table.name
     alter: list[str] = [f"ADD COLUMN {c.name} {c.ddl}" for c in gaps.columns]
     if gaps.columns:
         plan.found.append(f"{name}: missing columns: {', '.join(c.name for c in gaps.columns)}")
@@ -692,35 +733,38 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
     if alter:
         plan.steps.append(Step(f"ALTER TABLE {name} " + ", ".join(alter), f"{name}: columns"))
 
-    keep = _keep_auto_updated(found, ours)
+
+async def _plan_numbering(
+    cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table: schema.Table, gaps: Gaps, keep: str
+) -> int:
+    """Legacy duplicates numbered before their unique key is added; returns the waiting copies."""
     waiting_copies = 0
     for key in gaps.keys:
         if key.unique and schema.LEGACY_DUPLICATE in key.columns:
-            renumber = _renumber(name, key.guarantee, keep)
             waiting_copies += await _find_duplicates(cur, plan, found, key)
             plan.steps.append(
-                Step(renumber, f"{name}: number legacy duplicates of ({', '.join(key.guarantee)})")
+                Step(
+                    _renumber(table.name, key.guarantee, keep),
+                    f"{table.name}: number legacy duplicates of ({', '.join(key.guarantee)})",
+                )
             )
-    if table is schema.COLA_ENVIOS and state is not None:
-        await _plan_lost_rows(cur, plan, found, keep)
-    if gaps.keys:
-        plan.found.append(f"{name}: missing keys: {', '.join(k.name for k in gaps.keys)}")
-        unique = next((k for k in gaps.keys if k.unique and schema.LEGACY_DUPLICATE in k.columns), None)
-        plan.steps.append(
-            Step(
-                f"ALTER TABLE {name} " + ", ".join(f"ADD {k.ddl()}" for k in gaps.keys),
-                f"{name}: keys",
-                renumber=_renumber(name, unique.guarantee, keep) if unique else None,
-            )
+    return waiting_copies
+
+
+def _plan_key_step(plan: Plan, table: schema.Table, gaps: Gaps, keep: str) -> None:
+    """The missing keys in one ALTER (numbering again if a producer added a copy meanwhile)."""
+    if not gaps.keys:
+        return
+    name = table.name
+    plan.found.append(f"{name}: missing keys: {', '.join(k.name for k in gaps.keys)}")
+    unique = next((k for k in gaps.keys if k.unique and schema.LEGACY_DUPLICATE in k.columns), None)
+    plan.steps.append(
+        Step(
+            f"ALTER TABLE {name} " + ", ".join(f"ADD {k.ddl()}" for k in gaps.keys),
+            f"{name}: keys",
+            renumber=_renumber(name, unique.guarantee, keep) if unique else None,
         )
-    if table is schema.COLA_ENVIOS:
-        if schema.LEGACY_DUPLICATE in found.columns:  # numbered by an interrupted earlier run
-            await cur.execute(
-                f"SELECT COUNT(*) FROM cola_envios"
-                f" WHERE {schema.LEGACY_DUPLICATE} > 0 AND estado = 'pendiente'"
-            )
-            waiting_copies += int((await cur.fetchone())[0])
-        _plan_waiting_copies(plan, keep, waiting_copies)
+    )
 
 
 # The column a PHP table most often keeps a row's creation time in, in that order.

@@ -169,19 +169,23 @@ class Settings:
             optout_keywords=reader.words("WORKER_OPTOUT_KEYWORDS", ("BAJA", "STOP", "CANCELAR")),
             send_states=reader.words("WORKER_SEND_STATES", ()),
         )
-        if need_sender and sender == "cloud":
-            if not settings.phone_number_id:
+        settings._check(need_sender=need_sender)
+        return settings
+
+    def _check(self, *, need_sender: bool) -> None:
+        """What no single variable says: the sender's credentials, the lease against the timeout."""
+        if need_sender and self.sender == "cloud":
+            if not self.phone_number_id:
                 raise ConfigError("WHATSAPP_PHONE_NUMBER_ID must be set to the sending number's id")
-            if not settings.access_token:
+            if not self.access_token:
                 raise ConfigError(
                     "WHATSAPP_ACCESS_TOKEN or WHATSAPP_ACCESS_TOKEN_FILE must be set for the cloud sender"
                 )
-        if settings.lease_seconds <= settings.send_timeout * 2:
+        if self.lease_seconds <= self.send_timeout * 2:
             raise ConfigError(
                 "WORKER_LEASE_SECONDS must be more than twice WORKER_SEND_TIMEOUT "
-                f"({settings.lease_seconds:g} <= 2 x {settings.send_timeout:g})"
+                f"({self.lease_seconds:g} <= 2 x {self.send_timeout:g})"
             )
-        return settings
 
     @property
     def heartbeat_path(self) -> Path:

@@ -137,6 +137,20 @@ def _refuse_file(exc: CsvError) -> int:
     return EX_DATAERR
 
 
+def _tell_dry_run(name: str, request: EnqueueRequest, report: EnqueueReport, settings: list[str]) -> None:
+    print(f"dry run: {name}{'' if report.session_id else ' (new)'}: nothing was written")
+    kept = " (kept: --keep-queued)" if report.differing and request.keep_queued else ""
+    print(
+        f"  {report.rows:,} row(s) in the file: {report.added:,} new, {report.identical:,} already"
+        f" queued with the same message, {report.differing:,} queued with another message{kept}"
+    )
+    if report.sample is not None:
+        print(f"  sample message: {describe(report.sample, 200)}")
+    for line in settings:
+        print(f"  would set {line}")
+    _notes(request, report)
+
+
 def _tell(args: argparse.Namespace, request: EnqueueRequest, report: EnqueueReport) -> int:
     """Say what happened (or would), on stdout; refusals and notes on stderr."""
     name = (
@@ -147,17 +161,7 @@ def _tell(args: argparse.Namespace, request: EnqueueRequest, report: EnqueueRepo
     refused = bool(report.differing and not request.keep_queued)
     settings = _settings(request, report)
     if request.dry_run:
-        print(f"dry run: {name}{'' if report.session_id else ' (new)'}: nothing was written")
-        kept = " (kept: --keep-queued)" if report.differing and request.keep_queued else ""
-        print(
-            f"  {report.rows:,} row(s) in the file: {report.added:,} new, {report.identical:,} already"
-            f" queued with the same message, {report.differing:,} queued with another message{kept}"
-        )
-        if report.sample is not None:
-            print(f"  sample message: {describe(report.sample, 200)}")
-        for line in settings:
-            print(f"  would set {line}")
-        _notes(request, report)
+        _tell_dry_run(name, request, report, settings)
     if refused:
         assert report.example is not None
         phone, old, new = report.example

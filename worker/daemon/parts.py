@@ -59,25 +59,15 @@ class Parts:
             default=settings.phone_number_id, rate_limit=settings.rate_limit, concurrency=settings.concurrency
         )
         control = Control(numbers=numbers, notifier=notifier, log=log)
-        recorder = Recorder(
-            results=store.results,
-            log=log,
-            on_written=control.wake.set,
-            on_fatal=lambda: control.results_fatal(recorder.fatal),
-            on_outage=control.database_failed,
-        )
-        rows = RowProcessor(
+        recorder, rows = _sending(
             settings=settings,
+            store=store,
             sender=sender,
-            recorder=recorder,
-            claims=store.claims,
-            pauses=numbers.pauses,
-            log=log,
+            control=control,
+            numbers=numbers,
             rng=rng,
+            log=log,
             metrics=metrics,
-            on_pause=control.paused,
-            on_throttled=control.throttled,
-            optouts=store.optouts,
         )
         control.report.outcomes = rows.outcomes
         in_flight: set[asyncio.Task[None]] = set()
@@ -91,13 +81,6 @@ class Parts:
             log=log,
         )
         status.fleet = fleet
-        rotation = Rotation(
-            read=store.claims.sessions_due,
-            daemon_window=settings.send_window,
-            on_bad_window=lambda session, error: log.error(
-                "session_window_unreadable", sesion_id=session.id, error=error, action="held"
-            ),
-        )
         if metrics:
             metrics.in_flight.set_function(lambda: len(in_flight))
             metrics.unwritten.set_function(lambda: recorder.pending)
@@ -109,7 +92,7 @@ class Parts:
             recorder=recorder,
             rows=rows,
             fleet=fleet,
-            rotation=rotation,
+            rotation=_rotation(settings, store, log),
             heartbeat=heartbeat,
             status=status,
             sweep=Sweep(claims=store.claims, control=control, log=log),
@@ -117,3 +100,49 @@ class Parts:
             rng=rng,
             log=log,
         )
+
+
+def _sending(
+    *,
+    settings: Settings,
+    store: Store,
+    sender: Sender,
+    control: Control,
+    numbers: Numbers,
+    rng: random.Random,
+    log: Any,
+    metrics: Metrics | None,
+) -> tuple[Recorder, RowProcessor]:
+    """The path of one row: its processor (send, decide) and the recorder of its result."""
+    recorder = Recorder(
+        results=store.results,
+        log=log,
+        on_written=control.wake.set,
+        on_fatal=lambda: control.results_fatal(recorder.fatal),
+        on_outage=control.database_failed,
+    )
+    rows = RowProcessor(
+        settings=settings,
+        sender=sender,
+        recorder=recorder,
+        claims=store.claims,
+        pauses=numbers.pauses,
+        log=log,
+        rng=rng,
+        metrics=metrics,
+        on_pause=control.paused,
+        on_throttled=control.throttled,
+        optouts=store.optouts,
+    )
+    return recorder, rows
+
+
+def _rotation(settings: Settings, store: Store, log: Any) -> Rotation:
+    """Which sessions the next claim serves; a window nobody can read holds its session."""
+    return Rotation(
+        read=store.claims.sessions_due,
+        daemon_window=settings.send_window,
+        on_bad_window=lambda session, error: log.error(
+            "session_window_unreadable", sesion_id=session.id, error=error, action="held"
+        ),
+    )

@@ -8,6 +8,7 @@ No I/O and no clock here: the daemon carries a Decision out, the store writes it
 
 from __future__ import annotations
 
+import functools
 import random
 
 from worker.config import Settings
@@ -90,31 +91,7 @@ def classify_error(code: int | None, http_status: int) -> Outcome:
 def decide(result: SendResult, *, attempt: int, settings: Settings, rng: random.Random) -> Decision:
     """Pure: `attempt` is the number this send was (1 for the first)."""
     code, text = result.error_code, result.error_text
-
-    def make(
-        state: RowState,
-        event: str,
-        metric: str,
-        *,
-        spend: bool = True,
-        delay: float = 0.0,
-        pause: float | None = None,
-        hold: float | None = None,
-        error_text: str | None = text,
-    ) -> Decision:
-        return Decision(
-            state=state,
-            spend_attempt=spend,
-            delay=delay,
-            wamid=result.wamid if state is RowState.SENT else None,
-            error_code=None if state is RowState.SENT else code,
-            error_text=None if state is RowState.SENT else error_text,
-            pause=pause,
-            hold_template=hold,
-            event=event,
-            metric=metric,
-        )
-
+    make = functools.partial(_decision, result)
     template_hold = settings.template_pause_seconds
     match result.outcome:
         case Outcome.SENT:
@@ -154,3 +131,31 @@ def decide(result: SendResult, *, attempt: int, settings: Settings, rng: random.
             seconds = min(settings.pause_seconds, UNREACHABLE_PAUSE)
             return make(RowState.PENDING, "api_unreachable", "paused", spend=False, pause=seconds)
     raise AssertionError(f"unhandled outcome {result.outcome!r}")  # pragma: no cover
+
+
+def _decision(
+    result: SendResult,
+    state: RowState,
+    event: str,
+    metric: str,
+    *,
+    spend: bool = True,
+    delay: float = 0.0,
+    pause: float | None = None,
+    hold: float | None = None,
+    error_text: str | None = None,
+) -> Decision:
+    """A Decision for `result`: a sent row carries its wamid, any other its code and reason."""
+    sent = state is RowState.SENT
+    return Decision(
+        state=state,
+        spend_attempt=spend,
+        delay=delay,
+        wamid=result.wamid if sent else None,
+        error_code=None if sent else result.error_code,
+        error_text=None if sent else (error_text if error_text is not None else result.error_text),
+        pause=pause,
+        hold_template=hold,
+        event=event,
+        metric=metric,
+    )

@@ -30,7 +30,6 @@ async def run_receiver(settings: Settings, store: Store, *, log: Any) -> int:
     their answer (their batch committed), and stop. Exit code: 0, or 74 when the log output
     was lost (a closed pipe): every status it acknowledged is stored, and the supervisor
     restarts it with a log that works, as it does the daemon."""
-    exit_code = EX_OK
     metrics = WebhookMetrics()
     notifier = Notifier()
     watchdog = _Watchdog(notifier)
@@ -52,42 +51,9 @@ async def run_receiver(settings: Settings, store: Store, *, log: Any) -> int:
     tasks: list[asyncio.Task[None]] = []
     try:
         port = await _listen(runner, settings.webhook_host, settings.webhook_port, "WORKER_WEBHOOK_PORT")
-        if settings.webhook_metrics_port:
-            metrics_runner = web.AppRunner(metrics_app(metrics), access_log=None)
-            await metrics_runner.setup()
-            await _listen(
-                metrics_runner,
-                settings.metrics_host,
-                settings.webhook_metrics_port,
-                "WORKER_WEBHOOK_METRICS_PORT",
-            )
+        metrics_runner = await _serve_metrics(settings, metrics)
         tasks = [asyncio.create_task(writer.run()), asyncio.create_task(settler.run())]
-        stop = asyncio.Event()
-
-        def on_signal(name: str) -> None:
-            log.info("stop_requested", signal=name)
-            notifier.notify(stopping=1)
-            stop.set()
-
-        def on_log_lost() -> None:
-            nonlocal exit_code
-            exit_code = EX_IOERR
-            stop.set()
-
-        on_sink_lost(on_log_lost)
-
-        with stop_signals(on_signal):
-            log.info(
-                "webhook_started",
-                version=__version__,
-                host=settings.webhook_host,
-                port=port,
-                path=PATH,
-                metrics_port=settings.webhook_metrics_port or None,
-                database=settings.database.redacted(),
-            )
-            notifier.notify(ready=1, status=f"listening on {settings.webhook_host}:{port}{PATH}")
-            await stop.wait()
+        exit_code = await _until_stopped(settings, port, notifier, log)
     finally:
         await runner.cleanup()  # no new requests; those in progress finish (their batch commits)
         writer.close()
@@ -97,6 +63,47 @@ async def run_receiver(settings: Settings, store: Store, *, log: Any) -> int:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
     log.info("webhook_stopped")
+    return exit_code
+
+
+async def _serve_metrics(settings: Settings, metrics: WebhookMetrics) -> web.AppRunner | None:
+    """The receiver's own /metrics, when WORKER_WEBHOOK_METRICS_PORT asks for it."""
+    if not settings.webhook_metrics_port:
+        return None
+    runner = web.AppRunner(metrics_app(metrics), access_log=None)
+    await runner.setup()
+    await _listen(runner, settings.metrics_host, settings.webhook_metrics_port, "WORKER_WEBHOOK_METRICS_PORT")
+    return runner
+
+
+async def _until_stopped(settings: Settings, port: int, notifier: Notifier, log: Any) -> int:
+    """Say it is ready, then wait for a stop signal (EX_OK) or a lost log output (EX_IOERR)."""
+    stop = asyncio.Event()
+    exit_code = EX_OK
+
+    def on_signal(name: str) -> None:
+        log.info("stop_requested", signal=name)
+        notifier.notify(stopping=1)
+        stop.set()
+
+    def on_log_lost() -> None:
+        nonlocal exit_code
+        exit_code = EX_IOERR
+        stop.set()
+
+    on_sink_lost(on_log_lost)
+    with stop_signals(on_signal):
+        log.info(
+            "webhook_started",
+            version=__version__,
+            host=settings.webhook_host,
+            port=port,
+            path=PATH,
+            metrics_port=settings.webhook_metrics_port or None,
+            database=settings.database.redacted(),
+        )
+        notifier.notify(ready=1, status=f"listening on {settings.webhook_host}:{port}{PATH}")
+        await stop.wait()
     return exit_code
 
 

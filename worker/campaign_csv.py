@@ -32,8 +32,8 @@ from worker.messages import (
     PLACEHOLDER,
     TEXT_BODY_MAX,
     InvalidMessage,
-    normalize_phone,
     parse_message,
+    parse_phone,
     placeholders,
     template_message,
     text_message,
@@ -156,6 +156,7 @@ class CsvSource:
         self.problems = Problems()  # of the last pass
         self.unused: list[str] = []  # parameter columns a text body does not use
         self.column_charset: str | None = None  # cola_envios.mensaje's: a message must fit it
+        self.default_country: str | None = None  # WORKER_DEFAULT_COUNTRY: phones without a country code
         try:
             with path.open(newline="", encoding="utf-8-sig") as handle:
                 self.delimiter = _delimiter(handle.readline())
@@ -259,7 +260,7 @@ class CsvSource:
                             raise InvalidMessage(f": expected {width} columns, found {len(fields)}")
                         phone = fields[phone_at]
                         if not E164.fullmatch(phone):
-                            phone = normalize_phone(phone)
+                            phone = parse_phone(phone, self.default_country)
                         client = _client_id(fields[client_at]) if client_at is not None else None
                         params = [fields[i].strip() for i in param_at]
                         if (problem := check(params)) is not None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import phonenumbers
+
 from worker.windows import SendWindow, WindowError
 
 DAY = 86_400.0
@@ -74,6 +76,12 @@ class DatabaseURL:
         return f"mysql://{self.user}:***@{self.host}:{self.port}/{self.database}"
 
 
+# What a customer replies, taps or selects to say stop (text, a button's text or payload, an
+# interactive reply's id or title), compared whole after folding case, accents, width and the
+# punctuation or emoji around it. Meta's own marketing button says "Stop promotions".
+OPTOUT_KEYWORDS = ("BAJA", "STOP", "CANCELAR", "UNSUBSCRIBE", "STOP PROMOTIONS", "STOP_PROMOTIONS")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database: DatabaseURL
@@ -118,8 +126,9 @@ class Settings:
     webhook_max_body: int = 1_048_576  # bytes; a larger POST is refused (413) unread
     verify_token: str = field(default="", repr=False)
     app_secret: str = field(default="", repr=False)
-    optout_keywords: tuple[str, ...] = ("BAJA", "STOP", "CANCELAR")
+    optout_keywords: tuple[str, ...] = OPTOUT_KEYWORDS
     send_states: tuple[str, ...] = ()  # session states of the PHP application's whose rows are sent too
+    default_country: str | None = None  # ISO region (PE) of phones written without a country code
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_sender: bool = True) -> Settings:
@@ -166,8 +175,9 @@ class Settings:
             ),
             verify_token=reader.secret("WHATSAPP_VERIFY_TOKEN"),
             app_secret=reader.secret("WHATSAPP_APP_SECRET"),
-            optout_keywords=reader.words("WORKER_OPTOUT_KEYWORDS", ("BAJA", "STOP", "CANCELAR")),
+            optout_keywords=reader.words("WORKER_OPTOUT_KEYWORDS", OPTOUT_KEYWORDS),
             send_states=reader.words("WORKER_SEND_STATES", ()),
+            default_country=reader.country("WORKER_DEFAULT_COUNTRY"),
         )
         settings._check(need_sender=need_sender)
         return settings
@@ -311,6 +321,16 @@ class _Reader:
             return SendWindow.parse(raw, self._get(zone_name))
         except WindowError as exc:
             raise ConfigError(f"{name} / {zone_name}: {exc}") from None
+
+    def country(self, name: str) -> str | None:
+        """An ISO 3166 region code that phone numbering knows (PE, MX, BR...), or None."""
+        raw = self._get(name)
+        if raw is None or not raw.strip():
+            return None
+        code = raw.strip().upper()
+        if code not in phonenumbers.SUPPORTED_REGIONS:
+            raise ConfigError(f"{name} must be a two-letter country code such as PE or MX, got {raw!r}")
+        return code
 
     def words(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """A comma-separated list (e.g. opt-out keywords); blanks dropped, at least one word."""

@@ -10,6 +10,8 @@ import json
 import re
 from typing import Any
 
+import phonenumbers
+
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")  # use fullmatch: `$` would let a trailing newline through
 PLACEHOLDER = re.compile(r"\{\{([0-9]+)\}\}")  # {{1}} in a text body
 TEXT_BODY_MAX = 4096
@@ -175,3 +177,57 @@ def phone_from_wa_id(raw: str) -> str | None:
         return normalize_phone(candidate)
     except InvalidMessage:
         return None
+
+
+def parse_phone(raw: str, default_country: str | None = None) -> str:
+    """E.164 of a phone as a person or a file writes it: with its + (`+51 987-654-321`), with
+    00, in Meta's form without the + (`51987654321`), or national (`987 654 321`) when a default
+    country (`WORKER_DEFAULT_COUNTRY`, e.g. `PE`) says whose. A number that is valid nowhere is
+    an error, never a number of another country."""
+    compact = re.sub(r"[\s\-().]", "", raw)
+    if compact.startswith("00"):
+        compact = "+" + compact[2:]
+    if compact.startswith("+"):
+        return normalize_phone(compact)
+    if not compact.isdigit():
+        raise InvalidMessage(f"phone {raw!r} is not in E.164 form (+ country code and number)")
+    regions: list[str | None] = [default_country, None] if default_country else [None]
+    for region in regions:
+        try:
+            number = phonenumbers.parse(compact if region else "+" + compact, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    if default_country:
+        raise InvalidMessage(
+            f"phone {raw!r} is not in E.164 form (+ country code and number),"
+            f" nor a valid {default_country} number"
+        )
+    raise InvalidMessage(
+        f"phone {raw!r} is not in E.164 form (+ country code and number): for national numbers set"
+        " WORKER_DEFAULT_COUNTRY (e.g. PE)"
+    )
+
+
+def phone_variants(phone: str) -> frozenset[str]:
+    """The forms one mobile number is written in, E.164 each: Meta's `wa_id` of a Mexican mobile
+    keeps the old 1 after 52, an Argentine one the 9 after 54, and older Brazilian accounts lack
+    the ninth digit, while the CSVs and the queue write the other form. An opt-out is looked up
+    under every form, so a BAJA from +52 1 55... stops the +52 55... row."""
+    forms = {phone}
+    if phone.startswith("+521") and len(phone) == 14:
+        forms.add("+52" + phone[4:])
+    elif phone.startswith("+52") and len(phone) == 13:
+        forms.add("+521" + phone[3:])
+    if phone.startswith("+549") and len(phone) == 14:
+        forms.add("+54" + phone[4:])
+    elif phone.startswith("+54") and len(phone) == 13:
+        forms.add("+549" + phone[3:])
+    if phone.startswith("+55"):
+        national = phone[3:]
+        if len(national) == 11 and national[2] == "9":
+            forms.add("+55" + national[:2] + national[3:])
+        elif len(national) == 10 and national[2] in "6789":
+            forms.add("+55" + national[:2] + "9" + national[2:])
+    return frozenset(forms)

@@ -77,6 +77,7 @@ OPTED_OUT_CODE = 131050
 SOURCE_KEYWORD = "keyword"
 SOURCE_META = "131050"
 SOURCE_OPERATOR = "operator"
+SOURCE_PREFERENCES = "user_preferences"  # Meta's marketing-messages preference: value "stop"
 
 
 @dataclass(frozen=True, slots=True)

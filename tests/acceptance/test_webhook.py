@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.env import WORKER_BIN, base_env, eventually
+from tests.support.env import WORKER_BIN, base_env, eventually, run_worker
 from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.processes import RUNBOOK, WorkerProcess
 from tests.support.sql import SQL
@@ -622,4 +622,29 @@ def test_a_receiver_whose_log_reader_goes_away_stores_what_it_acknowledged_and_e
     assert process.wait(timeout=30) == 74  # the next log line found the pipe closed
     assert sql.rows("SELECT estado, wamid FROM cola_envios WHERE id = %s", (row,)) == [
         {"estado": "enviado", "wamid": "wamid.GONE"}
+    ]
+
+
+def test_phones_without_a_country_code_need_the_default_country_and_are_never_another_country(
+    sql: SQL, db_url: DatabaseURL, tmp_path: Path
+) -> None:
+    # a Peruvian mobile as agents type it: without WORKER_DEFAULT_COUNTRY it is refused, not +987654321
+    refused = run_worker(db_url, "optout", "add", "987654321")
+    assert refused.returncode == 2 and "WORKER_DEFAULT_COUNTRY" in refused.stderr
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_optouts") == 0
+    added = run_worker(db_url, "optout", "add", "987 654 321", WORKER_DEFAULT_COUNTRY="PE")
+    assert added.returncode == 0, added.stderr
+    assert sql.value("SELECT telefono FROM whatsapp_worker_optouts") == "+51987654321"
+    bad = run_worker(db_url, "optout", "list", WORKER_DEFAULT_COUNTRY="Peru")
+    assert bad.returncode == 78 and "WORKER_DEFAULT_COUNTRY" in bad.stderr
+    # enqueue reads a file of national numbers under the same rule
+    csv_path = tmp_path / "nacional.csv"
+    csv_path.write_text("phone\n912 345 678\n+51 911 111 111\n")
+    args = ["enqueue", "--session", "nacional", "--text", "hola", "--csv", str(csv_path)]
+    assert run_worker(db_url, *args).returncode == 65  # without the default country
+    queued = run_worker(db_url, *args, WORKER_DEFAULT_COUNTRY="PE")
+    assert queued.returncode == 0, queued.stderr
+    assert sorted(r["telefono"] for r in sql.rows("SELECT telefono FROM cola_envios")) == [
+        "+51911111111",
+        "+51912345678",
     ]

@@ -311,3 +311,25 @@ async def test_a_status_the_database_refuses_is_kept_with_its_reason_and_every_o
     assert len(kept) == 1 and kept[0]["wamid"] == too_long and kept[0]["applied_at"] is not None
     assert "'wamid'" in kept[0]["apply_error"]  # data too long (1406; MySQL says 1265 here)
     assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE applied_at IS NULL") == 0
+
+
+async def test_a_mexican_stop_in_metas_form_stops_the_row_queued_in_e164(sql: SQL, store: Store) -> None:
+    # the customer replied BAJA: Meta's wa_id of a Mexican mobile keeps the old 1 after 52
+    assert await store.optouts.add("+5215512345678", "keyword", "replied 'BAJA'")
+    session = sql.add_session("next-campaign")
+    sql.execute(
+        "INSERT INTO cola_envios (sesion_id, telefono, mensaje) VALUES (%s, '+525512345678', %s),"
+        " (%s, '+525512340000', %s)",
+        (
+            session,
+            '{"type":"text","text":{"body":"hola"}}',
+            session,
+            '{"type":"text","text":{"body":"hola"}}',
+        ),
+    )
+    claimed = await store.claims.claim(10, lease_seconds=30)
+    assert claimed.opted_out == 1 and [job.telefono for job in claimed] == ["+525512340000"]
+    assert sql.value("SELECT estado FROM cola_envios WHERE telefono = '+525512345678'") == "error"
+    # and `optout remove` of the E.164 form clears Meta's form too
+    assert await store.optouts.remove("+525512345678")
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_optouts") == 0

@@ -77,7 +77,8 @@ def test_line_numbers_count_physical_lines_and_skip_blank_rows(tmp_path: Path) -
     path = tmp_path / "x.csv"
     path.write_text('phone;name\n+51987000001;"two\nlines"\n\n;\n;  \n12;Ana\n')
     assert problems_of(path, MessageSpec(text="{{1}}")) == [
-        "line 7: phone '12' is not in E.164 form (+ country code and number)"
+        "line 7: phone '12' is not in E.164 form (+ country code and number): for national numbers set"
+        " WORKER_DEFAULT_COUNTRY (e.g. PE)"
     ]
 
 

@@ -71,3 +71,65 @@ def test_the_signature_is_checked_in_any_hex_case_and_refused_otherwise() -> Non
     assert not signature_ok("another-secret", body, header)
     assert not signature_ok("app-secret", body + b" ", header)
     assert not signature_ok("app-secret", body, "")
+
+
+KEYWORDS = ("BAJA", "STOP", "CANCELAR", "UNSUBSCRIBE", "STOP PROMOTIONS", "STOP_PROMOTIONS")
+
+
+def reply(kind: str, part: dict[str, Any], sender: str = "51987654321") -> bytes:
+    message = {"from": sender, "id": "wamid.IN", "timestamp": "1750091045", "type": kind, kind: part}
+    value = {"messaging_product": "whatsapp", "messages": [message]}
+    return json.dumps(
+        {"object": "whatsapp_business_account", "entry": [{"changes": [{"value": value}]}]}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "part"),
+    [
+        ("text", {"body": "BAJA"}),
+        ("text", {"body": "Baja."}),
+        ("text", {"body": "  stop!! "}),
+        ("text", {"body": "STOP."}),
+        ("text", {"body": "BAJA 🙏"}),
+        ("text", {"body": "ＳＴＯＰ"}),  # fullwidth, as some keyboards type it  # noqa: RUF001
+        ("text", {"body": "BÁJA"}),
+        ("text", {"body": "¡Cancelar!"}),
+        ("text", {"body": "Stop promotions"}),
+        ("button", {"text": "Unsubscribe", "payload": "Unsubscribe"}),  # Meta's own example
+        ("button", {"text": "No más mensajes", "payload": "STOP_PROMOTIONS"}),  # the payload a designer set
+        ("interactive", {"type": "button_reply", "button_reply": {"id": "baja", "title": "Darme de baja"}}),
+        ("interactive", {"type": "list_reply", "list_reply": {"id": "opt-1", "title": "STOP"}}),
+    ],
+)
+def test_every_way_of_saying_stop_opts_the_phone_out(kind: str, part: dict[str, Any]) -> None:
+    parsed = parse_payload(reply(kind, part), KEYWORDS)
+    assert [(o.telefono, o.source) for o in parsed.optouts] == [("+51987654321", "keyword")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "part"),
+    [
+        ("text", {"body": "No me des de baja todavía"}),  # a whole-message match only
+        ("text", {"body": "stop sending me the wrong invoice"}),
+        ("text", {"body": "bajar"}),
+        ("text", {"body": "¿baja de precio?"}),
+        ("button", {"text": "Change", "payload": "change-button"}),
+        ("interactive", {"type": "button_reply", "button_reply": {"id": "pay-now", "title": "Pagar"}}),
+        ("reaction", {"message_id": "wamid.X", "emoji": "🛑"}),
+    ],
+)
+def test_a_near_miss_does_not_opt_out(kind: str, part: dict[str, Any]) -> None:
+    assert parse_payload(reply(kind, part), KEYWORDS).optouts == []
+
+
+def test_metas_user_preferences_stop_is_an_opt_out_and_resume_is_reported() -> None:
+    stop = parse_payload((PAYLOADS / "24_meta_user_preferences_stop.json").read_bytes(), KEYWORDS)
+    assert [(o.telefono, o.source) for o in stop.optouts] == [("+16505551234", "user_preferences")]
+    resume = parse_payload((PAYLOADS / "23_meta_user_preferences_resume.json").read_bytes(), KEYWORDS)
+    assert resume.optouts == [] and resume.resumed == ["+16505551234"]
+
+
+def test_of_the_real_bodies_only_the_stops_opt_out() -> None:
+    stopped = {path.stem for path in FILES if parse_payload(path.read_bytes(), KEYWORDS).optouts}
+    assert stopped == {"14_meta_button_unsubscribe", "24_meta_user_preferences_stop"}

@@ -88,6 +88,7 @@ async def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
     store = await open_checked_store(settings)
     try:
         source.column_charset = await store.producers.message_charset()
+        source.default_country = settings.default_country
         report = await store.producers.enqueue(
             request,
             progress.count(source.read(first=True), "checked"),

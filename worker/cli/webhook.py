@@ -10,7 +10,7 @@ from worker.cli.common import open_checked_store
 from worker.config import ConfigError, Settings
 from worker.exits import EX_OK
 from worker.log import get_logger
-from worker.messages import phone_from_wa_id
+from worker.messages import InvalidMessage, parse_phone
 from worker.models import SOURCE_OPERATOR
 from worker.webhook.serve import run_receiver
 
@@ -52,15 +52,16 @@ async def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
         await store.close()
 
 
-def _phone(raw: str) -> str | None:
-    phone = phone_from_wa_id(raw)
-    if phone is None:
-        print(f"whatsapp-worker: {raw!r} is not an E.164 phone (+ country code and number)", file=sys.stderr)
-    return phone
+def _phone(raw: str, settings: Settings) -> str | None:
+    try:
+        return parse_phone(raw, settings.default_country)
+    except InvalidMessage as exc:
+        print(f"whatsapp-worker: {exc}", file=sys.stderr)
+        return None
 
 
 async def cmd_optout_add(settings: Settings, args: argparse.Namespace) -> int:
-    phone = _phone(args.phone)
+    phone = _phone(args.phone, settings)
     if phone is None:
         return 2
     store = await open_checked_store(settings)
@@ -73,7 +74,7 @@ async def cmd_optout_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_optout_remove(settings: Settings, args: argparse.Namespace) -> int:
-    phone = _phone(args.phone)
+    phone = _phone(args.phone, settings)
     if phone is None:
         return 2
     store = await open_checked_store(settings)

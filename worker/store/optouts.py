@@ -15,6 +15,7 @@ from typing import Any
 
 import aiomysql
 
+from worker.messages import phone_variants
 from worker.models import OptOut
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, placeholders, with_transient_retry
@@ -31,7 +32,7 @@ ADD_OPTOUTS = (
     " ON DUPLICATE KEY UPDATE id = id"
 )
 # -- name: remove_optout :exec
-REMOVE_OPTOUT = "DELETE FROM whatsapp_worker_optouts WHERE telefono = %s"
+REMOVE_OPTOUT = "DELETE FROM whatsapp_worker_optouts WHERE telefono IN ({phones})"
 # -- name: list_optouts :many
 LIST_OPTOUTS = (
     "SELECT id, telefono, source, detail, created_at FROM whatsapp_worker_optouts"
@@ -49,12 +50,15 @@ class OptOutRow:
 
 
 async def opted_out(cur: aiomysql.Cursor, phones: Iterable[str]) -> set[str]:
-    """The subset of `phones` that opted out, in one query on the caller's transaction."""
-    wanted = list(dict.fromkeys(phones))
+    """The subset of `phones` that opted out under any form of the number (`phone_variants`:
+    Meta's +52 1 / +54 9 / Brazilian forms), in one query on the caller's transaction."""
+    forms = {phone: phone_variants(phone) for phone in dict.fromkeys(phones)}
+    wanted = sorted(set().union(*forms.values())) if forms else []
     if not wanted:
         return set()
     await cur.execute(OPTED_OUT.format(phones=placeholders(len(wanted))), wanted)
-    return {str(row[0]) for row in await cur.fetchall()}
+    found = {str(row[0]) for row in await cur.fetchall()}
+    return {phone for phone, variants in forms.items() if variants & found}
 
 
 async def add_optouts(cur: aiomysql.Cursor, optouts: Sequence[OptOut]) -> int:
@@ -93,8 +97,10 @@ class Optouts:
         return await with_transient_retry(attempt) > 0
 
     async def remove(self, phone: str) -> bool:
-        """The phone may be messaged again; False when it was not opted out."""
-        return await self._db.update(REMOVE_OPTOUT, (phone,)) > 0
+        """The phone may be messaged again, under every form of the number; False when it was
+        not opted out."""
+        forms = sorted(phone_variants(phone))
+        return await self._db.update(REMOVE_OPTOUT.format(phones=placeholders(len(forms))), forms) > 0
 
     async def opted_out(self, phones: Iterable[str]) -> set[str]:
         async with self._db.transaction() as cur:

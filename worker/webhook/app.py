@@ -122,6 +122,12 @@ class Receiver:
             )
         for status in parsed.statuses:
             self._metrics.statuses.labels(status.status).inc()
+        if parsed.resumed:  # Meta's user_preferences "resume": the opt-out stays; a person decides
+            self._log.info(
+                "optout_resume_requested",
+                phones=len(parsed.resumed),
+                action="still opted out: `whatsapp-worker optout remove PHONE` to message it again",
+            )
         if not parsed.size:
             self._metrics.requests.labels("empty").inc()
             return web.Response(text="ok")

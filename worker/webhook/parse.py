@@ -7,13 +7,14 @@ import hashlib
 import hmac
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from worker.messages import phone_from_wa_id
-from worker.models import SOURCE_KEYWORD, OptOut, StatusUpdate
+from worker.models import SOURCE_KEYWORD, SOURCE_PREFERENCES, OptOut, StatusUpdate
 from worker.store.statuses import STATUS_KINDS
 
 # Column sizes (store/schema.py): a longer value is not a wamid / phone we could have sent.
@@ -33,6 +34,7 @@ class Parsed:
     statuses: list[StatusUpdate] = field(default_factory=list)
     optouts: list[OptOut] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # why parts of the body were skipped
+    resumed: list[str] = field(default_factory=list)  # phones that asked for marketing again
 
     @property
     def size(self) -> int:
@@ -73,7 +75,7 @@ def parse_payload(body: bytes, keywords: Iterable[str]) -> Parsed:
     entries = payload.get("entry")
     if not isinstance(entries, list):
         raise Malformed("no `entry` list")
-    wanted = frozenset(k.casefold() for k in keywords)
+    wanted = frozenset(stop_form(k) for k in keywords)
     parsed = Parsed()
     for entry in entries:
         changes = entry.get("changes") if isinstance(entry, dict) else None
@@ -95,6 +97,12 @@ def parse_payload(body: bytes, keywords: Iterable[str]) -> Parsed:
                 optout = _optout(item, wanted)
                 if optout is not None:
                     parsed.optouts.append(optout)
+            for item in _items(value, "user_preferences", parsed):
+                preference = _preference(item)
+                if isinstance(preference, OptOut):
+                    parsed.optouts.append(preference)
+                elif preference is not None:
+                    parsed.resumed.append(preference)
     return parsed
 
 
@@ -191,20 +199,73 @@ def _error(errors: Any) -> tuple[int | None, str | None]:
     return code, None if text is None else text[:ERROR_TEXT_MAX]
 
 
+def stop_form(text: str) -> str:
+    """A reply as it is compared with the keywords: width and compatibility forms unified
+    (fullwidth `STOP`), accents removed (`BÁJA`), case folded, and the punctuation, symbols, emoji and
+    spaces around it dropped (`Baja.`, `STOP!`, `BAJA 🙏`). Whole messages only: "no me des de
+    baja todavía" is not a stop."""
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    start, end = 0, len(text)
+    while start < end and _around(text[start]):
+        start += 1
+    while end > start and _around(text[end - 1]):
+        end -= 1
+    return " ".join(text[start:end].split())
+
+
+def _around(char: str) -> bool:
+    """Punctuation, a symbol (emoji are), a space or an invisible joiner / variation selector."""
+    return unicodedata.category(char)[0] in "PSZC"
+
+
+def _said(item: dict[str, Any]) -> list[Any]:
+    """Everything an inbound message says that could be a stop: its text, a button's text and
+    payload, an interactive reply's id and title."""
+    kind = item.get("type")
+    part = item.get(kind) if isinstance(kind, str) else None
+    if not isinstance(part, dict):
+        return []
+    if kind == "text":
+        return [part.get("body")]
+    if kind == "button":  # a template's quick reply (Meta's "Unsubscribe", "Stop promotions")
+        return [part.get("text"), part.get("payload")]
+    if kind == "interactive":
+        reply = part.get(part.get("type")) if isinstance(part.get("type"), str) else None
+        if isinstance(reply, dict):  # button_reply, list_reply
+            return [reply.get("id"), reply.get("title")]
+    return []
+
+
 def _optout(item: Any, keywords: frozenset[str]) -> OptOut | None:
-    """An inbound reply whose whole text is an opt-out keyword (trimmed, any case)."""
+    """An inbound reply that says stop, in any of the forms `_said` reads."""
     if not isinstance(item, dict):
         return None
-    body = None
-    kind = item.get("type")
-    if kind == "text" and isinstance(item.get("text"), dict):
-        body = item["text"].get("body")
-    elif kind == "button" and isinstance(item.get("button"), dict):  # a template's quick reply
-        body = item["button"].get("text")
-    if not isinstance(body, str) or len(body) > 100 or body.strip().casefold() not in keywords:
+    said = [s for s in _said(item) if isinstance(s, str) and 0 < len(s) <= 200]
+    stop = next((s for s in said if stop_form(s) in keywords), None)
+    if stop is None:
         return None
-    sender = item.get("from")
-    phone = phone_from_wa_id(sender) if isinstance(sender, str) and len(sender) <= RECIPIENT_MAX else None
+    phone = _sender(item.get("from"))
     if phone is None:
         return None
-    return OptOut(phone, SOURCE_KEYWORD, _clean(f"replied {body.strip()!r}", DETAIL_MAX))
+    return OptOut(phone, SOURCE_KEYWORD, _clean(f"replied {stop.strip()!r}", DETAIL_MAX))
+
+
+def _preference(item: Any) -> OptOut | str | None:
+    """Meta's `user_preferences`: `stop` of marketing messages is an opt-out; `resume` is logged
+    (the phone stays opted out until an operator removes it: a keyword reply covers more)."""
+    if not isinstance(item, dict):
+        return None
+    value, phone = item.get("value"), _sender(item.get("wa_id"))
+    if phone is None:
+        return None
+    if value == "stop":
+        detail = _clean(f"user_preferences {item.get('category')}: {item.get('detail')}", DETAIL_MAX)
+        return OptOut(phone, SOURCE_PREFERENCES, detail)
+    if value == "resume":
+        return phone
+    return None
+
+
+def _sender(raw: Any) -> str | None:
+    return phone_from_wa_id(raw) if isinstance(raw, str) and len(raw) <= RECIPIENT_MAX else None

@@ -116,6 +116,7 @@ class StatusUpdate:
     error_code: int | None
     error_title: str | None
     raw: str  # the status object as received (JSON, ASCII)
+    phone_number_id: str | None = None  # the sending number it reports on (`metadata`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,14 +72,13 @@ def sign(body: bytes) -> str:
     return "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
 
 
-def status(cola_id: int | None, kind: str, wamid: str, *, ts: int = 0, **extra: Any) -> dict[str, Any]:
-    item: dict[str, Any] = {
-        "id": wamid,
-        "status": kind,
-        "timestamp": str(TS + ts),
-        "recipient_id": "51987654321",
-        **extra,
-    }
+def status(
+    cola_id: int | None, kind: str, wamid: str, *, ts: int = 0, to: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A status object; `to`: its recipient as Meta writes it (checked against the row's phone)."""
+    item: dict[str, Any] = {"id": wamid, "status": kind, "timestamp": str(TS + ts), **extra}
+    if to is not None:
+        item["recipient_id"] = to
     if cola_id is not None:
         item["biz_opaque_callback_data"] = f"cola:{cola_id}"
     return item

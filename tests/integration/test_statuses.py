@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from datetime import datetime, timedelta
 
@@ -15,7 +16,7 @@ from worker.messages import phone_from_wa_id
 from worker.models import StatusUpdate
 from worker.store import Store
 from worker.store.optouts import opted_out
-from worker.store.statuses import Action, Pending, RowView, plan
+from worker.store.statuses import Action, Pending, RowView, mismatch, plan
 
 T0 = datetime(2026, 3, 1, 12, 0, 0)
 
@@ -109,18 +110,28 @@ def test_phones_from_meta_and_operators_take_the_queue_form() -> None:
 
 
 def status(
-    cola_id: int | None, kind: str, *, wamid: str = "wamid.A", ts: int = 0, code: int | None = None
+    cola_id: int | None,
+    kind: str,
+    *,
+    wamid: str = "wamid.A",
+    ts: int = 0,
+    code: int | None = None,
+    to: str | None = None,
+    number: str | None = None,
 ) -> StatusUpdate:
+    """A stored status; `to` its recipient as Meta writes it, `number` the sending number it
+    reports on (both checked against the row when given)."""
     body: dict[str, object] = {"id": wamid, "status": kind, "timestamp": str(1772366400 + ts)}
     return StatusUpdate(
         wamid=wamid,
         status=kind,
         cola_id=cola_id,
         status_at=at(ts),
-        recipient_id="51987654321",
+        recipient_id=to,
         error_code=code,
         error_title=f"(#{code}) Message undeliverable" if code else None,
         raw=json.dumps(body),
+        phone_number_id=number,
     )
 
 
@@ -333,3 +344,68 @@ async def test_a_mexican_stop_in_metas_form_stops_the_row_queued_in_e164(sql: SQ
     # and `optout remove` of the E.164 form clears Meta's form too
     assert await store.optouts.remove("+525512345678")
     assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_optouts") == 0
+
+
+@pytest.mark.parametrize(
+    ("recipient", "number", "session_number", "belongs"),
+    [
+        ("51987654321", "111", None, True),  # our recipient, our default number
+        ("5215512345678", None, None, False),  # another recipient
+        (None, "111", None, True),  # no recipient (a BSUID send): the number decides
+        ("51987654321", "999", None, False),  # another installation's number
+        ("51987654321", "222", "222", True),  # the session's own number
+        ("51987654321", "111", "222", False),  # the default number, but the session sends from 222
+    ],
+)
+def test_a_status_belongs_to_a_row_only_with_its_recipient_and_its_sending_number(
+    recipient: str | None, number: str | None, session_number: str | None, belongs: bool
+) -> None:
+    view = RowView(7, "desconocido", None, "+51987654321", number=session_number)
+    status_ = dataclasses.replace(pending(1, "sent"), recipient_id=recipient, phone_number_id=number)
+    reason = mismatch(view, status_, default_number="111")
+    assert (reason is None) == belongs, reason
+
+
+async def test_a_status_of_another_installation_changes_nothing_and_is_kept_with_the_reason(
+    sql: SQL, store: Store
+) -> None:
+    row_id = one_row(sql, "desconocido")
+    phone = str(sql.value("SELECT telefono FROM cola_envios WHERE id = %s", (row_id,)))
+    foreign_store = Store(store.db, phone_number_id="1234567890")  # the receiver knows our number
+    await foreign_store.statuses.store(
+        [
+            status(row_id, "sent", wamid="wamid.STAGING", to="5215512345678"),  # staging's customer
+            status(row_id, "failed", wamid="wamid.OTHER", code=131050, to=phone[1:], number="999"),
+        ]
+    )
+    applied = await foreign_store.statuses.apply_pending()
+    assert sorted(r.wamid for r in applied.mismatched) == ["wamid.OTHER", "wamid.STAGING"]
+    assert applied.settled == {"sent": 0, "failed": 0} and applied.optouts == 0
+    assert cola(sql, row_id)["estado"] == "desconocido"  # never settled with a foreign wamid
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_optouts") == 0  # nobody opted out
+    reasons = sql.rows("SELECT wamid, apply_error FROM whatsapp_worker_statuses ORDER BY wamid")
+    assert all("status_reference_mismatch" in r["apply_error"] for r in reasons), reasons
+    # our own status, with our recipient and number, still settles it
+    await foreign_store.statuses.store(
+        [status(row_id, "sent", wamid="wamid.OURS", to=phone[1:], number="1234567890")]
+    )
+    assert (await foreign_store.statuses.apply_pending()).settled["sent"] == 1
+    assert cola(sql, row_id)["wamid"] == "wamid.OURS"
+
+
+async def test_a_status_without_our_reference_is_matched_by_its_wamid(sql: SQL, store: Store) -> None:
+    row_id = one_row(sql, "enviado")
+    sql.execute("UPDATE cola_envios SET wamid = 'wamid.PHP' WHERE id = %s", (row_id,))  # sent by PHP
+    await store.statuses.store([status(None, "delivered", wamid="wamid.PHP", ts=12)])
+    applied = await store.statuses.apply_pending()
+    assert applied.applied == 1
+    assert cola(sql, row_id)["delivered_at"] == at(12)
+
+
+async def test_statuses_of_an_earlier_send_of_a_resent_row_are_reported(sql: SQL, store: Store) -> None:
+    row_id = one_row(sql, "enviado")
+    sql.execute("UPDATE cola_envios SET wamid = 'wamid.SECOND' WHERE id = %s", (row_id,))
+    await store.statuses.store([status(row_id, "delivered", wamid="wamid.FIRST", ts=3)])
+    applied = await store.statuses.apply_pending()
+    assert applied.earlier == [(row_id, "wamid.FIRST")]  # Meta had taken the first send too
+    assert cola(sql, row_id)["delivered_at"] is None  # the row's own send is not delivered yet

@@ -133,3 +133,14 @@ def test_metas_user_preferences_stop_is_an_opt_out_and_resume_is_reported() -> N
 def test_of_the_real_bodies_only_the_stops_opt_out() -> None:
     stopped = {path.stem for path in FILES if parse_payload(path.read_bytes(), KEYWORDS).optouts}
     assert stopped == {"14_meta_button_unsubscribe", "24_meta_user_preferences_stop"}
+
+
+def test_a_status_of_any_shape_is_skipped_or_read_never_a_crash() -> None:
+    statuses = [{"id": "wamid.A", "status": ["read"]}, {"id": "wamid.B", "status": "played"}, None]
+    value = {"metadata": {"phone_number_id": "1234567890"}, "statuses": statuses}
+    body = json.dumps({"entry": [{"changes": [{"value": value}]}]}).encode()
+    parsed = parse_payload(body, KEYWORDS)
+    assert parsed.statuses == [] and parsed.ignored == [
+        "a status of kind 'list' (not tracked)",
+        "a status that is not an object",
+    ]

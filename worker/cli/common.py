@@ -21,6 +21,7 @@ async def open_store(settings: Settings, *, size: int = 2, create: bool = False)
         db_timeout=settings.db_timeout,
         create_database=create,
         sendable=(*SENDABLE_STATES, *settings.send_states),
+        phone_number_id=settings.phone_number_id or None,
     )
 
 

@@ -65,7 +65,12 @@ class Store:
     """One database, its callers' views of it."""
 
     def __init__(
-        self, db: Database, *, worker_id: str = "", sendable: tuple[str, ...] = SENDABLE_STATES
+        self,
+        db: Database,
+        *,
+        worker_id: str = "",
+        sendable: tuple[str, ...] = SENDABLE_STATES,
+        phone_number_id: str | None = None,
     ) -> None:
         self.db = db
         self.claims = Claims(db, worker_id=worker_id, sendable=sendable)
@@ -76,7 +81,7 @@ class Store:
         self.reports = Reports(db)
         self.migrations = Migrations(db, sendable=sendable)
         self.pruner = Pruner(db)
-        self.statuses = Statuses(db)
+        self.statuses = Statuses(db, default_number=phone_number_id)
         self.optouts = Optouts(db)
 
     @classmethod
@@ -89,9 +94,10 @@ class Store:
         db_timeout: float = TRANSACTION_TIMEOUT,
         create_database: bool = False,
         sendable: tuple[str, ...] = SENDABLE_STATES,
+        phone_number_id: str | None = None,
     ) -> Store:
         db = await Database.connect(url, size=size, db_timeout=db_timeout, create_database=create_database)
-        return cls(db, worker_id=worker_id, sendable=sendable)
+        return cls(db, worker_id=worker_id, sendable=sendable, phone_number_id=phone_number_id)
 
     async def close(self) -> None:
         self.db.close()

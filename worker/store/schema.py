@@ -150,6 +150,8 @@ COLA_ENVIOS = Table(
     (
         Key("uq_cola_envios_sesion_telefono", ("sesion_id", "telefono", LEGACY_DUPLICATE), unique=True),
         Key("ix_cola_envios_claim", ("estado", "next_attempt_at", "id")),
+        # A status without our `cola:<id>` (a send of the PHP era) is matched by its wamid.
+        Key("ix_cola_envios_wamid", ("wamid",)),
         # The fair claim: per session, due rows in order, an index range with no filesort.
         Key("ix_cola_envios_session_due", ("estado", "sesion_id", "next_attempt_at", "id")),
         Key("ix_cola_envios_lease", ("estado", "lease_expires_at")),
@@ -231,6 +233,9 @@ STATUSES = Table(
         # Why applying it was refused (a wamid too long for an adopted column, a trigger): the
         # status is kept and marked applied so that every other status still is.
         Column("apply_error", f"VARCHAR(1000) {TEXT} NULL"),
+        # The sending number the status reports on (Meta's `metadata.phone_number_id`): a status
+        # of another installation's number never changes our rows.
+        Column("phone_number_id", "VARCHAR(64) CHARACTER SET ascii NULL"),
     ),
     (
         Key("uq_whatsapp_worker_statuses", ("wamid", "status"), unique=True),

@@ -18,6 +18,7 @@ daemon then finds the row settled and is fenced out, exactly as if another worke
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,7 +27,7 @@ from typing import Any
 
 import aiomysql
 
-from worker.messages import phone_from_wa_id
+from worker.messages import phone_from_wa_id, phone_variants
 from worker.models import OPTED_OUT_CODE, SOURCE_META, OptOut, RowState, StatusUpdate
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, RowRefused, case, placeholders, with_transient_retry
@@ -41,9 +42,10 @@ APPLY_BATCH = 500
 # A `(wamid, status)` seen before keeps its first copy: Meta retries for days.
 INSERT_STATUSES = (
     "INSERT INTO whatsapp_worker_statuses (wamid, status, cola_id, status_at, recipient_id,"
-    " error_code, error_title, raw, received_at) VALUES {rows} ON DUPLICATE KEY UPDATE id = id"
+    " error_code, error_title, raw, phone_number_id, received_at) VALUES {rows}"
+    " ON DUPLICATE KEY UPDATE id = id"
 )
-INSERT_STATUS_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, {NOW})"
+INSERT_STATUS_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, %s, {NOW})"
 # -- name: pending_statuses :many
 # The index (applied_at, id): a range over the pending statuses after a cursor. SKIP LOCKED: a
 # second receiver's sweep takes other statuses instead of waiting.
@@ -51,14 +53,22 @@ INSERT_STATUS_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, {NOW})"
 # statistics sometimes pick the primary key, which walks every applied status.
 PENDING_STATUSES = (
     "SELECT id, wamid, status, cola_id, COALESCE(status_at, received_at), recipient_id,"
-    " error_code, error_title FROM whatsapp_worker_statuses FORCE INDEX (ix_whatsapp_worker_statuses_pending)"
+    " error_code, error_title, phone_number_id"
+    " FROM whatsapp_worker_statuses FORCE INDEX (ix_whatsapp_worker_statuses_pending)"
     " WHERE applied_at IS NULL AND id > %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 # -- name: lock_rows :many
 LOCK_ROWS = (
-    "SELECT id, estado, wamid, telefono, delivered_at, read_at FROM cola_envios"
+    "SELECT id, estado, wamid, telefono, delivered_at, read_at, sesion_id FROM cola_envios"
     " WHERE id IN ({ids}) FOR UPDATE"
 )
+# -- name: session_numbers :many
+# The sending number of each row's session (NULL: the daemon's WHATSAPP_PHONE_NUMBER_ID).
+SESSION_NUMBERS = "SELECT id, phone_number_id FROM sesiones_envio WHERE id IN ({ids})"
+# -- name: rows_by_wamid :many
+# A status without our `cola:<id>` (a send of the PHP era, or another program's on our number):
+# its row is the one that holds its wamid, on the index of that name.
+ROWS_BY_WAMID = "SELECT wamid, MIN(id), COUNT(*) FROM cola_envios WHERE wamid IN ({wamids}) GROUP BY wamid"
 # -- name: settle_sent :exec
 SETTLE_SENT = (
     "UPDATE cola_envios SET estado = 'enviado', wamid = {wamids}, sent_at = COALESCE(sent_at, {sent}),"
@@ -110,6 +120,7 @@ class Pending:
     recipient_id: str | None = None
     error_code: int | None = None
     error_title: str | None = None
+    phone_number_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +133,7 @@ class RowView:
     telefono: str
     delivered_at: datetime | None = None
     read_at: datetime | None = None
+    number: str | None = None  # the sending number of its session (None: the default one)
 
 
 class Action(StrEnum):
@@ -156,6 +168,8 @@ class Applied:
     settled_ids: list[int] = field(default_factory=list)  # cola_envios ids settled
     optouts: int = 0  # new opt-outs from 131050 failures
     refused: list[Refused] = field(default_factory=list)  # statuses the database refused
+    mismatched: list[Refused] = field(default_factory=list)  # statuses of another installation
+    earlier: list[tuple[int, str]] = field(default_factory=list)  # (row, wamid) of an earlier send
 
     def merge(self, later: Applied) -> Applied:
         """This batch followed by `later` (the halves of a split batch)."""
@@ -168,6 +182,8 @@ class Applied:
             settled_ids=self.settled_ids + later.settled_ids,
             optouts=self.optouts + later.optouts,
             refused=self.refused + later.refused,
+            mismatched=self.mismatched + later.mismatched,
+            earlier=self.earlier + later.earlier,
         )
 
 
@@ -241,8 +257,9 @@ def failure_text(status: Pending) -> str:
 
 
 class Statuses:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, default_number: str | None = None) -> None:
         self._db = db
+        self._default_number = default_number or None  # WHATSAPP_PHONE_NUMBER_ID, if the receiver knows it
 
     async def store(self, statuses: Sequence[StatusUpdate], optouts: Sequence[OptOut] = ()) -> Stored:
         """One transaction for a batch of requests' statuses and opt-outs."""
@@ -302,24 +319,97 @@ class Statuses:
             if not pending:
                 return report
             report.seen, report.last_id = len(pending), pending[-1].id
+            pending = await _match_by_wamid(cur, pending)
             by_row: dict[int, list[Pending]] = {}
             for status in pending:
                 if status.cola_id is not None:
                     by_row.setdefault(status.cola_id, []).append(status)
             rows = await _lock_rows(cur, sorted(by_row))
+            foreign = self._foreign(by_row, rows, report)
             plans = {row_id: plan(rows.get(row_id), statuses) for row_id, statuses in by_row.items()}
             await _write_plans(cur, plans)
-            optouts = _meta_optouts(pending, rows)
+            report.earlier = _earlier_sends(by_row, rows)
+            optouts = _meta_optouts([s for s in pending if s.id not in foreign], rows)
             report.optouts = await add_optouts(cur, optouts)
-            done = [s.id for s in pending if s.cola_id is None or plans[s.cola_id].action is not Action.WAIT]
+            done = [
+                s.id
+                for s in pending
+                if s.id not in foreign
+                and (s.cola_id not in plans or plans[s.cola_id].action is not Action.WAIT)
+            ]
             if done:
                 await cur.execute(MARK_APPLIED.format(ids=placeholders(len(done))), done)
-            report.applied, report.waiting = len(done), len(pending) - len(done)
+            for refused in report.mismatched:
+                await cur.execute(REFUSE_STATUS, (refused.reason[:ERROR_TEXT_MAX], refused.status_id))
+            report.applied, report.waiting = len(done) + len(foreign), len(pending) - len(done) - len(foreign)
             for action, key in ((Action.SETTLE_SENT, "sent"), (Action.SETTLE_FAILED, "failed")):
                 ids = [row_id for row_id, p in plans.items() if p.action is action]
                 report.settled[key] = len(ids)
                 report.settled_ids += ids
         return report
+
+    def _foreign(
+        self, by_row: dict[int, list[Pending]], rows: dict[int, RowView], report: Applied
+    ) -> set[int]:
+        """Take out of `by_row` the statuses that are not about the row they name: another
+        recipient, or another sending number (a second installation behind the same Meta app,
+        staging and production). They are kept with the reason, never applied."""
+        foreign: set[int] = set()
+        for row_id, statuses in list(by_row.items()):
+            row = rows.get(row_id)
+            if row is None:
+                continue
+            kept = []
+            for status in statuses:
+                reason = mismatch(row, status, self._default_number)
+                if reason is None:
+                    kept.append(status)
+                else:
+                    foreign.add(status.id)
+                    report.mismatched.append(Refused(status.id, status.wamid, row_id, reason))
+            if kept:
+                by_row[row_id] = kept
+            else:
+                del by_row[row_id]
+        return foreign
+
+
+def mismatch(row: RowView, status: Pending, default_number: str | None) -> str | None:
+    """Why `status` is not about `row` (pure), or None when it is: its recipient must be the
+    row's phone under any form of the number, and its sending number the row's session's."""
+    if status.recipient_id:
+        recipient = phone_from_wa_id(status.recipient_id)
+        if recipient is None or not phone_variants(recipient) & phone_variants(row.telefono):
+            return f"status_reference_mismatch: recipient {status.recipient_id} is not the row's phone"
+    expected = row.number or default_number
+    if status.phone_number_id and expected and status.phone_number_id != expected:
+        number = status.phone_number_id
+        return f"status_reference_mismatch: sending number {number} is not the row's ({expected})"
+    return None
+
+
+def _earlier_sends(by_row: dict[int, list[Pending]], rows: dict[int, RowView]) -> list[tuple[int, str]]:
+    """Statuses of another send of an `enviado` row: the row was sent again (`retry
+    --include-unknown`) after a first send Meta had taken: evidence of a double send."""
+    found: list[tuple[int, str]] = []
+    for row_id, statuses in by_row.items():
+        row = rows.get(row_id)
+        if row is not None and row.estado == RowState.SENT and row.wamid:
+            found += [(row_id, s.wamid) for s in statuses if s.wamid != row.wamid]
+    return list(dict.fromkeys(found))
+
+
+async def _match_by_wamid(cur: aiomysql.Cursor, pending: list[Pending]) -> list[Pending]:
+    """A status without our reference takes the row that holds its wamid (one row only)."""
+    wamids = sorted({s.wamid for s in pending if s.cola_id is None})
+    if not wamids:
+        return pending
+    await cur.execute(ROWS_BY_WAMID.format(wamids=placeholders(len(wamids))), wamids)
+    rows = {str(r[0]): int(r[1]) for r in await cur.fetchall() if int(r[2]) == 1}
+    return [
+        dataclasses.replace(s, cola_id=rows[s.wamid]) if s.cola_id is None and s.wamid in rows else s
+        for s in pending
+    ]
 
 
 async def _insert_statuses(cur: aiomysql.Cursor, statuses: Sequence[StatusUpdate]) -> int:
@@ -336,6 +426,7 @@ async def _insert_statuses(cur: aiomysql.Cursor, statuses: Sequence[StatusUpdate
             s.error_code,
             s.error_title,
             s.raw,
+            s.phone_number_id,
         ]
     await cur.execute(INSERT_STATUSES.format(rows=",".join([INSERT_STATUS_ROW] * len(statuses))), params)
     return int(cur.rowcount)
@@ -345,8 +436,15 @@ async def _lock_rows(cur: aiomysql.Cursor, ids: list[int]) -> dict[int, RowView]
     if not ids:
         return {}
     await cur.execute(LOCK_ROWS.format(ids=placeholders(len(ids))), ids)
+    found = list(await cur.fetchall())
+    sessions = sorted({int(r[6]) for r in found})
+    numbers: dict[int, str | None] = {}
+    if sessions:
+        await cur.execute(SESSION_NUMBERS.format(ids=placeholders(len(sessions))), sessions)
+        numbers = {int(r[0]): (str(r[1]) if r[1] else None) for r in await cur.fetchall()}
     return {
-        int(r[0]): RowView(int(r[0]), str(r[1]), r[2], str(r[3]), r[4], r[5]) for r in await cur.fetchall()
+        int(r[0]): RowView(int(r[0]), str(r[1]), r[2], str(r[3]), r[4], r[5], numbers.get(int(r[6])))
+        for r in found
     }
 
 

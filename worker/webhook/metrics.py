@@ -53,6 +53,16 @@ class WebhookMetrics:
             "Statuses the database refused to apply (kept with the reason in apply_error)",
             registry=self.registry,
         )
+        self.mismatched = Counter(
+            "whatsapp_worker_webhook_statuses_mismatched",
+            "Statuses about another recipient or sending number than the row they name (not applied)",
+            registry=self.registry,
+        )
+        self.earlier_sends = Counter(
+            "whatsapp_worker_webhook_earlier_sends",
+            "Statuses of an earlier send of a row sent again: evidence of a possible double message",
+            registry=self.registry,
+        )
         self.pending = Gauge(
             "whatsapp_worker_webhook_pending_statuses",
             "Stored statuses not applied yet (their row is still being sent), at the last sweep",

@@ -23,6 +23,7 @@ TIMESTAMP_RANGE = (946_684_800, 4_102_444_800)  # 2000-01-01 .. 2100-01-01: anyt
 INT_RANGE = (-(2**31), 2**31 - 1)
 COLA_REFERENCE = re.compile(r"cola:([0-9]{1,19})")
 COLA_MAX = 2**64 - 1
+UNTRACKED_KINDS = frozenset({"played", "deleted"})
 
 
 class Malformed(ValueError):
@@ -87,11 +88,14 @@ def parse_payload(body: bytes, keywords: Iterable[str]) -> Parsed:
             if not isinstance(value, dict):
                 parsed.ignored.append("a change without a `value` object")
                 continue
+            metadata = value.get("metadata")
+            number = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
+            number = number if isinstance(number, str) and number.isdigit() and len(number) <= 64 else None
             for item in _items(value, "statuses", parsed):
-                status = _status(item)
+                status = _status(item, number)
                 if isinstance(status, str):
                     parsed.ignored.append(status)
-                else:
+                elif status is not None:
                     parsed.statuses.append(status)
             for item in _items(value, "messages", parsed):
                 optout = _optout(item, wanted)
@@ -146,7 +150,7 @@ def _integer(value: Any, low: int, high: int) -> int | None:
     return value if isinstance(value, int) and low <= value <= high else None
 
 
-def _status(item: Any) -> StatusUpdate | str:
+def _status(item: Any, number: str | None = None) -> StatusUpdate | str | None:
     """A status object as a row of `whatsapp_worker_statuses`, or why it was skipped."""
     if not isinstance(item, dict):
         return "a status that is not an object"
@@ -154,6 +158,8 @@ def _status(item: Any) -> StatusUpdate | str:
     if wamid is None:
         return "a status without a usable `id`"
     kind = item.get("status")
+    if isinstance(kind, str) and kind in UNTRACKED_KINDS:  # a voice message played, a deletion
+        return None
     if kind not in STATUS_KINDS:
         shown = kind[:20] if isinstance(kind, str) else type(kind).__name__  # never str() a tree
         return f"a status of kind {shown!r} (not tracked)"
@@ -179,6 +185,7 @@ def _status(item: Any) -> StatusUpdate | str:
         error_code=code,
         error_title=title,
         raw=raw,
+        phone_number_id=number,
     )
 
 

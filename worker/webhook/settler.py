@@ -71,6 +71,25 @@ class Settler:
             cursor = applied.last_id
 
     def _report(self, applied: Applied) -> None:
+        for mismatched in applied.mismatched:
+            self._log.warning(
+                "status_reference_mismatch",
+                wamid=mismatched.wamid,
+                job_id=mismatched.cola_id,
+                reason=mismatched.reason,
+                action="kept, not applied: a status of another installation or another recipient",
+            )
+        if applied.mismatched:
+            self._metrics.mismatched.inc(len(applied.mismatched))
+        for row_id, wamid in applied.earlier:
+            self._log.warning(
+                "status_of_an_earlier_send",
+                job_id=row_id,
+                wamid=wamid,
+                action="the row was sent again after Meta had taken this send: a possible double message",
+            )
+        if applied.earlier:
+            self._metrics.earlier_sends.inc(len(applied.earlier))
         for refused in applied.refused:
             self._log.error(
                 "status_refused",

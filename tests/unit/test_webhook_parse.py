@@ -144,3 +144,20 @@ def test_a_status_of_any_shape_is_skipped_or_read_never_a_crash() -> None:
         "a status of kind 'list' (not tracked)",
         "a status that is not an object",
     ]
+
+
+def test_what_meta_reports_beside_statuses_is_heard() -> None:
+    def notices(stem: str) -> list[tuple[str, str, dict[str, Any]]]:
+        return parse_payload((PAYLOADS / f"{stem}.json").read_bytes(), KEYWORDS).notices
+
+    (error,) = notices("11_meta_errors_value_130429")
+    assert error[:2] == ("webhook_error_reported", "warning") and error[2]["code"] == 130429
+    (restriction,) = notices("22_pywa_account_update_restriction")
+    assert restriction[:2] == ("account_update", "error")
+    assert restriction[2]["restrictions"][0] == "RESTRICTED_BIZ_INITIATED_MESSAGING"
+    (template,) = notices("20_meta_template_status_rejected")
+    assert (
+        template[:2] == ("template_status_update", "warning")
+        and template[2]["template"] == "order_confirmation"
+    )
+    assert notices("01_meta_status_sent_pmp_marketing") == []

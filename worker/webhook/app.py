@@ -122,6 +122,8 @@ class Receiver:
             )
         for status in parsed.statuses:
             self._metrics.statuses.labels(status.status).inc()
+        for event, level, fields in parsed.notices:
+            getattr(self._log, level)(event, **fields)
         if parsed.resumed:  # Meta's user_preferences "resume": the opt-out stays; a person decides
             self._log.info(
                 "optout_resume_requested",

@@ -36,6 +36,8 @@ class Parsed:
     optouts: list[OptOut] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # why parts of the body were skipped
     resumed: list[str] = field(default_factory=list)  # phones that asked for marketing again
+    # What Meta reports beside statuses and messages, for the log: (event, level, fields)
+    notices: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -101,6 +103,7 @@ def parse_payload(body: bytes, keywords: Iterable[str]) -> Parsed:
                 optout = _optout(item, wanted)
                 if optout is not None:
                     parsed.optouts.append(optout)
+            parsed.notices += _notices(change.get("field"), value, number)
             for item in _items(value, "user_preferences", parsed):
                 preference = _preference(item)
                 if isinstance(preference, OptOut):
@@ -276,3 +279,33 @@ def _preference(item: Any) -> OptOut | str | None:
 
 def _sender(raw: Any) -> str | None:
     return phone_from_wa_id(raw) if isinstance(raw, str) and len(raw) <= RECIPIENT_MAX else None
+
+
+def _notices(kind: Any, value: dict[str, Any], number: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """Value-level errors (Meta's 130429 report), account updates (a restriction) and template
+    status updates (rejected, paused): nothing to store, but an operator must hear of them."""
+    found: list[tuple[str, str, dict[str, Any]]] = []
+    errors = value.get("errors")
+    for error in errors if isinstance(errors, list) else []:
+        if isinstance(error, dict):
+            code = _integer(error.get("code"), *INT_RANGE)
+            title = _clean(error.get("title") or error.get("message"), 200)
+            found.append(
+                ("webhook_error_reported", "warning", {"code": code, "title": title, "number": number})
+            )
+    event = _clean(value.get("event"), 100)
+    if kind == "account_update" and event:
+        restrictions = value.get("restriction_info")
+        kinds = [
+            _clean(r.get("restriction_type"), 100)
+            for r in (restrictions if isinstance(restrictions, list) else [])
+            if isinstance(r, dict)
+        ]
+        found.append(("account_update", "error", {"update": event, "restrictions": kinds[:10]}))
+    elif kind == "message_template_status_update" and event:
+        template = _clean(value.get("message_template_name"), 200)
+        reason = _clean(value.get("reason"), 200)
+        found.append(
+            ("template_status_update", "warning", {"update": event, "template": template, "reason": reason})
+        )
+    return found

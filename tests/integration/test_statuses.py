@@ -11,7 +11,9 @@ import pymysql
 import pytest
 
 from tests.integration.helpers import sent
+from tests.support.env import run_worker
 from tests.support.sql import SQL
+from worker.config import DatabaseURL
 from worker.messages import phone_from_wa_id
 from worker.models import StatusUpdate
 from worker.store import Store
@@ -409,3 +411,20 @@ async def test_statuses_of_an_earlier_send_of_a_resent_row_are_reported(sql: SQL
     applied = await store.statuses.apply_pending()
     assert applied.earlier == [(row_id, "wamid.FIRST")]  # Meta had taken the first send too
     assert cola(sql, row_id)["delivered_at"] is None  # the row's own send is not delivered yet
+
+
+async def test_prune_statuses_deletes_applied_statuses_older_than_asked(
+    sql: SQL, store: Store, db_url: DatabaseURL
+) -> None:
+    await store.statuses.store([status(None, "read", wamid=f"wamid.{i}") for i in range(3)])
+    await store.statuses.apply_pending()
+    await store.statuses.store([status(None, "read", wamid="wamid.pending-row")])  # not applied yet
+    sql.execute(
+        "UPDATE whatsapp_worker_statuses SET applied_at = applied_at - INTERVAL 40 DAY WHERE wamid <> 'wamid.0'"
+    )
+    dry = run_worker(db_url, "prune", "--older-than", "30d", "--statuses", "--dry-run")
+    assert dry.returncode == 0 and "would delete 2 applied webhook status(es)" in dry.stdout, dry.stdout
+    done = run_worker(db_url, "prune", "--older-than", "30d", "--statuses")
+    assert "deleted 2 applied webhook status(es)" in done.stdout, done.stdout
+    left = sorted(r["wamid"] for r in sql.rows("SELECT wamid FROM whatsapp_worker_statuses"))
+    assert left == ["wamid.0", "wamid.pending-row"]

@@ -54,6 +54,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     prune.add_argument(
         "--deliveries", action="store_true", help="also delete envios_whatsapp rows older than AGE"
     )
+    prune.add_argument(
+        "--statuses",
+        action="store_true",
+        help="also delete webhook statuses applied before AGE (they hold phones)",
+    )
     prune.add_argument("--dry-run", action="store_true", help="count only")
     prune.set_defaults(handler=cmd_prune)
 
@@ -116,7 +121,7 @@ async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     store = await open_checked_store(settings)
     try:
         pruned = await store.pruner.prune(
-            args.older_than.seconds, deliveries=args.deliveries, dry_run=args.dry_run
+            args.older_than.seconds, deliveries=args.deliveries, dry_run=args.dry_run, statuses=args.statuses
         )
     finally:
         await store.close()
@@ -129,6 +134,8 @@ async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
         if pruned.cascading
         else ""
     )
+    if args.statuses:
+        print(f"{verb} {pruned.statuses} applied webhook status(es) older than {args.older_than.text}")
     if pruned.kept:
         print(
             f"{pruned.kept} finished row(s) kept: rows of another table reference them"

@@ -14,6 +14,7 @@ before it deletes anything, unless that table is `envios_whatsapp` and `--delive
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 from worker.store.db import Database
@@ -35,6 +36,12 @@ DELETE_FINISHED = "DELETE FROM cola_envios WHERE {finished} LIMIT " + str(PRUNE_
 COUNT_DELIVERIES = f"SELECT COUNT(*) FROM envios_whatsapp WHERE {DELIVERIES_OLDER}"
 # -- name: delete_deliveries :exec
 DELETE_DELIVERIES = f"DELETE FROM envios_whatsapp WHERE {DELIVERIES_OLDER} LIMIT {PRUNE_BATCH}"
+# -- name: count_statuses :one
+# Stored webhook statuses already applied (they hold phones in their raw JSON); UTC, as written.
+STATUSES_OLDER = "applied_at < UTC_TIMESTAMP(6) - INTERVAL %s SECOND"
+COUNT_STATUSES = f"SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE {STATUSES_OLDER}"
+# -- name: delete_statuses :exec
+DELETE_STATUSES = f"DELETE FROM whatsapp_worker_statuses WHERE {STATUSES_OLDER} LIMIT {PRUNE_BATCH}"
 # -- name: foreign_keys_into_queue :many
 FOREIGN_KEYS = (
     "SELECT k.TABLE_NAME AS child, k.COLUMN_NAME AS col, r.DELETE_RULE AS rule, k.CONSTRAINT_NAME AS name"
@@ -65,13 +72,28 @@ class Pruned:
     kept: int = 0  # finished rows old enough but referenced by another table's rows (RESTRICT)
     keeping: tuple[ForeignKey, ...] = ()  # the keys that kept them
     cascading: tuple[ForeignKey, ...] = field(default=())  # envios_whatsapp keys that followed
+    statuses: int = 0  # applied webhook statuses deleted (`--statuses`)
 
 
 class Pruner:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def prune(self, older_than: int, *, deliveries: bool, dry_run: bool) -> Pruned:
+    async def prune(
+        self, older_than: int, *, deliveries: bool, dry_run: bool, statuses: bool = False
+    ) -> Pruned:
+        """Rows finished more than `older_than` seconds ago (counted only, with `dry_run`); with
+        `statuses`, the webhook statuses applied that long ago too."""
+        pruned = await self._prune_queue(older_than, deliveries=deliveries, dry_run=dry_run)
+        if not statuses:
+            return pruned
+        if dry_run:
+            done = await self._count(COUNT_STATUSES, older_than)
+        else:
+            done = await self._delete(DELETE_STATUSES, older_than)
+        return dataclasses.replace(pruned, statuses=done)
+
+    async def _prune_queue(self, older_than: int, *, deliveries: bool, dry_run: bool) -> Pruned:
         """Rows finished more than `older_than` seconds ago (counted only, with `dry_run`)."""
         keys = await self._foreign_keys()
         keeping = tuple(k for k in keys if k.rule in KEEPING_RULES)

@@ -420,7 +420,8 @@ async def test_prune_statuses_deletes_applied_statuses_older_than_asked(
     await store.statuses.apply_pending()
     await store.statuses.store([status(None, "read", wamid="wamid.pending-row")])  # not applied yet
     sql.execute(
-        "UPDATE whatsapp_worker_statuses SET applied_at = applied_at - INTERVAL 40 DAY WHERE wamid <> 'wamid.0'"
+        "UPDATE whatsapp_worker_statuses SET applied_at = applied_at - INTERVAL 40 DAY"
+        " WHERE wamid <> 'wamid.0'"
     )
     dry = run_worker(db_url, "prune", "--older-than", "30d", "--statuses", "--dry-run")
     assert dry.returncode == 0 and "would delete 2 applied webhook status(es)" in dry.stdout, dry.stdout

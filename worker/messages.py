@@ -181,9 +181,10 @@ def phone_from_wa_id(raw: str) -> str | None:
 
 def parse_phone(raw: str, default_country: str | None = None) -> str:
     """E.164 of a phone as a person or a file writes it: with its + (`+51 987-654-321`), with
-    00, in Meta's form without the + (`51987654321`), or national (`987 654 321`) when a default
-    country (`WORKER_DEFAULT_COUNTRY`, e.g. `PE`) says whose. A number that is valid nowhere is
-    an error, never a number of another country."""
+    00, in Meta's form without the + (`51987654321`, `5215512345678`), or national (`987 654
+    321`) when a default country (`WORKER_DEFAULT_COUNTRY`, e.g. `PE`) says whose. Digits without
+    a + are read as that country's, or with its calling code in front; a number that is none of
+    these is an error, never a number of another country."""
     compact = re.sub(r"[\s\-().]", "", raw)
     if compact.startswith("00"):
         compact = "+" + compact[2:]
@@ -191,23 +192,45 @@ def parse_phone(raw: str, default_country: str | None = None) -> str:
         return normalize_phone(compact)
     if not compact.isdigit():
         raise InvalidMessage(f"phone {raw!r} is not in E.164 form (+ country code and number)")
-    regions: list[str | None] = [default_country, None] if default_country else [None]
-    for region in regions:
-        try:
-            number = phonenumbers.parse(compact if region else "+" + compact, region)
-        except phonenumbers.NumberParseException:
-            continue
-        if phonenumbers.is_valid_number(number):
-            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     if default_country:
+        national = _valid(compact, default_country)
+        if national is not None:
+            return national
+        prefix = str(phonenumbers.country_code_for_region(default_country))
+        if compact.startswith(prefix) and (international := _valid_in_any_form("+" + compact)) is not None:
+            return international
         raise InvalidMessage(
             f"phone {raw!r} is not in E.164 form (+ country code and number),"
             f" nor a valid {default_country} number"
         )
+    international = _valid_in_any_form("+" + compact)
+    if international is not None:
+        return international
     raise InvalidMessage(
         f"phone {raw!r} is not in E.164 form (+ country code and number): for national numbers set"
         " WORKER_DEFAULT_COUNTRY (e.g. PE)"
     )
+
+
+def _valid(digits: str, region: str | None) -> str | None:
+    """E.164 of `digits` read in `region` (None: with its + already), if a valid number."""
+    try:
+        number = phonenumbers.parse(digits, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _valid_in_any_form(phone: str) -> str | None:
+    """`phone` as written when it, or another form of the same mobile (Meta's +52 1, an old
+    Brazilian eight-digit mobile), is a valid number: Meta's own form is kept as given."""
+    if not E164.fullmatch(phone):
+        return None
+    if any(_valid(form, None) for form in phone_variants(phone)):
+        return phone
+    return None
 
 
 def phone_variants(phone: str) -> frozenset[str]:

@@ -359,10 +359,11 @@ async def test_a_mexican_stop_in_metas_form_stops_the_row_queued_in_e164(sql: SQ
         ("51987654321", "111", "222", False),  # the default number, but the session sends from 222
     ],
 )
+@pytest.mark.parametrize("stored", ["+51987654321", "51987654321", "+51 987 654 321"])  # as PHP wrote it
 def test_a_status_belongs_to_a_row_only_with_its_recipient_and_its_sending_number(
-    recipient: str | None, number: str | None, session_number: str | None, belongs: bool
+    recipient: str | None, number: str | None, session_number: str | None, belongs: bool, stored: str
 ) -> None:
-    view = RowView(7, "desconocido", None, "+51987654321", number=session_number)
+    view = RowView(7, "desconocido", None, stored, number=session_number)
     status_ = dataclasses.replace(pending(1, "sent"), recipient_id=recipient, phone_number_id=number)
     reason = mismatch(view, status_, default_number="111")
     assert (reason is None) == belongs, reason

@@ -190,3 +190,21 @@ async def test_progress_follows_rows_added_to_a_running_session(sql: SQL, store:
     progress.note([sent(more[1], "")])
     await progress.report()
     assert sql.value(state, (session,)) == "completada"
+
+
+async def test_the_sessions_are_read_in_laps_that_always_end(sql: SQL, store: Store) -> None:
+    # exactly MAX_SESSIONS sessions whose rows all wait for tomorrow: the first read is cut at
+    # the cap, the second reaches the end of the lap; nothing is due, and the reads stop there
+    digits = " UNION ALL ".join(f"SELECT {d} AS n" for d in range(10))
+    sql.execute(
+        "INSERT INTO sesiones_envio (nombre) SELECT CONCAT('later-', a.n * 100 + b.n * 10 + c.n)"
+        f" FROM ({digits}) a, ({digits}) b, ({digits}) c"
+    )
+    sql.execute(
+        "INSERT INTO cola_envios (sesion_id, telefono, mensaje, next_attempt_at)"
+        " SELECT id, CONCAT('+5197', LPAD(id, 7, '0')), '{}', UTC_TIMESTAMP() + INTERVAL 1 DAY"
+        " FROM sesiones_envio"
+    )
+    assert await store.claims.sessions_due() == [] and store.claims.capped
+    assert await store.claims.sessions_due() == [] and not store.claims.capped  # the lap ended
+    assert await store.claims.sessions_due() == [] and store.claims.capped  # a new lap

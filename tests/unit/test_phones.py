@@ -22,13 +22,24 @@ from worker.messages import InvalidMessage, parse_phone, phone_variants
         ("(202) 555-0123", "US", "+12025550123"),
         ("11 98765-4321", "BR", "+5511987654321"),
         ("9 11 2345-6789", "AR", "+5491123456789"),
+        ("5215512345678", None, "+5215512345678"),  # Meta's wa_id of a Mexican mobile, kept as given
     ],
 )
 def test_a_phone_is_read_as_its_writer_meant_it(raw: str, country: str | None, phone: str) -> None:
     assert parse_phone(raw, country) == phone
 
 
-@pytest.mark.parametrize(("raw", "country"), [("987654321", None), ("12", "PE"), ("not-a-phone", "PE")])
+@pytest.mark.parametrize(
+    ("raw", "country"),
+    [
+        ("987654321", None),
+        ("12", "PE"),
+        ("not-a-phone", "PE"),
+        ("4987654321", "PE"),  # a mistyped Peruvian number is not a German one
+        ("15512345678", "MX"),  # nor a Mexican one a North American one
+        ("2612345678", "ES"),  # nor a Spanish one a Malagasy one
+    ],
+)
 def test_a_phone_valid_nowhere_is_an_error_never_another_country(raw: str, country: str | None) -> None:
     with pytest.raises(InvalidMessage, match=r"is not in E\.164 form"):
         parse_phone(raw, country)

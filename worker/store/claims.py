@@ -33,9 +33,11 @@ NEXT_SESSION_WAITING = (
     " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
     " WHERE estado = 'pendiente' AND sesion_id > %s ORDER BY sesion_id, next_attempt_at LIMIT 1"
 )
-# Sessions with waiting rows read per turn. A turn that reaches the cap ends where it stopped,
-# and the next turn goes on from there (wrapping round): however many sessions hold rows that are
-# not due yet (schedules, backoffs, paused sessions), every session with a due row is reached.
+# Sessions with waiting rows read per turn. The reads go round the sessions in laps: a read that
+# reaches the cap ends where it stopped (`capped`), the next one goes on from there, and the read
+# that reaches the last session ends the lap. However many sessions hold rows that are not due
+# (schedules, backoffs, paused sessions, drafts), every session with a due row is reached within
+# one lap, and a lap always ends.
 MAX_SESSIONS = 1000
 # -- name: any_optout :one
 ANY_OPTOUT = "SELECT EXISTS (SELECT 1 FROM whatsapp_worker_optouts)"
@@ -126,7 +128,8 @@ CLOSE_CANCELLED = (
 # Parking is idempotent (a parked row is not moved again) and unparking takes back every
 # century a row was moved (a row parked twice by an older version, or by hand, comes back too).
 PARKED = "INTERVAL 100 YEAR"
-IS_PARKED = f"next_attempt_at > {NOW} + INTERVAL 50 YEAR"
+# Parked: 80 to 1,000 years ahead (a pause adds 100; a date written by hand, 2099 or 9999, is not).
+IS_PARKED = f"next_attempt_at BETWEEN {NOW} + INTERVAL 80 YEAR AND {NOW} + INTERVAL 1000 YEAR"
 UNPARK = (
     "next_attempt_at = next_attempt_at"
     f" - INTERVAL (100 * ROUND(TIMESTAMPDIFF(YEAR, {NOW}, next_attempt_at) / 100)) YEAR"
@@ -139,8 +142,7 @@ UNPARK_ACTIVE = (
     "UPDATE cola_envios c FORCE INDEX (ix_cola_envios_claim) LEFT JOIN sesiones_envio s ON s.id = c.sesion_id"
     " SET c.next_attempt_at = c.next_attempt_at"
     f" - INTERVAL (100 * ROUND(TIMESTAMPDIFF(YEAR, {NOW}, c.next_attempt_at) / 100)) YEAR"
-    f" WHERE c.estado = 'pendiente' AND c.next_attempt_at > {NOW} + INTERVAL 50 YEAR"
-    " AND (s.id IS NULL OR s.estado <> 'pausada')"
+    f" WHERE c.estado = 'pendiente' AND c.{IS_PARKED} AND (s.id IS NULL OR s.estado <> 'pausada')"
 )
 # -- name: defer_template :exec
 DEFER_TEMPLATE = (
@@ -215,22 +217,19 @@ class Claims:
     async def _scan_sessions(self, cur: aiomysql.Cursor) -> list[int]:
         """The ids of the sessions with a row due now, one index step per session."""
         waiting: list[int] = []
-        start, after, seen = self._scan_from, self._scan_from, 0
-        wrapped = start == 0
-        while seen < MAX_SESSIONS:
+        after, seen = self._scan_from, 0
+        while True:
             await cur.execute(NEXT_SESSION_WAITING, (after,))
             found = await cur.fetchone()
-            if found is None or (wrapped and start and int(found[0]) > start):
-                if wrapped:
-                    break
-                wrapped, after = True, 0  # the sessions before where this read started
-                continue
+            if found is None:  # the end of this lap: the next read starts a new one
+                self.capped, self._scan_from = False, 0
+                return waiting
             after, seen = int(found[0]), seen + 1
             if found[1]:
                 waiting.append(after)
-        self.capped = seen >= MAX_SESSIONS
-        self._scan_from = after if self.capped else 0
-        return sorted(set(waiting))
+            if seen >= MAX_SESSIONS:  # more of this lap to read: the next read goes on from here
+                self.capped, self._scan_from = True, after
+                return waiting
 
     async def claim(
         self, limit: int, *, lease_seconds: float, sessions: Sequence[int] | None = None
@@ -307,16 +306,14 @@ class Claims:
         """Rows whose worker died: their request may have left, so they become unknown."""
         try:
             return Recovered(await self._db.update(RECOVER_EXPIRED))
-        except RowRefused as exc:
-            return await self._recover_row_by_row(exc)
+        except RowRefused:
+            return await self._recover_row_by_row()
 
-    async def _recover_row_by_row(self, refused: RowRefused) -> Recovered:
+    async def _recover_row_by_row(self) -> Recovered:
         async with self._db.transaction() as cur:
             await cur.execute(EXPIRED_ROWS)
             expired = list(await cur.fetchall())
-        if not expired:
-            raise refused  # not a row's value after all
-        recovered = Recovered(0)
+        recovered = Recovered(0)  # none left: another daemon recovered them meanwhile
         for row_id, token in expired:
             try:
                 recovered.rows += await self._db.update(RECOVER_ROW, (row_id,))
@@ -324,8 +321,12 @@ class Claims:
                 reason = (
                     f"its lease expired while the message may have been in flight; desconocido refused: {exc}"
                 )
-                await keep_in_flight(self._db, row_id, token, reason)
-                recovered.kept_in_flight.append((int(row_id), str(exc)))
+                problem = str(exc)
+                try:
+                    await keep_in_flight(self._db, row_id, token, reason)
+                except RowRefused as kept:  # even that: the row stays as it is; said at each sweep
+                    problem = f"{exc}; and keeping it in flight: {kept}"
+                recovered.kept_in_flight.append((int(row_id), problem))
         return recovered
 
     async def unpark_active(self) -> int:

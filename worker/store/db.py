@@ -63,7 +63,8 @@ PASSING_STATES = {
 CLIENT_CODES = frozenset({2002, 2003, 2005, 2006, 2013, 2014, 2055})
 UNAVAILABLE_CODES = frozenset(PASSING_STATES) | CLIENT_CODES
 # The server refused a value of this statement: duplicate key, too long, wrong type, bad JSON...
-ROW_LEVEL_CODES = frozenset({1048, 1062, 1264, 1265, 1292, 1366, 1406, 1452, 3140, 3819, 4025})
+# 1644: a trigger's own SIGNAL (an audit or validation trigger of the PHP application's).
+ROW_LEVEL_CODES = frozenset({1048, 1062, 1264, 1265, 1292, 1366, 1406, 1452, 1644, 3140, 3819, 4025})
 # Everything else is a statement no wait can fix. Refused privileges are told apart from a
 # schema that lacks something: `migrate` cannot grant.
 PRIVILEGE_CODES = frozenset({1044, 1142, 1143, 1227, 1370})

@@ -28,6 +28,7 @@ from worker.store import schema
 from worker.store.db import (
     DRIVER_ERRORS,
     LOCK_WAIT_TIMEOUT,
+    ROW_LEVEL_CODES,
     Database,
     DatabaseError,
     StatementRefused,
@@ -254,14 +255,13 @@ async def _migrate(conn: aiomysql.Connection, cur: aiomysql.Cursor, lock_wait: i
         try:
             if (note := await _execute(conn, cur, step)) is not None:
                 notes.append(note)
-        except pymysql.err.OperationalError as exc:
-            if exc.args[0] != LOCK_WAIT_TIMEOUT:
-                raise
+        except pymysql.err.MySQLError as exc:
             await conn.rollback()
-            raise TableBusy(step, await _lock_holders(cur, step.table), lock_wait) from None
-        except (pymysql.err.DataError, pymysql.err.IntegrityError, pymysql.err.InternalError) as exc:
-            await conn.rollback()
-            triggers = await _triggers(cur, step.table)
+            code = exc.args[0] if exc.args else None
+            if code == LOCK_WAIT_TIMEOUT:
+                raise TableBusy(step, await _lock_holders(cur, step.table), lock_wait) from None
+            # a value refused under a trigger (a narrow ENUM, its SIGNAL): the trigger's doing
+            triggers = await _triggers(cur, step.table) if code in TRIGGER_REFUSALS else []
             if not triggers:
                 raise
             raise _trigger_refused(step.why, step.table, triggers, exc) from None
@@ -454,6 +454,10 @@ async def _plan_queue_contents(cur: aiomysql.Cursor, plan: Plan, found: FoundTab
         )
 
 
+# What a trigger's refusal looks like: a value its table cannot hold, or its own SIGNAL (1644).
+# (A duplicate key is the key step's own matter.)
+TRIGGER_REFUSALS = ROW_LEVEL_CODES - {DUPLICATE_KEY}
+
 # -- name: triggers :many
 TRIGGERS = (
     "SELECT TRIGGER_NAME AS name, ACTION_TIMING AS timing, EVENT_MANIPULATION AS event,"
@@ -499,8 +503,13 @@ async def _probe_states(conn: aiomysql.Connection, cur: aiomysql.Cursor) -> None
     for state in table.state.values:
         try:
             await cur.execute("UPDATE cola_envios SET estado = %s WHERE id = %s", (state, row_id))
-        except (pymysql.err.DataError, pymysql.err.IntegrityError, pymysql.err.InternalError) as exc:
+        except pymysql.err.MySQLError as exc:
             await conn.rollback()
+            if exc.args and exc.args[0] == LOCK_WAIT_TIMEOUT:
+                probe = Step(f"UPDATE {table.name} SET estado = {state!r}", f"{table.name}: try {state!r}")
+                raise TableBusy(probe, await _lock_holders(cur, table.name), 0) from None
+            if not exc.args or exc.args[0] not in TRIGGER_REFUSALS:
+                raise
             raise _trigger_refused(f"cola_envios.estado = {state!r}", table.name, triggers, exc) from None
         finally:
             await conn.rollback()
@@ -661,7 +670,8 @@ async def _plan_table(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, table
                 f" WHERE {schema.LEGACY_DUPLICATE} > 0 AND estado = 'pendiente'"
             )
             waiting_copies += int((await cur.fetchone())[0])
-        _plan_waiting_copies(plan, keep, waiting_copies)
+        keyed = any(k.unique and schema.LEGACY_DUPLICATE in k.columns for k in gaps.keys)
+        _plan_waiting_copies(plan, keep, waiting_copies, keyed=keyed)
 
 
 async def _plan_surroundings(
@@ -900,16 +910,18 @@ async def _plan_lost_rows(cur: aiomysql.Cursor, plan: Plan, found: FoundTable, k
             )
 
 
-def _plan_waiting_copies(plan: Plan, keep: str, waiting_copies: int) -> None:
+def _plan_waiting_copies(plan: Plan, keep: str, waiting_copies: int, *, keyed: bool) -> None:
     """A waiting copy of an earlier row (same session, same phone) would be the old bug's
     second message: it ends in error, never sent. After the key step, so a copy a producer
-    inserted during the migration (renumbered by the key step's retry) is caught too."""
-    if waiting_copies:
+    inserted during the migration (renumbered by the key step's retry) is caught too: planned
+    whenever the key is added (`keyed`), even with no copy waiting when the plan is made."""
+    if waiting_copies or keyed:
         copy_reason = _quote(schema.LEGACY_COPY_REASON)
         plan.steps.append(
             Step(
                 f"UPDATE cola_envios t SET t.estado = 'error', t.last_error = {copy_reason}"
                 f"{keep} WHERE t.{schema.LEGACY_DUPLICATE} > 0 AND t.estado = 'pendiente'",
-                f"cola_envios: {waiting_copies} waiting legacy copies end in error",
+                f"cola_envios: {waiting_copies} waiting legacy copies end in error"
+                + ("" if waiting_copies else " (any a producer inserts while the key is built)"),
             )
         )

@@ -379,7 +379,8 @@ def mismatch(row: RowView, status: Pending, default_number: str | None) -> str |
     row's phone under any form of the number, and its sending number the row's session's."""
     if status.recipient_id:
         recipient = phone_from_wa_id(status.recipient_id)
-        if recipient is None or not phone_variants(recipient) & phone_variants(row.telefono):
+        phone = phone_from_wa_id(row.telefono) or row.telefono  # a PHP row may hold `51987...`
+        if recipient is None or not phone_variants(recipient) & phone_variants(phone):
             return f"status_reference_mismatch: recipient {status.recipient_id} is not the row's phone"
     expected = row.number or default_number
     if status.phone_number_id and expected and status.phone_number_id != expected:
@@ -437,13 +438,21 @@ async def _lock_rows(cur: aiomysql.Cursor, ids: list[int]) -> dict[int, RowView]
         return {}
     await cur.execute(LOCK_ROWS.format(ids=placeholders(len(ids))), ids)
     found = list(await cur.fetchall())
-    sessions = sorted({int(r[6]) for r in found})
+    sessions = sorted({int(r[6]) for r in found if r[6] is not None})
     numbers: dict[int, str | None] = {}
     if sessions:
         await cur.execute(SESSION_NUMBERS.format(ids=placeholders(len(sessions))), sessions)
         numbers = {int(r[0]): (str(r[1]) if r[1] else None) for r in await cur.fetchall()}
     return {
-        int(r[0]): RowView(int(r[0]), str(r[1]), r[2], str(r[3]), r[4], r[5], numbers.get(int(r[6])))
+        int(r[0]): RowView(
+            int(r[0]),
+            str(r[1]),
+            r[2],
+            str(r[3]),
+            r[4],
+            r[5],
+            None if r[6] is None else numbers.get(int(r[6])),
+        )
         for r in found
     }
 

@@ -647,3 +647,39 @@ def test_phones_without_a_country_code_need_the_default_country_and_are_never_an
         "+51911111111",
         "+51912345678",
     ]
+
+
+PAYLOADS = Path(__file__).resolve().parents[1] / "payloads"
+
+
+def test_every_real_meta_body_is_answered_200_stored_as_its_kind_and_no_valid_shape_warns(
+    sql: SQL, receiver: Callable[..., Receiver]
+) -> None:
+    bodies = sorted(PAYLOADS.glob("*.json"))
+    assert len(bodies) == 32
+    server = receiver()
+    for path in bodies:
+        assert server.post(path.read_bytes()) == 200, path.name
+    statuses = {  # a (wamid, status) Meta sends again is stored once
+        (s["id"], s["status"])
+        for path in bodies
+        for entry in json.loads(path.read_bytes())["entry"]
+        for change in entry["changes"]
+        for s in change["value"].get("statuses", [])
+        if s.get("status") in ("sent", "delivered", "read", "failed")
+    }
+    assert eventually(lambda: sql.value("SELECT COUNT(*) FROM whatsapp_worker_statuses") == len(statuses), 15)
+    assert eventually(
+        lambda: sql.value("SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE applied_at IS NULL") == 0, 15
+    )  # no row of ours: kept for audit, nothing to wait for
+    # the stops: Meta's "Unsubscribe" button and the user_preferences stop (both from +16505551234)
+    # (one phone said it twice: the first source is kept)
+    assert sql.rows("SELECT telefono, source FROM whatsapp_worker_optouts") == [
+        {"telefono": "+16505551234", "source": "keyword"}
+    ]
+    assert server.stop() == 0
+    events = [json.loads(line) for line in server.process.stdout.splitlines() if line.startswith("{")]
+    warned = sorted({e["event"] for e in events if e.get("level") in ("warning", "error")})
+    # what Meta reports for a person to hear (a rate limit, a restriction, a rejected template)
+    assert set(warned) <= {"webhook_error_reported", "account_update", "template_status_update"}, warned
+    assert "webhook_parts_ignored" not in warned and "webhook_malformed" not in warned

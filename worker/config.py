@@ -129,6 +129,7 @@ class Settings:
     optout_keywords: tuple[str, ...] = OPTOUT_KEYWORDS
     send_states: tuple[str, ...] = ()  # session states of the PHP application's whose rows are sent too
     default_country: str | None = None  # ISO region (PE) of phones written without a country code
+    undeliverable_days: float = 30.0  # how long a 131026 phone is not sent to from that number; 0: off
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_sender: bool = True) -> Settings:
@@ -178,6 +179,7 @@ class Settings:
             optout_keywords=reader.words("WORKER_OPTOUT_KEYWORDS", OPTOUT_KEYWORDS),
             send_states=reader.words("WORKER_SEND_STATES", ()),
             default_country=reader.country("WORKER_DEFAULT_COUNTRY"),
+            undeliverable_days=reader.number("WORKER_UNDELIVERABLE_DAYS", 30.0, minimum=0.0, maximum=3650.0),
         )
         settings._check(need_sender=need_sender)
         return settings

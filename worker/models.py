@@ -73,6 +73,8 @@ class SendResult:
 
 # Meta's error code for "the user stopped marketing messages from this business": an opt-out.
 OPTED_OUT_CODE = 131050
+# Meta could not deliver to this phone (not on WhatsApp, an old app...): suppressed per number.
+UNDELIVERABLE_CODE = 131026
 # Where an opt-out came from (whatsapp_worker_optouts.source).
 SOURCE_KEYWORD = "keyword"
 SOURCE_META = "131050"

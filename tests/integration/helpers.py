@@ -17,7 +17,11 @@ async def drain(
 ) -> RunReport:
     """Run an in-process daemon: `--once`, or until `until()` holds (checked between polls)."""
     store = await Store.connect(
-        settings.database, size=4, worker_id=settings.worker_id, db_timeout=settings.db_timeout
+        settings.database,
+        size=4,
+        worker_id=settings.worker_id,
+        db_timeout=settings.db_timeout,
+        phone_number_id=settings.phone_number_id,  # as `run` opens it
     )
     sender = make_sender(settings)
     daemon = Daemon.build(settings=settings, store=store, sender=sender)

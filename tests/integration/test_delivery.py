@@ -7,9 +7,12 @@ import threading
 from collections.abc import Callable
 
 from tests.integration.helpers import drain
+from tests.support.env import run_worker
 from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.sql import SQL
-from worker.config import Settings
+from worker.config import DatabaseURL, Settings
+
+TEXT = '{"type":"text","text":{"body":"hola"}}'
 
 
 async def test_every_row_is_sent_once_and_recorded(
@@ -93,6 +96,45 @@ async def test_permanent_error_ends_in_error_with_its_code(
     assert "undeliverable" in rows[undeliverable]["last_error"]
     assert rows[fine]["estado"] == "enviado"
     assert fake_api.counts()[undeliverable] == 1
+
+
+async def test_a_phone_a_number_could_not_deliver_to_is_not_sent_to_from_it_again(
+    sql: SQL, fake_api: FakeCloudAPI, settings: Callable[..., Settings], db_url: DatabaseURL
+) -> None:
+    first = sql.add_session("noviembre")
+    undeliverable, fine = sql.add_rows(first, 2)
+    fake_api.script(undeliverable, Step.error(131026, details="Message undeliverable"))
+    await drain(settings())
+    # the next campaign, from the same number and from another one
+    again, other = sql.add_session("diciembre"), sql.add_session("otra-linea")
+    sql.execute(
+        "INSERT INTO cola_envios (sesion_id, telefono, mensaje) VALUES (%s, %s, %s), (%s, %s, %s)",
+        (again, undeliverable, TEXT, other, undeliverable, TEXT),
+    )
+    other_number = "2222222222"
+    fake_api.other_numbers[other_number] = fake_api.token
+    sql.execute("UPDATE sesiones_envio SET phone_number_id = %s WHERE id = %s", (other_number, other))
+    report = await drain(settings())
+
+    rows = {
+        r["sesion_id"]: r
+        for r in sql.rows(
+            "SELECT sesion_id, estado, last_error FROM cola_envios WHERE telefono = %s", (undeliverable,)
+        )
+    }
+    assert rows[again]["estado"] == "error" and "could not deliver" in rows[again]["last_error"]
+    assert rows[other]["estado"] == "enviado"  # another number may reach it: it is tried there
+    assert fake_api.counts()[undeliverable] == 2  # once per number, never twice from one number
+    assert report.outcomes["sent"] == 1 and fake_api.counts()[fine] == 1
+
+    listed = run_worker(db_url, "suppressed", "list", "--csv")
+    assert listed.returncode == 0 and undeliverable in listed.stdout and "1234567890" in listed.stdout
+    cleared = run_worker(db_url, "suppressed", "clear", undeliverable, "--number", fake_api.phone_number_id)
+    assert cleared.returncode == 0, cleared.stderr
+    cleared_again = run_worker(
+        db_url, "suppressed", "clear", undeliverable, "--number", fake_api.phone_number_id
+    )
+    assert cleared_again.returncode == 1  # nothing held any more
 
 
 async def test_retry_gives_up_after_max_attempts(

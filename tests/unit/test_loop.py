@@ -95,6 +95,7 @@ class MemoryStore:
         self.results = MemoryResults()
         self.daemons = MemoryDaemons()
         self.optouts = None
+        self.suppressions = None
 
 
 class HeldSender:

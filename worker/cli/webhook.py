@@ -1,4 +1,4 @@
-"""`webhook` (the status-webhook receiver) and `optout add|remove|list`."""
+"""`webhook` (the status-webhook receiver), `optout add|remove|list` and `suppressed list|clear`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     listing = actions.add_parser("list", help="every opted-out phone, oldest first")
     listing.add_argument("--csv", action="store_true", help="CSV with a header, for a spreadsheet")
     listing.set_defaults(handler=cmd_optout_list)
+
+    held = commands.add_parser("suppressed", help="phones a sending number could not deliver to (131026)")
+    held_actions = held.add_subparsers(dest="suppressed_command", required=True, metavar="ACTION")
+    held_list = held_actions.add_parser("list", help="every phone held now, with its number and until when")
+    held_list.add_argument("--csv", action="store_true", help="CSV with a header, for a spreadsheet")
+    held_list.set_defaults(handler=cmd_suppressed_list)
+    clear = held_actions.add_parser("clear", help="let a held phone be sent to again")
+    clear.add_argument("phone")
+    clear.add_argument("--number", help="only on this sending number (default: every number)")
+    clear.set_defaults(handler=cmd_suppressed_clear)
 
 
 async def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
@@ -108,4 +118,46 @@ async def cmd_optout_list(settings: Settings, args: argparse.Namespace) -> int:
         await store.close()
     if not writer:
         print(f"{shown} opted-out phone(s)", file=sys.stderr)
+    return EX_OK
+
+
+SUPPRESSED_COLUMNS = ("phone", "phone_number_id", "code", "until_utc", "reason")
+
+
+async def cmd_suppressed_list(settings: Settings, args: argparse.Namespace) -> int:
+    writer = csv.writer(sys.stdout) if args.csv else None
+    if writer:
+        writer.writerow(SUPPRESSED_COLUMNS)
+    store = await open_checked_store(settings)
+    shown, after = 0, 0
+    try:
+        while page := await store.suppressions.page(after_id=after, limit=OPTOUT_PAGE):
+            for row in page:
+                until = row.expires_at.isoformat(sep=" ", timespec="seconds")
+                values = [row.telefono, row.phone_number_id, row.code or "", until, row.reason or ""]
+                if writer:
+                    writer.writerow(values)
+                else:
+                    print(f"{row.telefono}  number {row.phone_number_id}  until {until} UTC  code {row.code}")
+            after, shown = page[-1].id, shown + len(page)
+    finally:
+        await store.close()
+    if not writer:
+        print(f"{shown} phone(s) held as undeliverable", file=sys.stderr)
+    return EX_OK
+
+
+async def cmd_suppressed_clear(settings: Settings, args: argparse.Namespace) -> int:
+    phone = _phone(args.phone, settings)
+    if phone is None:
+        return 2
+    store = await open_checked_store(settings)
+    try:
+        lifted = await store.suppressions.clear(phone, args.number)
+    finally:
+        await store.close()
+    if not lifted:
+        print(f"whatsapp-worker: {phone} is not held as undeliverable", file=sys.stderr)
+        return 1
+    print(f"{phone} may be sent to again ({lifted} number(s))")
     return EX_OK

@@ -235,6 +235,8 @@ class Daemon:
         self._control.database_up()
         if jobs.opted_out:
             self._log.warning("opted_out_rows_closed", rows=jobs.opted_out, state="error")
+        if jobs.undeliverable:
+            self._log.warning("undeliverable_rows_closed", rows=jobs.undeliverable, state="error")
         self._numbers.unused(number, tokens - len(jobs))
         if self._rows_left is not None:
             self._rows_left -= len(jobs)

@@ -133,6 +133,7 @@ def _sending(
         on_pause=control.paused,
         on_throttled=control.throttled,
         optouts=store.optouts,
+        suppressions=store.suppressions,
     )
     return recorder, rows
 

@@ -22,9 +22,20 @@ from worker.daemon.recorder import Recorder
 from worker.daemon.sender import Sender
 from worker.messages import MESSAGE_MAX_BYTES, InvalidMessage, normalize_phone, parse_message
 from worker.metrics import Metrics
-from worker.models import OPTED_OUT_CODE, SOURCE_META, Decision, Finished, Job, Outcome, SendResult
+from worker.models import (
+    OPTED_OUT_CODE,
+    SOURCE_META,
+    UNDELIVERABLE_CODE,
+    Decision,
+    Finished,
+    Job,
+    Outcome,
+    RowState,
+    SendResult,
+)
 from worker.store import Claims, DatabaseError
 from worker.store.optouts import Optouts
+from worker.store.suppressions import Suppressions
 
 
 class RowProcessor:
@@ -42,6 +53,7 @@ class RowProcessor:
         on_pause: Callable[[], None],
         on_throttled: Callable[[str], None] = lambda number: None,
         optouts: Optouts | None = None,
+        suppressions: Suppressions | None = None,
     ) -> None:
         self._settings = settings
         self._sender = sender
@@ -56,6 +68,7 @@ class RowProcessor:
         self._on_pause = on_pause
         self._on_throttled = on_throttled
         self._optouts = optouts
+        self._suppressions = suppressions
         self.outcomes: Counter[str] = Counter()  # by Decision.metric
 
     async def process(self, job: Job) -> None:
@@ -74,6 +87,8 @@ class RowProcessor:
             await self._hold_template(job, decision)
         if decision.error_code == OPTED_OUT_CODE:
             await self._record_opt_out(job, decision)
+        if decision.error_code == UNDELIVERABLE_CODE and decision.state is RowState.ERROR:
+            await self._record_undeliverable(job, decision)
 
     async def _attempt(self, job: Job) -> SendResult:
         try:
@@ -153,6 +168,20 @@ class RowProcessor:
             return
         if added:
             self._log.warning("opted_out", job_id=job.id, source=SOURCE_META)
+
+    async def _record_undeliverable(self, job: Job, decision: Decision) -> None:
+        """Meta could not deliver to this phone from this number (131026): the next campaigns'
+        rows for it are closed unsent for WORKER_UNDELIVERABLE_DAYS instead of failing again."""
+        seconds = int(self._settings.undeliverable_days * 86400)
+        if self._suppressions is None or seconds <= 0:
+            return
+        number = job.phone_number_id or self._default_number
+        try:
+            await self._suppressions.add(
+                number, job.telefono, decision.error_code, decision.error_text, seconds
+            )
+        except DatabaseError as exc:
+            self._log.error("undeliverable_not_recorded", job_id=job.id, error=str(exc))
 
     async def _hold_template(self, job: Job, decision: Decision) -> None:
         """Meta paused or disabled a template: hold back its other waiting rows."""

@@ -33,6 +33,7 @@ from worker.store.reports import Reports
 from worker.store.results import Recorded, Results
 from worker.store.sessions import RefusedChange, RetryChange, SessionChange, Sessions
 from worker.store.statuses import Statuses
+from worker.store.suppressions import Suppressions
 
 __all__ = [
     "Beat",
@@ -58,6 +59,7 @@ __all__ = [
     "StatementRefused",
     "Statuses",
     "Store",
+    "Suppressions",
 ]
 
 
@@ -73,7 +75,7 @@ class Store:
         phone_number_id: str | None = None,
     ) -> None:
         self.db = db
-        self.claims = Claims(db, worker_id=worker_id, sendable=sendable)
+        self.claims = Claims(db, worker_id=worker_id, sendable=sendable, default_number=phone_number_id)
         self.daemons = Daemons(db, worker_id=worker_id)
         self.results = Results(db)
         self.sessions = Sessions(db)
@@ -83,6 +85,7 @@ class Store:
         self.pruner = Pruner(db)
         self.statuses = Statuses(db, default_number=phone_number_id)
         self.optouts = Optouts(db)
+        self.suppressions = Suppressions(db)
 
     @classmethod
     async def connect(

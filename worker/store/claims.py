@@ -20,8 +20,12 @@ from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, DatabaseError, RowRefused, placeholders, with_transient_retry
 from worker.store.optouts import opted_out
 from worker.store.results import keep_in_flight
+from worker.store.suppressions import ANY_SUPPRESSION, suppressed
 
 OPTED_OUT_REASON = "the phone opted out (whatsapp_worker_optouts): not sent"
+UNDELIVERABLE_REASON = (
+    "this number could not deliver to the phone before (131026; whatsapp_worker_suppressions): not sent"
+)
 
 # -- name: next_session_waiting :one
 # The sessions with waiting rows, found one index step at a time (a skip scan: the cost grows
@@ -65,6 +69,11 @@ CLAIM_SESSION_DUE = (
 # -- name: close_opted_out :exec
 CLOSE_OPTED_OUT = (
     "UPDATE cola_envios SET estado = 'error', last_error_code = NULL, last_error = %s"
+    " WHERE id IN ({ids}) AND estado = 'pendiente'"
+)
+# -- name: close_undeliverable :exec
+CLOSE_UNDELIVERABLE = (
+    "UPDATE cola_envios SET estado = 'error', last_error_code = 131026, last_error = %s"
     " WHERE id IN ({ids}) AND estado = 'pendiente'"
 )
 # -- name: take_lease :exec
@@ -170,14 +179,24 @@ class Recovered:
 
 
 class Claimed(list[Job]):
-    """The claimed rows; `opted_out`: rows closed as error without a request instead."""
+    """The claimed rows; `opted_out`, `undeliverable`: rows closed as error without a request."""
 
     opted_out: int = 0
+    undeliverable: int = 0
 
 
 class Claims:
-    def __init__(self, db: Database, *, worker_id: str, sendable: Sequence[str] = SENDABLE_STATES) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        worker_id: str,
+        sendable: Sequence[str] = SENDABLE_STATES,
+        default_number: str | None = None,
+    ) -> None:
         self._db = db
+        self._default_number = default_number or ""  # WHATSAPP_PHONE_NUMBER_ID: a session without its own
+        self._suppressions_exist = True  # any undeliverable phone held (read with the sessions)
         self._sendable = tuple(sendable)
         self._worker_id = worker_id[:128]
         self._uncertain: list[str] = []  # tokens of claims whose commit outcome is unknown
@@ -195,6 +214,8 @@ class Claims:
             waiting = await self._scan_sessions(cur)
             await cur.execute(ANY_OPTOUT)
             (self._optouts_exist,) = await cur.fetchone()
+            await cur.execute(ANY_SUPPRESSION)
+            (self._suppressions_exist,) = await cur.fetchone()
             if not waiting:
                 return []
             await cur.execute(
@@ -272,6 +293,8 @@ class Claims:
                     CLOSE_OPTED_OUT.format(ids=placeholders(len(closed))), (OPTED_OUT_REASON, *closed)
                 )
                 rows = [r for r in rows if r[3] not in blocked]
+            held = await self._close_undeliverable(cur, rows) if rows and self._suppressions_exist else []
+            rows = [r for r in rows if r[0] not in held]
             if rows:
                 ids = [row[0] for row in rows]
                 await cur.execute(
@@ -293,7 +316,18 @@ class Claims:
             for r in rows
         )
         claimed.opted_out = len(closed)
+        claimed.undeliverable = len(held)
         return claimed
+
+    async def _close_undeliverable(self, cur: aiomysql.Cursor, rows: list[Any]) -> list[int]:
+        """Rows whose phone their sending number could not deliver to before: closed unsent."""
+        held = await suppressed(cur, {r[3] for r in rows})
+        ids = [r[0] for r in rows if (r[3], self._numbers.get(r[1]) or self._default_number) in held]
+        if ids:
+            await cur.execute(
+                CLOSE_UNDELIVERABLE.format(ids=placeholders(len(ids))), (UNDELIVERABLE_REASON, *ids)
+            )
+        return ids
 
     async def give_back_uncertain(self) -> None:
         """Give back the rows of claims whose commit outcome was unknown (one statement)."""

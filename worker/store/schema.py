@@ -258,7 +258,35 @@ OPTOUTS = Table(
     NO_STATE,
 )
 
-TABLES: tuple[Table, ...] = (SESIONES_ENVIO, COLA_ENVIOS, ENVIOS_WHATSAPP, DAEMONS, STATUSES, OPTOUTS)
+# Phones a sending number could not deliver to (131026): not sent to from that number again until
+# `expires_at` (WORKER_UNDELIVERABLE_DAYS), instead of failing again in the next campaign.
+SUPPRESSIONS = Table(
+    "whatsapp_worker_suppressions",
+    (
+        Column("id", ID),
+        Column("phone_number_id", "VARCHAR(64) CHARACTER SET ascii NOT NULL"),
+        Column("telefono", "VARCHAR(32) NOT NULL"),
+        Column("code", "INT NULL"),
+        Column("reason", f"VARCHAR(1000) {TEXT} NULL"),
+        Column("expires_at", "DATETIME(6) NOT NULL"),  # UTC
+        Column("created_at", "DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)"),
+    ),
+    (
+        Key("uq_whatsapp_worker_suppressions", ("telefono", "phone_number_id"), unique=True),
+        Key("ix_whatsapp_worker_suppressions_expires", ("expires_at",)),
+    ),
+    NO_STATE,
+)
+
+TABLES: tuple[Table, ...] = (
+    SESIONES_ENVIO,
+    COLA_ENVIOS,
+    ENVIOS_WHATSAPP,
+    DAEMONS,
+    STATUSES,
+    OPTOUTS,
+    SUPPRESSIONS,
+)
 
 # Rows the PHP cron left mid-send (no lease: the daemon never took them).
 LEGACY_PROCESSING_REASON = (

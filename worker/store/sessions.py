@@ -62,6 +62,13 @@ RETRY_ROWS = (
     f" AND NOT ({_LATE_OPEN})"
 )
 
+# -- name: lift_suppressions :exec
+# The undeliverable holds (131026) of the phones `retry` sends again: the operator decided.
+LIFT_SUPPRESSIONS = (
+    "DELETE s FROM whatsapp_worker_suppressions s JOIN cola_envios c ON c.telefono = s.telefono"
+    " WHERE c.sesion_id = %s AND c.estado IN ({states}) AND c.legacy_duplicate = 0{code}"
+)
+
 # `status`. Its cost must not grow with a session's sent rows beyond one pass over them.
 
 
@@ -172,6 +179,11 @@ class Sessions:
                 if include_unknown:
                     await cur.execute(RESULT_MAY_ARRIVE, (session_id,))
                     waiting, until = await cur.fetchone()
+                # the operator's decision to try again lifts the phones' 131026 holds too
+                await cur.execute(
+                    LIFT_SUPPRESSIONS.format(states=placeholders(len(states)), code=code_sql),
+                    (session_id, *states, *code_args),
+                )
                 await cur.execute(
                     RETRY_ROWS.format(states=placeholders(len(states)), code=code_sql),
                     (session_id, *states, *code_args),

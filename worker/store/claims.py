@@ -139,18 +139,21 @@ CLOSE_CANCELLED = (
 PARKED = "INTERVAL 100 YEAR"
 # Parked: 80 to 1,000 years ahead (a pause adds 100; a date written by hand, 2099 or 9999, is not).
 IS_PARKED = f"next_attempt_at BETWEEN {NOW} + INTERVAL 80 YEAR AND {NOW} + INTERVAL 1000 YEAR"
-UNPARK = (
-    "next_attempt_at = next_attempt_at"
-    f" - INTERVAL (100 * ROUND(TIMESTAMPDIFF(YEAR, {NOW}, next_attempt_at) / 100)) YEAR"
-)
+
+
+def _unpark(column: str) -> str:
+    """The assignment that takes back every century a row was parked."""
+    return f"{column} = {column} - INTERVAL (100 * ROUND(TIMESTAMPDIFF(YEAR, {NOW}, {column}) / 100)) YEAR"
+
+
+UNPARK = _unpark("next_attempt_at")
 # -- name: unpark_active :exec
 # The daemon's sweep: a session that is not paused has no parked rows, however it was
 # re-activated (`resume`, the PHP admin's own toggle, an UPDATE). The claim index's range over
 # parked rows only.
 UNPARK_ACTIVE = (
     "UPDATE cola_envios c FORCE INDEX (ix_cola_envios_claim) LEFT JOIN sesiones_envio s ON s.id = c.sesion_id"
-    " SET c.next_attempt_at = c.next_attempt_at"
-    f" - INTERVAL (100 * ROUND(TIMESTAMPDIFF(YEAR, {NOW}, c.next_attempt_at) / 100)) YEAR"
+    f" SET {_unpark('c.next_attempt_at')}"
     f" WHERE c.estado = 'pendiente' AND c.{IS_PARKED} AND (s.id IS NULL OR s.estado <> 'pausada')"
 )
 # -- name: defer_template :exec

@@ -500,7 +500,9 @@ def _meta_optouts(pending: Sequence[Pending], rows: dict[int, RowView]) -> list[
         if status.status != "failed" or status.error_code != OPTED_OUT_CODE:
             continue
         row = rows.get(status.cola_id) if status.cola_id is not None else None
-        phone = row.telefono if row is not None else phone_from_wa_id(status.recipient_id or "")
+        phone: str | None = phone_from_wa_id(status.recipient_id or "")
+        if row is not None:  # a PHP row may hold `51987...`; keep an odd one as written
+            phone = phone_from_wa_id(row.telefono) or row.telefono
         if phone:
             found.append(OptOut(phone, SOURCE_META, f"status webhook: {status.wamid}"))
     return found

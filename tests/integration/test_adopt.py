@@ -560,6 +560,11 @@ def test_prune_keeps_rows_a_legacy_foreign_key_holds_and_refuses_to_cascade_into
 ) -> None:
     legacy = Legacy(server_url, "php_fk.sql")
     try:
+        plan = legacy.run("migrate", "--dry-run")
+        assert (
+            "envios_whatsapp.cola_id (fk_envios_cola, ON DELETE RESTRICT) references cola_envios:"
+            " prune deletes only the finished rows nothing references" in plan.stdout
+        ), plan.stdout
         legacy.migrate()
         legacy.sql.execute("UPDATE cola_envios SET updated_at = NOW(6) - INTERVAL 40 DAY WHERE id <= 5")
 

@@ -36,6 +36,7 @@ from worker.store.db import (
     quiet_notes,
     translate,
 )
+from worker.store.prune import foreign_keys_into_queue
 
 MIGRATE_LOCK = "whatsapp_worker_migrate"
 # MyISAM (MySQL's default until 5.5), Aria, MEMORY: `FOR UPDATE SKIP LOCKED` locks nothing and
@@ -382,30 +383,13 @@ async def _read_tables(cur: aiomysql.Cursor) -> dict[str, FoundTable]:
     return tables
 
 
-# -- name: foreign_keys :many
-FOREIGN_KEYS = (
-    "SELECT k.TABLE_NAME AS child, k.COLUMN_NAME AS col, k.REFERENCED_TABLE_NAME AS parent,"
-    " r.DELETE_RULE AS rule, k.CONSTRAINT_NAME AS name"
-    " FROM information_schema.KEY_COLUMN_USAGE k JOIN information_schema.REFERENTIAL_CONSTRAINTS r"
-    " ON r.CONSTRAINT_SCHEMA = k.CONSTRAINT_SCHEMA AND r.CONSTRAINT_NAME = k.CONSTRAINT_NAME"
-    " AND r.TABLE_NAME = k.TABLE_NAME WHERE k.TABLE_SCHEMA = DATABASE() AND k.TABLE_NAME = %s"
-    " AND k.REFERENCED_TABLE_NAME IS NOT NULL ORDER BY k.CONSTRAINT_NAME"
-)
-
-
-async def _plan_foreign_keys(cur: aiomysql.Cursor, plan: Plan, table: str) -> None:
-    """A foreign key from one of our tables: what it means for `prune`."""
+async def _plan_foreign_keys(cur: aiomysql.Cursor, plan: Plan) -> None:
+    """A foreign key into the queue, from one of our tables or the PHP application's: what it
+    means for `prune` (the same keys prune reads)."""
     with quiet_notes():
-        await cur.execute(FOREIGN_KEYS, (table,))
-    for child, column, parent, rule, name in await cur.fetchall():
-        meaning = (
-            "prune deletes only the rows nothing references, and says how many it kept"
-            if _s(rule) in ("RESTRICT", "NO ACTION")
-            else "prune refuses to delete the referenced rows unless --deliveries accepts losing this history"
-        )
-        plan.found.append(
-            f"{_s(child)}.{_s(column)} references {_s(parent)} ({_s(name)}, ON DELETE {_s(rule)}): {meaning}"
-        )
+        keys = await foreign_keys_into_queue(cur)
+    for key in keys:
+        plan.found.append(f"{key} references cola_envios: {key.meaning_for_prune()}")
 
 
 # A value of a latin1 column whose bytes are UTF-8 (PHP's old mysql_* connections wrote UTF-8
@@ -685,8 +669,8 @@ async def _plan_surroundings(
             " it runs with every change of ours; migrate tries each state of ours under it (and rolls"
             " back), and stops naming it if it refuses one"
         )
-    await _plan_foreign_keys(cur, plan, name)
     if table is schema.COLA_ENVIOS:
+        await _plan_foreign_keys(cur, plan)
         await _plan_queue_contents(cur, plan, found)
     ours = {c.name for c in table.columns}
     theirs = [c for c in found.columns if c not in ours]

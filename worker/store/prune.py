@@ -17,6 +17,8 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass, field
 
+import aiomysql
+
 from worker.store.db import Database
 from worker.store.sessions import RefusedChange
 
@@ -63,6 +65,20 @@ class ForeignKey:
 
     def __str__(self) -> str:
         return f"{self.child}.{self.column} ({self.name}, ON DELETE {self.rule})"
+
+    def meaning_for_prune(self) -> str:
+        """What prune does about the queue rows this key's rows reference."""
+        if self.rule in KEEPING_RULES:
+            return "prune deletes only the finished rows nothing references, and says how many it kept"
+        if self.child == "envios_whatsapp":
+            return "prune refuses to delete queue rows unless --deliveries accepts losing this history"
+        return "prune refuses to delete queue rows until this constraint is dropped or changed"
+
+
+async def foreign_keys_into_queue(cur: aiomysql.Cursor) -> list[ForeignKey]:
+    """Every foreign key from any table of the database into `cola_envios`."""
+    await cur.execute(FOREIGN_KEYS)
+    return [ForeignKey(*(str(v) for v in row)) for row in await cur.fetchall()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +141,7 @@ class Pruner:
 
     async def _foreign_keys(self) -> list[ForeignKey]:
         async with self._db.transaction() as cur:
-            await cur.execute(FOREIGN_KEYS)
-            return [ForeignKey(*(str(v) for v in row)) for row in await cur.fetchall()]
+            return await foreign_keys_into_queue(cur)
 
     async def _count(self, sql: str, older_than: int) -> int:
         async with self._db.transaction() as cur:

@@ -186,8 +186,9 @@ class Migrations:
     async def plan(self) -> Plan:
         """What migrate would find and do; reads only (`migrate --dry-run`)."""
         async with self._db.connection(deadline=None) as conn, conn.cursor() as cur:
-            plan = await _plan(cur)
-            await _plan_first_run(cur, plan, self._sendable)
+            found = await _inspect(cur)
+            plan = await _plan(cur, found)
+            await _plan_first_run(cur, plan, found, self._sendable)
             await conn.commit()
         return plan
 
@@ -248,7 +249,7 @@ class Migrations:
 async def _migrate(conn: aiomysql.Connection, cur: aiomysql.Cursor, lock_wait: int) -> Applied:
     with quiet_notes():
         await cur.execute(schema.VERSION_TABLE)
-    plan = await _plan(cur)
+    plan = await _plan(cur, await _inspect(cur))
     if plan.blockers:
         raise SchemaMismatch(plan.blockers, hint="fix these by hand, then run `whatsapp-worker migrate`")
     notes: list[str] = []
@@ -611,8 +612,7 @@ def _has_key(found: FoundTable, key: schema.Key) -> bool:
     return False
 
 
-async def _plan(cur: aiomysql.Cursor) -> Plan:
-    found = await _inspect(cur)
+async def _plan(cur: aiomysql.Cursor, found: dict[str, FoundTable]) -> Plan:
     plan = Plan()
     for table in schema.TABLES:
         existing = found.get(table.name)
@@ -766,10 +766,11 @@ CREATED_COLUMNS = ("created_at", "fecha_creacion", "creado", "fecha_alta", "fech
 FIRST_RUN_SESSIONS = 10  # sessions listed by the dry run's first-run preview
 
 
-async def _plan_first_run(cur: aiomysql.Cursor, plan: Plan, sendable: tuple[str, ...]) -> None:
+async def _plan_first_run(
+    cur: aiomysql.Cursor, plan: Plan, found: dict[str, FoundTable], sendable: tuple[str, ...]
+) -> None:
     """What the first `run` after this migrate would send: per session state, and the biggest
     sessions (the PHP application's own states are held unless WORKER_SEND_STATES names them)."""
-    found = await _inspect(cur)
     queue, sessions = found.get("cola_envios"), found.get("sesiones_envio")
     if queue is None or "estado" not in queue.columns or sessions is None:
         return

@@ -20,6 +20,7 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
         self._break_on: bytes | None = None
+        self._answer_dropped_for: asyncio.StreamWriter | None = None
 
     def __enter__(self) -> TcpProxy:
         self._thread.start()
@@ -78,6 +79,14 @@ class TcpProxy:
         self._writers |= {writer, up_writer}
         await asyncio.gather(self._pipe(reader, up_writer, client=writer), self._pipe(up_reader, writer))
 
+    def _drops_answer(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether `writer`'s client is the one whose next answer goes nowhere; it is cut off."""
+        if self._answer_dropped_for is not writer:
+            return False
+        self._answer_dropped_for = None
+        writer.transport.abort()
+        return True
+
     async def _pipe(
         self,
         reader: asyncio.StreamReader,
@@ -86,12 +95,15 @@ class TcpProxy:
     ) -> None:
         try:
             while data := await reader.read(65536):
+                if client is None and self._drops_answer(writer):
+                    break
                 writer.write(data)
                 await writer.drain()
                 if client is not None and self._break_on is not None and self._break_on in data:
+                    # The server runs it; its answer (the OK) is dropped and the client cut off
+                    # only once that answer exists, so the statement has surely finished.
                     self._break_on = None
-                    client.transport.abort()  # the server got it; its answer goes nowhere
-                    await asyncio.sleep(1)  # let the server finish before its side closes
+                    self._answer_dropped_for = client
         except (ConnectionError, OSError):
             pass
         finally:

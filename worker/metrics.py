@@ -43,8 +43,8 @@ class Metrics:
         )
         self._paused = Gauge(
             "whatsapp_worker_sending_paused",
-            "1 while sending from a number is paused, by reason (an error code, or 'unreachable')",
-            ["reason"],
+            "1 while sending from a number is paused, by number and reason (an error code, or 'unreachable')",
+            ["phone_number_id", "reason"],
             registry=self.registry,
         )
         self._last_sent = Gauge(
@@ -63,7 +63,7 @@ class Metrics:
         Info("whatsapp_worker_build", "Version of the daemon", registry=self.registry).info(
             {"version": __version__}
         )
-        self._pause_reasons: set[str] = set()
+        self._pauses: set[tuple[str, str]] = set()
 
     def finished(self, outcome: str, seconds: float) -> None:
         self._messages.labels(outcome).inc()
@@ -71,14 +71,15 @@ class Metrics:
         if outcome == "sent":
             self._last_sent.set(time.time())
 
-    def paused(self, reasons: Iterable[str]) -> None:
-        """The reasons of the numbers paused now (empty once every number sends again)."""
-        now = set(reasons)
-        for reason in self._pause_reasons - now:
-            self._paused.labels(reason).set(0)
-        for reason in now:
-            self._paused.labels(reason).set(1)
-        self._pause_reasons = now
+    def paused(self, pauses: Iterable[tuple[str, str]]) -> None:
+        """The (sending number, reason) of each pause now (empty once every number sends again).
+        A sending number is the business's own, a handful per account: a label, unlike phones."""
+        now = set(pauses)
+        for number, reason in self._pauses - now:
+            self._paused.labels(number, reason).set(0)
+        for number, reason in now:
+            self._paused.labels(number, reason).set(1)
+        self._pauses = now
 
 
 async def serve(

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.env import WORKER_BIN, base_env, eventually
+from tests.support.env import WORKER_BIN, base_env, eventually, free_port, scrape
 from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.processes import RUNBOOK, WorkerProcess
 from tests.support.sql import SQL
@@ -267,22 +265,11 @@ def test_metrics_count_what_the_database_says_was_sent(
     session = sql.add_session()
     phones = sql.add_rows(session, 60)
     fake_api.script(phones[0], Step.error(131026))
-    with socket.socket() as probe:  # a free port for the endpoint
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     daemon = WorkerProcess(worker_env(WORKER_METRICS_PORT=str(port)), "run", logs=tmp_path)
     assert eventually(lambda: sql.states().get("pendiente", 0) == 0 and "procesando" not in sql.states(), 30)
-
-    def scrape() -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
-        return {
-            name: float(value)
-            for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-        }
-
-    assert eventually(lambda: scrape().get('whatsapp_worker_messages_total{outcome="sent"}') == 59, 10)
-    metrics = scrape()
+    assert eventually(lambda: scrape(port).get('whatsapp_worker_messages_total{outcome="sent"}') == 59, 10)
+    metrics = scrape(port)
     sent = sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = 'enviado'")
     assert metrics['whatsapp_worker_messages_total{outcome="sent"}'] == sent == 59
     assert metrics['whatsapp_worker_messages_total{outcome="error"}'] == 1

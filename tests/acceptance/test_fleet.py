@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.env import WORKER_BIN, eventually
+from tests.support.env import WORKER_BIN, eventually, free_port, scrape
 from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.processes import WorkerProcess
 from tests.support.sql import SQL
@@ -108,6 +108,7 @@ def test_an_account_error_on_one_number_leaves_another_number_sending(
         **{f"WHATSAPP_ACCESS_TOKEN_{other}": "token-of-the-other-number"},
         WORKER_PAUSE_SECONDS="600",
         WORKER_CONCURRENCY="4",
+        WORKER_METRICS_PORT=str(port := free_port()),
     )
     daemon = WorkerProcess(env, "run", logs=tmp_path)
     try:
@@ -120,9 +121,15 @@ def test_an_account_error_on_one_number_leaves_another_number_sending(
             ),
             30,
         ), daemon.stderr[-2000:]
+        # the pause gauge says which number is paused, so the alert can name it
+        paused = {name: value for name, value in scrape(port).items() if "sending_paused" in name}
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon.stderr[-2000:]
+    code = next(e["code"] for e in daemon.events() if e["event"] == "sending_paused")
+    assert paused == {
+        f'whatsapp_worker_sending_paused{{phone_number_id="{fake_api.phone_number_id}",reason="{code}"}}': 1.0
+    }
     # number A: paused after its first refusals, its rows untouched; number B sent everything
     rows = sql.rows("SELECT estado, attempts FROM cola_envios WHERE sesion_id = %s", (expired,))
     assert {(r["estado"], r["attempts"]) for r in rows} == {("pendiente", 0)}

@@ -10,9 +10,7 @@ import http.client
 import io
 import json
 import signal
-import socket
 import subprocess
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.env import WORKER_BIN, base_env, eventually, run_worker
+from tests.support.env import WORKER_BIN, base_env, eventually, free_port, run_worker, scrape
 from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.processes import RUNBOOK, WorkerProcess
 from tests.support.sql import SQL
@@ -541,9 +539,7 @@ def test_an_opted_out_phone_is_never_sent_to_and_the_opt_out_survives_re_enqueue
 def test_metrics_count_statuses_signature_failures_and_settled_rows(
     sql: SQL, receiver: Callable[..., Receiver]
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = free_port()
     (row_id,) = unknown_row(sql)
     server = receiver(WORKER_WEBHOOK_METRICS_PORT=str(metrics_port))
     assert (
@@ -555,20 +551,10 @@ def test_metrics_count_statuses_signature_failures_and_settled_rows(
     assert server.post(b"{}", signature=None) == 401
     assert server.post(b"{}", signature="sha256=00") == 403
     assert eventually(lambda: row(sql, row_id)["estado"] == "enviado", 10)
-
-    def scrape() -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return {
-            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("whatsapp_worker_webhook_")
-        }
-
     assert eventually(
-        lambda: scrape().get('whatsapp_worker_webhook_settled_total{outcome="sent"}') == 1.0, 10
+        lambda: scrape(metrics_port).get('whatsapp_worker_webhook_settled_total{outcome="sent"}') == 1.0, 10
     )
-    figures = scrape()
+    figures = scrape(metrics_port)
     assert figures['whatsapp_worker_webhook_statuses_total{status="sent"}'] == 1.0
     assert figures['whatsapp_worker_webhook_statuses_total{status="delivered"}'] == 1.0
     assert figures["whatsapp_worker_webhook_signature_failures_total"] == 2.0

@@ -47,7 +47,7 @@ DASHBOARD_NEEDS = {
 def exposed() -> dict[str, frozenset[str]]:
     """Sample name -> its label names, from a scrape of a daemon's registry."""
     metrics = Metrics()
-    metrics.paused({"190"})  # a labelled gauge shows no sample until it has a child
+    metrics.paused({("1234567890", "190")})  # a labelled gauge shows no sample until it has a child
     metrics.finished("sent", 0.1)
     names: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
@@ -109,7 +109,7 @@ def test_the_exposition_has_the_suffixed_names_this_test_relies_on() -> None:
         "whatsapp_worker_build_info",
     } <= names
     assert exposed()["whatsapp_worker_send_seconds_bucket"] == {"le"}
-    assert exposed()["whatsapp_worker_sending_paused"] == {"reason"}
+    assert exposed()["whatsapp_worker_sending_paused"] == {"phone_number_id", "reason"}
     # the checker itself notices a wrong name, a wrong suffix, a wrong label and a wrong value
     assert check_names_and_labels('whatsapp_worker_messages{outcome="sent"}')
     assert check_names_and_labels("rate(whatsapp_worker_send_seconds_total[5m])")

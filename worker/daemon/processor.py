@@ -137,8 +137,8 @@ class RowProcessor:
         elif decision.event in ("message_failed", "message_outcome_unknown"):
             self._log.error(decision.event, **context, code=decision.error_code, reason=decision.error_text)
 
-    def _pause_labels(self) -> set[str]:
-        return {p.reason.label for p in self._pauses.active().values() if p.reason is not None}
+    def _pause_labels(self) -> set[tuple[str, str]]:
+        return {(n, p.reason.label) for n, p in self._pauses.active().items() if p.reason is not None}
 
     def _start_pause(self, number: str, decision: Decision) -> None:
         assert decision.pause is not None

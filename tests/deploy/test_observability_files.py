@@ -1,6 +1,7 @@
-"""deploy/grafana-dashboard.json and deploy/alerts.yml against the daemon's own metrics.
+"""deploy/grafana-dashboard.json and deploy/alerts.yml against the daemon's and the receiver's
+own metrics, and the rules through Prometheus' own `promtool`.
 
-Every metric a dashboard panel or an alert rule names must be one the daemon exposes, with the
+Every metric a dashboard panel or an alert rule names must be one a process exposes, with the
 labels it has: a renamed metric would otherwise leave an empty panel and an alert that can never
 fire. The names are taken from the registry's exposition (as Prometheus scrapes it), so the
 `_total`, `_bucket`, `_count`, `_sum` and `_info` suffixes are the real ones.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
 from worker.metrics import OUTCOMES, Metrics
+from worker.webhook.metrics import WebhookMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
@@ -40,19 +44,25 @@ DASHBOARD_NEEDS = {
     "whatsapp_worker_oldest_due_age_seconds",
     "whatsapp_worker_sending_paused",
     "whatsapp_worker_last_sent_timestamp_seconds",
+    "whatsapp_worker_webhook_requests_total",
+    "whatsapp_worker_webhook_ack_seconds_bucket",
+    "whatsapp_worker_webhook_statuses_total",
+    "whatsapp_worker_webhook_pending_statuses",
+    "whatsapp_worker_webhook_earlier_sends_total",
 }
 
 
 @cache
 def exposed() -> dict[str, frozenset[str]]:
-    """Sample name -> its label names, from a scrape of a daemon's registry."""
+    """Sample name -> its label names, from a scrape of a daemon's and a receiver's registry."""
     metrics = Metrics()
     metrics.paused({("1234567890", "190")})  # a labelled gauge shows no sample until it has a child
     metrics.finished("sent", 0.1)
     names: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
-        for sample in family.samples:
-            names.setdefault(sample.name, set()).update(sample.labels)
+    for registry in (metrics.registry, WebhookMetrics().registry):
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for sample in family.samples:
+                names.setdefault(sample.name, set()).update(sample.labels)
     return {name: frozenset(labels) for name, labels in names.items()}
 
 
@@ -84,7 +94,7 @@ def check_names_and_labels(expr: str) -> list[str]:
     problems = []
     names = set(METRIC.findall(expr))
     for name in sorted(names - set(exposed())):
-        problems.append(f"{name} is not exposed by worker/metrics.py")
+        problems.append(f"{name} is not exposed by worker/metrics.py or worker/webhook/metrics.py")
     known = TARGET_LABELS.union(*(exposed().get(name, frozenset()) for name in names))
     for name, matchers in SELECTOR.findall(expr):
         for label, _op, value in MATCHER.findall(matchers):
@@ -184,6 +194,12 @@ def test_the_rules_cover_the_operators_questions() -> None:
     assert alert_on("whatsapp_worker_oldest_due_age_seconds", ">")  # oldest due row too old
     assert alert_on("absent(up{")  # no daemon scraped at all
     assert alert_on("whatsapp_worker_queue_due", "whatsapp_worker_last_sent_timestamp_seconds")  # no send
+    # the receiver: a rotated app secret, a database that refuses, statuses waiting, double sends
+    assert alert_on("whatsapp_worker_webhook_requests_total", 'result="bad_signature"')
+    assert alert_on('result="failed"', 'result="stored"')
+    assert alert_on("whatsapp_worker_webhook_pending_statuses")
+    assert alert_on("whatsapp_worker_webhook_earlier_sends_total")
+    assert alert_on('up{job="whatsapp-worker-webhook"}')
 
 
 def test_the_promtool_unit_tests_exercise_every_alert() -> None:
@@ -203,4 +219,17 @@ def test_the_promtool_unit_tests_exercise_every_alert() -> None:
         "WhatsAppWorkerOldestDueTooOld",
         "WhatsAppWorkerNotSending",
         "WhatsAppWorkerAbsent",
+        "WhatsAppWebhookSignatureFailing",
+        "WhatsAppWebhookNotStoring",
+        "WhatsAppWebhookStatusesWaiting",
     }
+
+
+def test_prometheus_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: install Debian's `prometheus` package (`make test` does)"
+    for command in (["check", "rules", ALERTS.name], ["test", "rules", ALERT_TESTS.name]):
+        done = subprocess.run(
+            [promtool, *command], cwd=ALERTS.parent, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr

@@ -126,3 +126,6 @@ class OptOut:
     telefono: str  # E.164, `+` included
     source: str  # keyword, 131050, operator
     detail: str | None = None
+    # When the customer said stop (Meta's timestamp, UTC naive); None: now (an operator, a send).
+    # A stop said before the phone's last `optout remove` is not recorded again.
+    said_at: datetime | None = None

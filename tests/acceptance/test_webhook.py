@@ -11,6 +11,7 @@ import io
 import json
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -494,6 +495,25 @@ def test_keyword_replies_record_opt_outs_and_the_optout_command_manages_them(
     assert optout("remove", "+51944444444").returncode == 0
     assert optout("remove", "+51944444444").returncode == 1
     assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_optouts") == 2
+
+
+def test_a_stop_said_before_optout_remove_does_not_opt_the_phone_out_again(
+    sql: SQL, db_url: DatabaseURL, receiver: Callable[..., Receiver]
+) -> None:
+    server = receiver()
+    said_in_march = payload(messages=[reply("5215512345678", "BAJA")])  # Mexico's wa_id form
+    assert server.post(said_in_march) == 200
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_optouts") == 1
+    # The customer asks, by phone, to be messaged again; the agent types the number as in the CSV.
+    assert run_worker(db_url, "optout", "remove", "+52 55 1234 5678").returncode == 0
+    # Meta retries that POST for days, and a captured signed body can be sent again: same stop.
+    assert server.post(said_in_march) == 200
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_optouts") == 0
+    assert eventually(lambda: any(e["event"] == "optout_replay_ignored" for e in server.process.events()), 10)
+    # A stop the customer says after the removal counts.
+    said_now = reply("5215512345678", "stop") | {"timestamp": str(int(time.time()) + 1)}
+    assert server.post(payload(messages=[said_now])) == 200
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_optouts") == 1
 
 
 def test_an_opted_out_phone_is_never_sent_to_and_the_opt_out_survives_re_enqueue(

@@ -4,6 +4,10 @@ A phone is stored in the queue's own form (E.164 with its `+`, as `cola_envios.t
 the claim can match rows against it with one indexed `IN`. Sources: `keyword` (the customer
 replied BAJA, STOP...), `131050` (Meta said the user stopped marketing messages), `operator`
 (`whatsapp-worker optout add`).
+
+`optout remove` leaves a mark in `whatsapp_worker_optout_removals`: a stop the customer said at
+or before it (Meta retries a POST for days; a captured signed body can be sent again) is not
+recorded again. A stop said after it is.
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ ADD_OPTOUTS = (
 )
 # -- name: remove_optout :exec
 REMOVE_OPTOUT = "DELETE FROM whatsapp_worker_optouts WHERE telefono IN ({phones})"
+# -- name: record_removal :exec
+RECORD_REMOVAL = (
+    f"INSERT INTO whatsapp_worker_optout_removals (telefono, removed_at) VALUES (%s, {NOW})"
+    f" ON DUPLICATE KEY UPDATE removed_at = {NOW}"
+)
+# -- name: removals :many
+# The unique key on telefono answers it.
+REMOVALS = "SELECT telefono, removed_at FROM whatsapp_worker_optout_removals WHERE telefono IN ({phones})"
 # -- name: list_optouts :many
 LIST_OPTOUTS = (
     "SELECT id, telefono, source, detail, created_at FROM whatsapp_worker_optouts"
@@ -61,17 +73,45 @@ async def opted_out(cur: aiomysql.Cursor, phones: Iterable[str]) -> set[str]:
     return {phone for phone, variants in forms.items() if variants & found}
 
 
-async def add_optouts(cur: aiomysql.Cursor, optouts: Sequence[OptOut]) -> int:
-    """Record opt-outs on the caller's transaction; how many phones are new."""
-    unique = list({o.telefono: o for o in optouts}.values())
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    new: int  # phones newly opted out
+    said_before_removal: int  # stops said at or before their phone's last `optout remove`: ignored
+
+
+async def add_optouts(cur: aiomysql.Cursor, optouts: Sequence[OptOut]) -> Recorded:
+    """Record opt-outs on the caller's transaction, but not a stop said before its phone's last
+    removal."""
+    stale = await _said_before_removal(cur, optouts)
+    unique = list({o.telefono: o for i, o in enumerate(optouts) if i not in stale}.values())
     if not unique:
-        return 0
+        return Recorded(0, len(stale))
     params: list[Any] = []
     for optout in unique:
         params += [optout.telefono, optout.source, _detail(optout.detail)]
     rows = ",".join([f"(%s, %s, %s, {NOW})"] * len(unique))
     await cur.execute(ADD_OPTOUTS.format(rows=rows), params)
-    return int(cur.rowcount)
+    return Recorded(int(cur.rowcount), len(stale))
+
+
+async def _said_before_removal(cur: aiomysql.Cursor, optouts: Sequence[OptOut]) -> set[int]:
+    """The positions of the opt-outs said at or before their phone's last `optout remove`, under
+    any form of the number. Those without a time (an operator's, a send's 131050) always count."""
+    forms = {o.telefono: phone_variants(o.telefono) for o in optouts if o.said_at is not None}
+    if not forms:
+        return set()
+    wanted = sorted(set().union(*forms.values()))
+    await cur.execute(REMOVALS.format(phones=placeholders(len(wanted))), wanted)
+    removed: dict[str, datetime] = {str(r[0]): r[1] for r in await cur.fetchall()}
+    last = {
+        phone: max((removed[f] for f in variants if f in removed), default=None)
+        for phone, variants in forms.items()
+    }
+    return {
+        i
+        for i, o in enumerate(optouts)
+        if o.said_at is not None and (at := last[o.telefono]) is not None and o.said_at <= at
+    }
 
 
 def _detail(text: str | None) -> str | None:
@@ -92,15 +132,24 @@ class Optouts:
 
         async def attempt() -> int:
             async with self._db.transaction() as cur:
-                return await add_optouts(cur, [OptOut(phone, source, detail)])
+                return (await add_optouts(cur, [OptOut(phone, source, detail)])).new
 
         return await with_transient_retry(attempt) > 0
 
     async def remove(self, phone: str) -> bool:
-        """The phone may be messaged again, under every form of the number; False when it was
-        not opted out."""
+        """The phone may be messaged again, under every form of the number, and a stop said
+        before now no longer opts it out; False when it was not opted out."""
         forms = sorted(phone_variants(phone))
-        return await self._db.update(REMOVE_OPTOUT.format(phones=placeholders(len(forms))), forms) > 0
+
+        async def attempt() -> bool:
+            async with self._db.transaction() as cur:
+                await cur.execute(REMOVE_OPTOUT.format(phones=placeholders(len(forms))), forms)
+                if not cur.rowcount:
+                    return False
+                await cur.execute(RECORD_REMOVAL, (phone,))
+                return True
+
+        return await with_transient_retry(attempt)
 
     async def opted_out(self, phones: Iterable[str]) -> set[str]:
         async with self._db.transaction() as cur:

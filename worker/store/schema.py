@@ -258,6 +258,19 @@ OPTOUTS = Table(
     NO_STATE,
 )
 
+# Phones an operator took off the opt-out list (`optout remove`), and when: a stop the customer
+# said before that (Meta retrying an old POST, a captured signed body sent again) is not recorded.
+OPTOUT_REMOVALS = Table(
+    "whatsapp_worker_optout_removals",
+    (
+        Column("id", ID),
+        Column("telefono", "VARCHAR(32) NOT NULL"),
+        Column("removed_at", "DATETIME(6) NOT NULL"),  # UTC
+    ),
+    (Key("uq_whatsapp_worker_optout_removals_telefono", ("telefono",), unique=True),),
+    NO_STATE,
+)
+
 # Phones a sending number could not deliver to (131026): not sent to from that number again until
 # `expires_at` (WORKER_UNDELIVERABLE_DAYS), instead of failing again in the next campaign.
 SUPPRESSIONS = Table(
@@ -285,6 +298,7 @@ TABLES: tuple[Table, ...] = (
     DAEMONS,
     STATUSES,
     OPTOUTS,
+    OPTOUT_REMOVALS,
     SUPPRESSIONS,
 )
 
@@ -315,6 +329,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "adopt and upgrade in place"),
     Migration(3, "daemons, sending numbers and windows, status webhooks, opt-outs"),
     Migration(4, "InnoDB only, the fleet's settings, refused statuses"),
+    Migration(5, "undeliverable phones, opt-out removals"),
 )
 
 VERSION_TABLE = f"""CREATE TABLE IF NOT EXISTS whatsapp_worker_migrations (

@@ -106,6 +106,7 @@ PENDING_COUNT = "SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE applied_at 
 class Stored:
     statuses: int  # new statuses (a duplicate counts 0)
     optouts: int  # new opt-outs
+    said_before_removal: int = 0  # stops said before their phone's last `optout remove`: ignored
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +271,7 @@ class Statuses:
             async with self._db.transaction() as cur:
                 new = await _insert_statuses(cur, statuses)
                 added = await add_optouts(cur, optouts)
-            return Stored(new, added)
+            return Stored(new, added.new, added.said_before_removal)
 
         return await with_transient_retry(attempt)
 
@@ -330,7 +331,7 @@ class Statuses:
             await _write_plans(cur, plans)
             report.earlier = _earlier_sends(by_row, rows)
             optouts = _meta_optouts([s for s in pending if s.id not in foreign], rows)
-            report.optouts = await add_optouts(cur, optouts)
+            report.optouts = (await add_optouts(cur, optouts)).new
             done = [
                 s.id
                 for s in pending
@@ -504,5 +505,5 @@ def _meta_optouts(pending: Sequence[Pending], rows: dict[int, RowView]) -> list[
         if row is not None:  # a PHP row may hold `51987...`; keep an odd one as written
             phone = phone_from_wa_id(row.telefono) or row.telefono
         if phone:
-            found.append(OptOut(phone, SOURCE_META, f"status webhook: {status.wamid}"))
+            found.append(OptOut(phone, SOURCE_META, f"status webhook: {status.wamid}", said_at=status.at))
     return found

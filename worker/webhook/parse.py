@@ -166,8 +166,7 @@ def _status(item: Any, number: str | None = None) -> StatusUpdate | str | None:
     if kind not in STATUS_KINDS:
         shown = kind[:20] if isinstance(kind, str) else type(kind).__name__  # never str() a tree
         return f"a status of kind {shown!r} (not tracked)"
-    stamp = _integer(item.get("timestamp"), *TIMESTAMP_RANGE)
-    at = None if stamp is None else datetime.fromtimestamp(stamp, UTC).replace(tzinfo=None)
+    at = _timestamp(item)
     reference = item.get("biz_opaque_callback_data")
     cola_id = None
     if isinstance(reference, str) and (match := COLA_REFERENCE.fullmatch(reference)):
@@ -190,6 +189,12 @@ def _status(item: Any, number: str | None = None) -> StatusUpdate | str | None:
         raw=raw,
         phone_number_id=number,
     )
+
+
+def _timestamp(item: dict[str, Any]) -> datetime | None:
+    """Meta's `timestamp` (Unix seconds, a string or a number) as a naive UTC datetime."""
+    stamp = _integer(item.get("timestamp"), *TIMESTAMP_RANGE)
+    return None if stamp is None else datetime.fromtimestamp(stamp, UTC).replace(tzinfo=None)
 
 
 def _error(errors: Any) -> tuple[int | None, str | None]:
@@ -258,7 +263,8 @@ def _optout(item: Any, keywords: frozenset[str]) -> OptOut | None:
     phone = _sender(item.get("from"))
     if phone is None:
         return None
-    return OptOut(phone, SOURCE_KEYWORD, _clean(f"replied {stop.strip()!r}", DETAIL_MAX))
+    detail = _clean(f"replied {stop.strip()!r}", DETAIL_MAX)
+    return OptOut(phone, SOURCE_KEYWORD, detail, said_at=_timestamp(item))
 
 
 def _preference(item: Any) -> OptOut | str | None:
@@ -271,7 +277,7 @@ def _preference(item: Any) -> OptOut | str | None:
         return None
     if value == "stop":
         detail = _clean(f"user_preferences {item.get('category')}: {item.get('detail')}", DETAIL_MAX)
-        return OptOut(phone, SOURCE_PREFERENCES, detail)
+        return OptOut(phone, SOURCE_PREFERENCES, detail, said_at=_timestamp(item))
     if value == "resume":
         return phone
     return None

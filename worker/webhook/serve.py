@@ -40,6 +40,12 @@ async def run_receiver(settings: Settings, store: Store, *, log: Any) -> int:
         if stored.optouts:
             metrics.optouts.inc(stored.optouts)
             log.info("opted_out", source="keyword", phones=stored.optouts)
+        if stored.said_before_removal:
+            log.info(
+                "optout_replay_ignored",
+                stops=stored.said_before_removal,
+                action="said before `optout remove`: not opted out again (Meta's retry or a replayed body)",
+            )
 
     writer = StatusWriter(statuses=store.statuses, log=log, on_stored=on_stored)
     receiver = Receiver(settings=settings, writer=writer, metrics=metrics, log=log)

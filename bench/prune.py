@@ -211,7 +211,7 @@ def main() -> None:
             before.append(figures[0])
             show("alone", figures, finished_left(url, old))
         prune_started = time.perf_counter()
-        command = [sys.executable, "-m", "worker", "prune", "--older-than", "30d"]
+        command = [sys.executable, "-m", "worker", "prune", "--older-than", "30d", "--yes"]
         prune = subprocess.Popen(
             command,
             env=env,

@@ -14,11 +14,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.env import WORKER_BIN, eventually, run_worker
+from tests.support.env import WORKER_BIN, base_env, eventually, run_worker
 from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.processes import RUNBOOK, WorkerProcess
 from tests.support.sql import SQL
 from tests.support.tcpproxy import TcpProxy
+from tests.support.terminal import Terminal
 from worker.config import DatabaseURL
 
 
@@ -235,16 +236,44 @@ def test_prune_deletes_old_finished_rows_and_keeps_the_rest(sql: SQL, db_url: Da
     assert dry.returncode == 0 and "would delete 5 finished row(s)" in dry.stdout
     assert sql.value("SELECT COUNT(*) FROM cola_envios") == 10
 
-    done = run_worker(db_url, "prune", "--older-than", "30d")
+    # Without a terminal to ask, nothing goes unless --yes says so (cron, a systemd timer).
+    unasked = run_worker(db_url, "prune", "--older-than", "30d")
+    assert unasked.returncode == 1 and "run again with --yes" in unasked.stderr
+    assert "will delete 5 finished row(s) of cola_envios older than 30d (1 session(s)" in unasked.stdout
+    assert sql.value("SELECT COUNT(*) FROM cola_envios") == 10
+    done = run_worker(db_url, "prune", "--older-than", "30d", "--yes")
     assert "deleted 5 finished row(s)" in done.stdout and "envios_whatsapp kept" in done.stdout
     left = {r["id"]: r["estado"] for r in sql.rows("SELECT id, estado FROM cola_envios")}
     assert sorted(left) == ids[5:] and left[ids[5]] == "desconocido"
     assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3  # the history the runbook reads
 
-    history = run_worker(db_url, "prune", "--older-than", "30d", "--deliveries")
+    history = run_worker(db_url, "prune", "--older-than", "30d", "--deliveries", "--yes")
     assert "3 of envios_whatsapp" in history.stdout
     assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 0
     assert run_worker(db_url, "prune", "--older-than", "soon").returncode == 2
+    month_or_minute = run_worker(db_url, "prune", "--older-than", "1m", "--yes")
+    assert month_or_minute.returncode == 2 and "ambiguous" in month_or_minute.stderr
+    assert "1min for minutes" in month_or_minute.stderr
+
+
+def test_prune_asks_a_person_at_the_terminal_before_deleting(sql: SQL, db_url: DatabaseURL) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 4)
+    sql.execute("UPDATE cola_envios SET estado = 'enviado', updated_at = NOW(6) - INTERVAL 2 HOUR")
+
+    def prune_answering(answer: bytes) -> tuple[int, str]:
+        with Terminal([*WORKER_BIN, "prune", "--older-than", "90min"], base_env(db_url)) as terminal:
+            asked = terminal.read_until(b"[y/N] ")
+            terminal.write(answer)
+            code, rest = terminal.finish()
+            return code, asked + rest
+
+    code, screen = prune_answering(b"n\n")
+    assert code == 1 and "will delete 4 finished row(s)" in screen and "Delete them? [y/N]" in screen
+    assert sql.value("SELECT COUNT(*) FROM cola_envios") == 4
+    code, screen = prune_answering(b"y\n")
+    assert code == 0 and "deleted 4 finished row(s)" in screen
+    assert sql.value("SELECT COUNT(*) FROM cola_envios") == 0
 
 
 def test_a_cancelled_session_ends_every_row_whenever_it_was_inserted(

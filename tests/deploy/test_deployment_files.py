@@ -395,9 +395,11 @@ def test_prune_timer_and_service_pass_systemd_analyze(tmp_path: Path) -> None:
     )
     installed = tool("whatsapp-worker", venv=True)
     text = service.read_text(encoding="utf-8")
-    line = "ExecStart=/opt/whatsapp-worker/venv/bin/whatsapp-worker prune --older-than 30d"
-    assert text.count(f"\n{line}\n") == 1
-    (tmp_path / service.name).write_text(text.replace(line, f"ExecStart={installed} prune --older-than 30d"))
+    line = "ExecStart=/opt/whatsapp-worker/venv/bin/whatsapp-worker prune --older-than 30d --yes"
+    assert text.count(f"\n{line}\n") == 1  # --yes: a timer has no terminal to ask
+    (tmp_path / service.name).write_text(
+        text.replace(line, f"ExecStart={installed} prune --older-than 30d --yes")
+    )
     (tmp_path / timer.name).write_text(timer.read_text(encoding="utf-8"))
     result = verify(tmp_path / timer.name)
     assert result.returncode == 0 and result.stderr == "", result.stderr

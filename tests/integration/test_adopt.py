@@ -572,7 +572,7 @@ def test_prune_keeps_rows_a_legacy_foreign_key_holds_and_refuses_to_cascade_into
         assert dry.returncode == 0, dry.stderr
         assert "would delete 2 finished row(s)" in dry.stdout  # the two errors: no history
         assert "3 finished row(s) kept" in dry.stdout and "fk_envios_cola, ON DELETE RESTRICT" in dry.stdout
-        done = legacy.run("prune", "--older-than", "30d")
+        done = legacy.run("prune", "--older-than", "30d", "--yes")
         assert done.returncode == 0, done.stderr
         assert "deleted 2 finished row(s)" in done.stdout and "3 finished row(s) kept" in done.stdout
         assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE id <= 5") == 3
@@ -584,11 +584,11 @@ def test_prune_keeps_rows_a_legacy_foreign_key_holds_and_refuses_to_cascade_into
             "ALTER TABLE envios_whatsapp ADD CONSTRAINT fk_envios_cola"
             " FOREIGN KEY (cola_id) REFERENCES cola_envios (id) ON DELETE CASCADE"
         )
-        refused = legacy.run("prune", "--older-than", "30d")
+        refused = legacy.run("prune", "--older-than", "30d", "--yes")
         assert refused.returncode == 1 and "Nothing was deleted: add --deliveries" in refused.stderr
         assert "envios_whatsapp kept" not in refused.stdout
         assert legacy.sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3
-        both = legacy.run("prune", "--older-than", "30d", "--deliveries")
+        both = legacy.run("prune", "--older-than", "30d", "--deliveries", "--yes")
         assert both.returncode == 0, both.stderr
         assert "deleted 3 finished row(s)" in both.stdout and "3 of envios_whatsapp" in both.stdout
         assert legacy.sql.value("SELECT COUNT(*) FROM cola_envios WHERE id <= 5") == 0

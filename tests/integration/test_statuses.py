@@ -426,7 +426,7 @@ async def test_prune_statuses_deletes_applied_statuses_older_than_asked(
     )
     dry = run_worker(db_url, "prune", "--older-than", "30d", "--statuses", "--dry-run")
     assert dry.returncode == 0 and "would delete 2 applied webhook status(es)" in dry.stdout, dry.stdout
-    done = run_worker(db_url, "prune", "--older-than", "30d", "--statuses")
+    done = run_worker(db_url, "prune", "--older-than", "30d", "--statuses", "--yes")
     assert "deleted 2 applied webhook status(es)" in done.stdout, done.stdout
     left = sorted(r["wamid"] for r in sql.rows("SELECT wamid FROM whatsapp_worker_statuses"))
     assert left == ["wamid.0", "wamid.pending-row"]

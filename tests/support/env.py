@@ -35,10 +35,12 @@ def run_worker(
     url: DatabaseURL, *args: str, env: dict[str, str] | None = None, timeout: float = 60, **extra: str
 ) -> subprocess.CompletedProcess[str]:
     """`whatsapp-worker ARGS` on the database at `url`, run to its end, its output captured: the
-    one CLI runner of the tests (`env` replaces the environment, `extra` adds to it)."""
+    one CLI runner of the tests (`env` replaces the environment, `extra` adds to it). Its input
+    is empty, never the terminal pytest may run in: a command that would ask refuses instead."""
     return subprocess.run(
         [*WORKER_BIN, *args],
         env=env or base_env(url, **extra),
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,

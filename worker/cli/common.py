@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
 from worker.config import Settings
 from worker.models import SENDABLE_STATES
-from worker.store import Store
+from worker.store import RefusedChange, Store
 
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -49,7 +50,8 @@ def positive(text: str) -> int:
     return value
 
 
-AGE_UNITS = {"d": 86400, "h": 3600, "m": 60}
+# No bare `m`: `prune --older-than 1m` meant a month to one operator and deleted a minute's worth.
+AGE_UNITS = {"min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class Age(NamedTuple):
@@ -58,8 +60,26 @@ class Age(NamedTuple):
 
 
 def age(text: str) -> Age:
-    """`30d`, `12h`, `90m`."""
-    number, unit = text[:-1], text[-1:].lower()
+    """`90min`, `12h`, `30d`, `4w`."""
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    unit = text[len(number) :].lower()
+    if unit in ("m", "mo", "month", "months"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is ambiguous: write {number or 'N'}min for minutes, or days (30d) or weeks (4w)"
+        )
     if unit not in AGE_UNITS or not number.isdigit() or int(number) < 1:
-        raise argparse.ArgumentTypeError(f"an age like 30d, 12h or 90m, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"an age like 90min, 12h, 30d or 4w (units: {', '.join(AGE_UNITS)}), got {text!r}"
+        )
     return Age(int(number) * AGE_UNITS[unit], text)
+
+
+def confirm(question: str, *, yes: bool) -> None:
+    """Go on when `--yes` was given or a person at the terminal answers y; else refuse (exit 1)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise RefusedChange("nothing changed: no terminal to ask; run again with --yes to go ahead")
+    print(f"{question} [y/N] ", end="", flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise RefusedChange("nothing changed")

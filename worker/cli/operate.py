@@ -6,10 +6,11 @@ import argparse
 import csv
 import sys
 
-from worker.cli.common import age, open_checked_store
+from worker.cli.common import age, confirm, open_checked_store
 from worker.config import Settings
 from worker.exits import EX_OK
 from worker.models import RowState, SessionState
+from worker.store.prune import Pruned
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,7 +50,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         required=True,
         type=age,
         metavar="AGE",
-        help="e.g. 30d, 12h: rows finished before that",
+        help="90min, 12h, 30d or 4w: rows finished before that (a bare m is refused: minutes or months?)",
     )
     prune.add_argument(
         "--deliveries", action="store_true", help="also delete envios_whatsapp rows older than AGE"
@@ -59,7 +60,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="also delete webhook statuses applied before AGE (they hold phones)",
     )
-    prune.add_argument("--dry-run", action="store_true", help="count only")
+    prune.add_argument("--dry-run", action="store_true", help="say what it would delete, and stop")
+    prune.add_argument("--yes", action="store_true", help="delete without asking (cron, systemd timers)")
     prune.set_defaults(handler=cmd_prune)
 
 
@@ -118,16 +120,28 @@ async def cmd_rows(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    """Say what would go; with a person's yes (or --yes), delete it."""
     store = await open_checked_store(settings)
     try:
-        pruned = await store.pruner.prune(
-            args.older_than.seconds, deliveries=args.deliveries, dry_run=args.dry_run, statuses=args.statuses
-        )
+        options = {"deliveries": args.deliveries, "statuses": args.statuses}
+        plan = await store.pruner.prune(args.older_than.seconds, dry_run=True, **options)
+        _print_prune(plan, args, "would delete" if args.dry_run else "will delete")
+        if args.dry_run or not (plan.rows or plan.deliveries or plan.statuses):
+            return EX_OK
+        confirm("Delete them?", yes=args.yes)
+        pruned = await store.pruner.prune(args.older_than.seconds, dry_run=False, **options)
     finally:
         await store.close()
-    verb = "would delete" if args.dry_run else "deleted"
+    _print_prune(pruned, args, "deleted")
+    return EX_OK
+
+
+def _print_prune(pruned: Pruned, args: argparse.Namespace, verb: str) -> None:
     kept = "" if args.deliveries else "; envios_whatsapp kept"
     print(f"{verb} {pruned.rows} finished row(s) of cola_envios older than {args.older_than.text}", end="")
+    if pruned.oldest and pruned.newest:
+        span = f"{pruned.oldest:%Y-%m-%d %H:%M} to {pruned.newest:%Y-%m-%d %H:%M}"
+        print(f" ({pruned.sessions} session(s), finished {span})", end="")
     print(f", {pruned.deliveries} of envios_whatsapp" if args.deliveries else kept, end="")
     print(
         " (and the rows that reference them: " + ", ".join(map(str, pruned.cascading)) + ")"
@@ -141,7 +155,6 @@ async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
             f"{pruned.kept} finished row(s) kept: rows of another table reference them"
             f" ({', '.join(map(str, pruned.keeping))})"
         )
-    return EX_OK
 
 
 SESSION_COMMANDS = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import aiomysql
 
@@ -32,6 +33,12 @@ DELIVERIES_OLDER = "fecha_envio < NOW() - INTERVAL %s SECOND"
 
 # -- name: count_finished :one
 COUNT_FINISHED = "SELECT COUNT(*) FROM cola_envios WHERE {finished}"
+# -- name: describe_finished :one
+# What a prune would take: how many rows, of how many sessions, finished between when and when.
+DESCRIBE_FINISHED = (
+    "SELECT COUNT(*), COUNT(DISTINCT sesion_id), MIN(updated_at), MAX(updated_at)"
+    " FROM cola_envios WHERE {finished}"
+)
 # -- name: delete_finished :exec
 DELETE_FINISHED = "DELETE FROM cola_envios WHERE {finished} LIMIT " + str(PRUNE_BATCH)
 # -- name: count_deliveries :one
@@ -89,6 +96,10 @@ class Pruned:
     keeping: tuple[ForeignKey, ...] = ()  # the keys that kept them
     cascading: tuple[ForeignKey, ...] = field(default=())  # envios_whatsapp keys that followed
     statuses: int = 0  # applied webhook statuses deleted (`--statuses`)
+    # with dry_run: the sessions the rows belong to, and the oldest and newest finish (server time)
+    sessions: int = 0
+    oldest: datetime | None = None
+    newest: datetime | None = None
 
 
 class Pruner:
@@ -131,9 +142,9 @@ class Pruner:
         )
         all_old = await self._count(COUNT_FINISHED.format(finished=FINISHED_OLDER), older_than)
         if dry_run:
-            rows = await self._count(COUNT_FINISHED.format(finished=finished), older_than)
+            rows, sessions, oldest, newest = await self._describe(finished, older_than)
             history = await self._count(COUNT_DELIVERIES, older_than) if deliveries else 0
-            return Pruned(rows, history, all_old - rows, keeping, cascading)
+            return Pruned(rows, history, all_old - rows, keeping, cascading, 0, sessions, oldest, newest)
         # the history first: rows it referenced (RESTRICT) can go in the same run
         history = await self._delete(DELETE_DELIVERIES, older_than) if deliveries else 0
         rows = await self._delete(DELETE_FINISHED.format(finished=finished), older_than)
@@ -142,6 +153,14 @@ class Pruner:
     async def _foreign_keys(self) -> list[ForeignKey]:
         async with self._db.transaction() as cur:
             return await foreign_keys_into_queue(cur)
+
+    async def _describe(
+        self, finished: str, older_than: int
+    ) -> tuple[int, int, datetime | None, datetime | None]:
+        async with self._db.transaction() as cur:
+            await cur.execute(DESCRIBE_FINISHED.format(finished=finished), (older_than,))
+            rows, sessions, oldest, newest = await cur.fetchone()
+        return int(rows), int(sessions), oldest, newest
 
     async def _count(self, sql: str, older_than: int) -> int:
         async with self._db.transaction() as cur:

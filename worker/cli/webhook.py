@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 
-from worker.cli.common import open_checked_store
+from worker.cli.common import open_checked_store, parse_phone_or_none
+from worker.cli.output import SafeCSV, printable
 from worker.config import ConfigError, Settings
 from worker.exits import EX_OK
 from worker.log import get_logger
-from worker.messages import InvalidMessage, parse_phone
 from worker.models import SOURCE_OPERATOR
 from worker.webhook.serve import run_receiver
 
@@ -62,16 +61,8 @@ async def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
         await store.close()
 
 
-def _phone(raw: str, settings: Settings) -> str | None:
-    try:
-        return parse_phone(raw, settings.default_country)
-    except InvalidMessage as exc:
-        print(f"whatsapp-worker: {exc}", file=sys.stderr)
-        return None
-
-
 async def cmd_optout_add(settings: Settings, args: argparse.Namespace) -> int:
-    phone = _phone(args.phone, settings)
+    phone = parse_phone_or_none(args.phone, settings)
     if phone is None:
         return 2
     store = await open_checked_store(settings)
@@ -84,7 +75,7 @@ async def cmd_optout_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_optout_remove(settings: Settings, args: argparse.Namespace) -> int:
-    phone = _phone(args.phone, settings)
+    phone = parse_phone_or_none(args.phone, settings)
     if phone is None:
         return 2
     store = await open_checked_store(settings)
@@ -100,9 +91,7 @@ async def cmd_optout_remove(settings: Settings, args: argparse.Namespace) -> int
 
 
 async def cmd_optout_list(settings: Settings, args: argparse.Namespace) -> int:
-    writer = csv.writer(sys.stdout) if args.csv else None
-    if writer:
-        writer.writerow(OPTOUT_COLUMNS)
+    writer = SafeCSV(OPTOUT_COLUMNS) if args.csv else None
     store = await open_checked_store(settings)
     shown, after = 0, 0
     try:
@@ -110,9 +99,9 @@ async def cmd_optout_list(settings: Settings, args: argparse.Namespace) -> int:
             for row in page:
                 created = row.created_at.isoformat(sep=" ", timespec="seconds")
                 if writer:
-                    writer.writerow([row.telefono, row.source, row.detail or "", created])
+                    writer.row([row.telefono, row.source, row.detail, created])
                 else:
-                    print(f"{row.telefono}  {row.source}  {created} UTC  {row.detail or ''}".rstrip())
+                    print(f"{row.telefono}  {row.source}  {created} UTC  {printable(row.detail)}".rstrip())
             after, shown = page[-1].id, shown + len(page)
     finally:
         await store.close()
@@ -125,18 +114,16 @@ SUPPRESSED_COLUMNS = ("phone", "phone_number_id", "code", "until_utc", "reason")
 
 
 async def cmd_suppressed_list(settings: Settings, args: argparse.Namespace) -> int:
-    writer = csv.writer(sys.stdout) if args.csv else None
-    if writer:
-        writer.writerow(SUPPRESSED_COLUMNS)
+    writer = SafeCSV(SUPPRESSED_COLUMNS) if args.csv else None
     store = await open_checked_store(settings)
     shown, after = 0, 0
     try:
         while page := await store.suppressions.page(after_id=after, limit=OPTOUT_PAGE):
             for row in page:
                 until = row.expires_at.isoformat(sep=" ", timespec="seconds")
-                values = [row.telefono, row.phone_number_id, row.code or "", until, row.reason or ""]
+                values = [row.telefono, row.phone_number_id, row.code, until, row.reason]
                 if writer:
-                    writer.writerow(values)
+                    writer.row(values)
                 else:
                     print(f"{row.telefono}  number {row.phone_number_id}  until {until} UTC  code {row.code}")
             after, shown = page[-1].id, shown + len(page)
@@ -148,7 +135,7 @@ async def cmd_suppressed_list(settings: Settings, args: argparse.Namespace) -> i
 
 
 async def cmd_suppressed_clear(settings: Settings, args: argparse.Namespace) -> int:
-    phone = _phone(args.phone, settings)
+    phone = parse_phone_or_none(args.phone, settings)
     if phone is None:
         return 2
     store = await open_checked_store(settings)

@@ -49,8 +49,9 @@ RESULT_MAY_ARRIVE = (
 )
 # -- name: list_rows :many
 LIST_ROWS = (
-    "SELECT id, telefono, cliente_id, estado, attempts, last_error_code, last_error, wamid"
-    " FROM cola_envios WHERE sesion_id = %s AND estado IN ({states}){code} AND id > %s"
+    "SELECT id, telefono, cliente_id, estado, attempts, last_error_code, last_error, wamid,"
+    " CONVERT_TZ(updated_at, @@session.time_zone, '+00:00') AS updated_utc"
+    " FROM cola_envios WHERE sesion_id = %s AND estado IN ({states}){filters} AND id > %s"
     " ORDER BY id LIMIT %s"
 )
 # -- name: retry_rows :exec
@@ -146,14 +147,28 @@ class Sessions:
         return int(cur.rowcount)
 
     async def rows(
-        self, session_id: int, *, states: Sequence[str], code: int | None, after_id: int, limit: int
+        self,
+        session_id: int,
+        *,
+        states: Sequence[str],
+        code: int | None,
+        after_id: int,
+        limit: int,
+        phones: Sequence[str] = (),
+        client_id: int | None = None,
     ) -> list[dict[str, Any]]:
-        """One page of a session's rows in the given states, by id (keyset: flat however deep)."""
-        code_sql, code_args = (" AND last_error_code = %s", (code,)) if code is not None else ("", ())
+        """One page of a session's rows in the given states, by id (keyset: flat however deep);
+        `phones`: only rows for one of these (every form of one number); `client_id`: its rows."""
+        filters, args = "", list[Any]()
+        for column, value in (("last_error_code", code), ("cliente_id", client_id)):
+            if value is not None:
+                filters, args = filters + f" AND {column} = %s", [*args, value]
+        if phones:
+            filters, args = filters + f" AND telefono IN ({placeholders(len(phones))})", [*args, *phones]
         async with self._db.transaction() as cur:
             await cur.execute(
-                LIST_ROWS.format(states=placeholders(len(states)), code=code_sql),
-                (session_id, *states, *code_args, after_id, limit),
+                LIST_ROWS.format(states=placeholders(len(states)), filters=filters),
+                (session_id, *states, *args, after_id, limit),
             )
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]

@@ -82,6 +82,11 @@ class DatabaseURL:
 OPTOUT_KEYWORDS = ("BAJA", "STOP", "CANCELAR", "UNSUBSCRIBE", "STOP PROMOTIONS", "STOP_PROMOTIONS")
 
 
+# Bytes the receiver's bodies may hold before their signature is checked: 16 bodies of the
+# largest size at once, thousands of Meta's usual few-KiB ones.
+UNVERIFIED_BYTES = 16 * 1_048_576
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database: DatabaseURL
@@ -124,6 +129,9 @@ class Settings:
     webhook_port: int = 8080  # 0: any free port (tests; the port is logged)
     webhook_metrics_port: int = 0  # 0: no metrics endpoint for the receiver
     webhook_max_body: int = 1_048_576  # bytes; a larger POST is refused (413) unread
+    webhook_idle_timeout: float = 30.0  # seconds a connection without a request stays open
+    webhook_max_connections: int = 1000  # lowered at start to fit the open files limit
+    webhook_unverified_bytes: int = UNVERIFIED_BYTES  # bodies read, signature not checked yet
     verify_token: str = field(default="", repr=False)
     app_secret: str = field(default="", repr=False)
     optout_keywords: tuple[str, ...] = OPTOUT_KEYWORDS
@@ -137,6 +145,7 @@ class Settings:
         env = os.environ if env is None else env
         reader = _Reader(env)
         sender = reader.choice("WORKER_SENDER", "cloud", ("cloud", "sandbox"))
+        max_body = reader.integer("WORKER_WEBHOOK_MAX_BODY", 1_048_576, minimum=1024, maximum=64 * 1_048_576)
         settings = cls(
             database=DatabaseURL.parse(reader.required_secret("WORKER_DATABASE_URL")),
             api_url=reader.url("WHATSAPP_API_URL", "https://graph.facebook.com/v23.0"),
@@ -171,8 +180,18 @@ class Settings:
             webhook_host=reader.text("WORKER_WEBHOOK_HOST", "127.0.0.1"),
             webhook_port=reader.integer("WORKER_WEBHOOK_PORT", 8080, minimum=0, maximum=65535),
             webhook_metrics_port=reader.integer("WORKER_WEBHOOK_METRICS_PORT", 0, minimum=0, maximum=65535),
-            webhook_max_body=reader.integer(
-                "WORKER_WEBHOOK_MAX_BODY", 1_048_576, minimum=1024, maximum=64 * 1_048_576
+            webhook_max_body=max_body,
+            webhook_idle_timeout=reader.number(
+                "WORKER_WEBHOOK_IDLE_TIMEOUT", 30.0, minimum=1.0, maximum=3600.0
+            ),
+            webhook_max_connections=reader.integer(
+                "WORKER_WEBHOOK_MAX_CONNECTIONS", 1000, minimum=1, maximum=1_000_000
+            ),
+            webhook_unverified_bytes=reader.integer(  # by default room for one largest body at least
+                "WORKER_WEBHOOK_UNVERIFIED_BYTES",
+                max(UNVERIFIED_BYTES, max_body),
+                minimum=1024,
+                maximum=1024 * 1_048_576,
             ),
             verify_token=reader.secret("WHATSAPP_VERIFY_TOKEN"),
             app_secret=reader.secret("WHATSAPP_APP_SECRET"),
@@ -185,7 +204,8 @@ class Settings:
         return settings
 
     def _check(self, *, need_sender: bool) -> None:
-        """What no single variable says: the sender's credentials, the lease against the timeout."""
+        """What no single variable says: the sender's credentials, the lease against the timeout,
+        the receiver's unverified-bytes budget against its largest body."""
         if need_sender and self.sender == "cloud":
             if not self.phone_number_id:
                 raise ConfigError("WHATSAPP_PHONE_NUMBER_ID must be set to the sending number's id")
@@ -193,6 +213,11 @@ class Settings:
                 raise ConfigError(
                     "WHATSAPP_ACCESS_TOKEN or WHATSAPP_ACCESS_TOKEN_FILE must be set for the cloud sender"
                 )
+        if self.webhook_unverified_bytes < self.webhook_max_body:  # one largest body must fit
+            raise ConfigError(
+                "WORKER_WEBHOOK_UNVERIFIED_BYTES must be at least WORKER_WEBHOOK_MAX_BODY "
+                f"({self.webhook_unverified_bytes} < {self.webhook_max_body})"
+            )
         if self.lease_seconds <= self.send_timeout * 2:
             raise ConfigError(
                 "WORKER_LEASE_SECONDS must be more than twice WORKER_SEND_TIMEOUT "

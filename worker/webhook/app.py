@@ -13,6 +13,7 @@ from aiohttp import web
 
 from worker.config import Settings
 from worker.store import DatabaseError, DatabaseUnavailable
+from worker.webhook.connections import ConnectionCap
 from worker.webhook.metrics import WebhookMetrics
 from worker.webhook.parse import Malformed, parse_payload, signature_ok
 from worker.webhook.writer import StatusWriter
@@ -40,11 +41,63 @@ class _Sampled:
             self._log.warning(event, times=self._count.pop(event), **fields)
 
 
+class _UnverifiedBytes:
+    """Bytes of bodies whose signature is not checked yet, receiver-wide: without a bound, 400
+    slow unsigned 1 MiB bodies held 400 MiB."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, amount: int) -> bool:
+        if self.held + amount > self.limit:
+            return False
+        self.held += amount
+        return True
+
+    def give_back(self, amount: int) -> None:
+        self.held -= amount
+
+
+class _Reservation:
+    """One request's share of the unverified bytes: what it announced, grown as it reads more."""
+
+    def __init__(self, budget: _UnverifiedBytes) -> None:
+        self._budget = budget
+        self._amount = 0
+
+    def grow_to(self, total: int) -> bool:
+        if total <= self._amount:
+            return True
+        if not self._budget.take(total - self._amount):
+            return False
+        self._amount = total
+        return True
+
+    def release(self) -> None:
+        self._budget.give_back(self._amount)
+        self._amount = 0
+
+
+class _Refused(Exception):
+    """A POST answered before its body was accepted (too large, busy, too slow, a bad signature)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
 class Receiver:
     """The aiohttp application: GET (handshake) and POST (notifications) on /webhook."""
 
     def __init__(
-        self, *, settings: Settings, writer: StatusWriter, metrics: WebhookMetrics, log: Any
+        self,
+        *,
+        settings: Settings,
+        writer: StatusWriter,
+        metrics: WebhookMetrics,
+        log: Any,
+        max_connections: int,
     ) -> None:
         self._secret = settings.app_secret
         self._verify_token = settings.verify_token
@@ -54,9 +107,14 @@ class Receiver:
         self._metrics = metrics
         self._log = log
         self._sampled = _Sampled(log)
+        self._unverified = _UnverifiedBytes(settings.webhook_unverified_bytes)
+        metrics.unverified_bytes.set_function(lambda: self._unverified.held)
+        self.connections = ConnectionCap(max_connections, metrics=metrics, warn=self._sampled.warning)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_body, middlewares=[self._never_crash])
+        app = web.Application(
+            client_max_size=self._max_body, middlewares=[self.connections.mark_busy, self._never_crash]
+        )
         app.router.add_get(PATH, self.handshake)
         app.router.add_post(PATH, self.notification)
         return app
@@ -90,26 +148,52 @@ class Receiver:
         length = request.content_length
         if length is not None and length > self._max_body:
             return self._too_large(length)
+        signature = request.headers.get(SIGNATURE_HEADER)
+        if signature is None:  # refused before a byte of the body is read
+            return self._unsigned(length)
+        try:
+            body = await self._verified_body(request, signature)
+        except _Refused as refused:
+            return refused.response
+        return await self._accept(body)
+
+    async def _verified_body(self, request: web.Request, signature: str) -> bytes:
+        """The body, once its signature checks out; until then it counts against
+        WORKER_WEBHOOK_UNVERIFIED_BYTES (given back however the read or the check ends)."""
+        reservation = _Reservation(self._unverified)
+        try:
+            body = await self._read_reserved(request, reservation)
+            if not signature_ok(self._secret, body, signature):
+                self._metrics.signature_failures.inc()
+                self._metrics.requests.labels("bad_signature").inc()
+                self._sampled.warning("webhook_signature_invalid", bytes=len(body))
+                raise _Refused(web.Response(status=403, text="bad signature"))
+            return body
+        finally:
+            reservation.release()
+
+    async def _read_reserved(self, request: web.Request, reservation: _Reservation) -> bytes:
+        """Read the body, reserving its bytes before holding them: all it announced at once,
+        then whatever arrives beyond (a chunked body, one without a length)."""
+        if not reservation.grow_to(request.content_length or 0):
+            raise _Refused(self._busy(request.content_length))
+        body = bytearray()
         try:
             async with asyncio.timeout(READ_TIMEOUT):
-                body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large(None)
+                async for chunk in request.content.iter_any():
+                    if len(body) + len(chunk) > self._max_body:
+                        raise _Refused(self._too_large(None))
+                    if not reservation.grow_to(len(body) + len(chunk)):
+                        raise _Refused(self._busy(None))
+                    body += chunk
         except TimeoutError:
             self._sampled.warning("webhook_body_timeout", seconds=READ_TIMEOUT)
-            return web.Response(status=408, text="request timeout")
+            raise _Refused(web.Response(status=408, text="request timeout")) from None
+        return bytes(body)
+
+    async def _accept(self, body: bytes) -> web.Response:
+        """A signed body: parsed, and stored before the answer."""
         started = time.perf_counter()
-        signature = request.headers.get(SIGNATURE_HEADER)
-        if signature is None:
-            self._metrics.signature_failures.inc()
-            self._metrics.requests.labels("unsigned").inc()
-            self._sampled.warning("webhook_signature_missing", bytes=len(body))
-            return web.Response(status=401, text="signature required")
-        if not signature_ok(self._secret, body, signature):
-            self._metrics.signature_failures.inc()
-            self._metrics.requests.labels("bad_signature").inc()
-            self._sampled.warning("webhook_signature_invalid", bytes=len(body))
-            return web.Response(status=403, text="bad signature")
         try:
             parsed = parse_payload(body, self._keywords)
         except Malformed as exc:
@@ -148,6 +232,24 @@ class Receiver:
     def _too_large(self, length: int | None) -> web.Response:
         self._metrics.requests.labels("too_large").inc()
         self._sampled.warning("webhook_body_too_large", bytes=length, limit=self._max_body)
-        response = web.Response(status=413, text="body too large")
-        response.force_close()  # the rest of the body is never read: this connection is done
-        return response
+        return _closing(web.Response(status=413, text="body too large"))
+
+    def _unsigned(self, length: int | None) -> web.Response:
+        self._metrics.signature_failures.inc()
+        self._metrics.requests.labels("unsigned").inc()
+        self._sampled.warning("webhook_signature_missing", bytes=length)
+        return _closing(web.Response(status=401, text="signature required"))
+
+    def _busy(self, length: int | None) -> web.Response:
+        """The unverified bytes are all taken: 503 at once, and Meta retries later."""
+        self._metrics.requests.labels("busy").inc()
+        self._sampled.warning(
+            "webhook_busy", bytes=length, held=self._unverified.held, limit=self._unverified.limit
+        )
+        return _closing(web.Response(status=503, text="busy, try again later"))
+
+
+def _closing(response: web.Response) -> web.Response:
+    """The rest of the body is never read: this connection is done after the answer."""
+    response.force_close()
+    return response

@@ -30,7 +30,16 @@ class WebhookMetrics:
             ["result"],
             registry=self.registry,
         )
-        for result in ("stored", "empty", "malformed", "unsigned", "bad_signature", "too_large", "failed"):
+        for result in (
+            "stored",
+            "empty",
+            "malformed",
+            "unsigned",
+            "bad_signature",
+            "too_large",
+            "busy",
+            "failed",
+        ):
             self.requests.labels(result)
         self.signature_failures = Counter(
             "whatsapp_worker_webhook_signature_failures",
@@ -72,6 +81,25 @@ class WebhookMetrics:
             "whatsapp_worker_webhook_ack_seconds",
             "From a signed POST's body to its answer (the batch committed)",
             buckets=ACK_BUCKETS,
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "whatsapp_worker_webhook_connections",
+            "Open connections to the webhook port (at most WORKER_WEBHOOK_MAX_CONNECTIONS)",
+            registry=self.registry,
+        )
+        self.connections_closed = Counter(
+            "whatsapp_worker_webhook_connections_closed",
+            "Connections closed at the cap: the oldest idle one (idle_evicted), or the new one when"
+            " every connection is busy (refused_full)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("idle_evicted", "refused_full"):
+            self.connections_closed.labels(reason)
+        self.unverified_bytes = Gauge(
+            "whatsapp_worker_webhook_unverified_bytes",
+            "Bytes reserved by bodies whose signature is not checked yet (WORKER_WEBHOOK_UNVERIFIED_BYTES)",
             registry=self.registry,
         )
 

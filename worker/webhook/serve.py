@@ -18,6 +18,7 @@ from worker.store import Store
 from worker.store.statuses import Stored
 from worker.systemd import Notifier
 from worker.webhook.app import LINGER, PATH, Receiver
+from worker.webhook.connections import RESERVED_DESCRIPTORS, DescriptorBudget, descriptor_budget
 from worker.webhook.metrics import WebhookMetrics, metrics_app
 from worker.webhook.settler import Settler
 from worker.webhook.writer import StatusWriter
@@ -48,18 +49,27 @@ async def run_receiver(settings: Settings, store: Store, *, log: Any) -> int:
             )
 
     writer = StatusWriter(statuses=store.statuses, log=log, on_stored=on_stored)
-    receiver = Receiver(settings=settings, writer=writer, metrics=metrics, log=log)
+    budget = descriptor_budget(settings.webhook_max_connections)
+    receiver = Receiver(
+        settings=settings, writer=writer, metrics=metrics, log=log, max_connections=budget.max_connections
+    )
     runner = web.AppRunner(
-        receiver.app(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, lingering_time=LINGER
+        receiver.app(),
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        lingering_time=LINGER,
+        keepalive_timeout=settings.webhook_idle_timeout,  # aiohttp's default keeps one an hour
     )
     await runner.setup()
+    assert runner.server is not None  # set by setup()
+    receiver.connections.watch(runner.server)
     metrics_runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
         port = await _listen(runner, settings.webhook_host, settings.webhook_port, "WORKER_WEBHOOK_PORT")
         metrics_runner = await _serve_metrics(settings, metrics)
         tasks = [asyncio.create_task(writer.run()), asyncio.create_task(settler.run())]
-        exit_code = await _until_stopped(settings, port, notifier, log)
+        exit_code = await _until_stopped(settings, budget, port, notifier, log)
     finally:
         await runner.cleanup()  # no new requests; those in progress finish (their batch commits)
         writer.close()
@@ -82,7 +92,9 @@ async def _serve_metrics(settings: Settings, metrics: WebhookMetrics) -> web.App
     return runner
 
 
-async def _until_stopped(settings: Settings, port: int, notifier: Notifier, log: Any) -> int:
+async def _until_stopped(
+    settings: Settings, budget: DescriptorBudget, port: int, notifier: Notifier, log: Any
+) -> int:
     """Say it is ready, then wait for a stop signal (EX_OK) or a lost log output (EX_IOERR)."""
     stop = asyncio.Event()
     exit_code = EX_OK
@@ -107,10 +119,29 @@ async def _until_stopped(settings: Settings, port: int, notifier: Notifier, log:
             path=PATH,
             metrics_port=settings.webhook_metrics_port or None,
             database=settings.database.redacted(),
+            max_connections=budget.max_connections,
+            max_connections_wanted=budget.wanted if budget.lowered else None,
+            open_files_limit=budget.open_files_limit,
+            idle_timeout=settings.webhook_idle_timeout,
+            unverified_bytes=settings.webhook_unverified_bytes,
         )
+        _warn_if_lowered(budget, log)  # after webhook_started: the line tools wait for comes first
         notifier.notify(ready=1, status=f"listening on {settings.webhook_host}:{port}{PATH}")
         await stop.wait()
     return exit_code
+
+
+def _warn_if_lowered(budget: DescriptorBudget, log: Any) -> None:
+    """WORKER_WEBHOOK_MAX_CONNECTIONS did not fit the open files limit: say what is in force."""
+    if budget.lowered:
+        log.warning(
+            "webhook_max_connections_lowered",
+            wanted=budget.wanted,
+            max_connections=budget.max_connections,
+            open_files_limit=budget.open_files_limit,
+            reserved=RESERVED_DESCRIPTORS,
+            fix="raise LimitNOFILE= (systemd) or ulimits nofile (compose)",
+        )
 
 
 async def _listen(runner: web.AppRunner, host: str, port: int, variable: str) -> int:

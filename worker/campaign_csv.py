@@ -1,7 +1,8 @@
 """The campaign CSV (`whatsapp-worker enqueue --csv`): read and checked whole before anything is written.
 
-Header: `phone` (required), `client_id` (optional); every other column, in order, is a body
-parameter of the template (or fills `{{1}}`, `{{2}}` ... of a text body).
+Header: `phone` (required; `telefono` or `teléfono` also name it), `client_id` (optional); every
+other column, in order, is a body parameter of the template (or fills `{{1}}`, `{{2}}` ... of a
+text body). A value that is sent must have no control characters (see `_Builder.problem`).
 
 The file is read twice, as a stream, and never held in memory: the first pass checks every
 row (and lets the store compare it with what the session already queued), the second builds
@@ -16,7 +17,9 @@ import csv
 import heapq
 import json
 import os
+import re
 import tempfile
+import unicodedata
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +52,26 @@ _LINE_BITS = 40  # duplicate-check key: phone << 40 | line
 
 # (cliente_id, telefono, mensaje JSON): one row of cola_envios.
 QueueRow = tuple[int | None, str, str]
+
+# What the phone column may be headed, as _header_key leaves a name: the table's own Spanish too.
+PHONE_HEADERS = ("phone", "telefono", "tel\u00e9fono")
+
+# Control characters (C0, DEL, C1) never belong in a message; a text body may still break lines
+# and have tabs, but Meta refuses a template parameter with them ("Param text cannot have
+# new-line/tab characters or more than 4 consecutive spaces").
+TEXT_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+TEMPLATE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+TEMPLATE_SPACES = re.compile(" {5,}")
+LINE_BREAKS_AND_TABS = "\t\n\r"
+# Their usual short names (unicodedata.name has none for control characters).
+C0_NAMES = (
+    "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI"
+    " DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC FS GS RS US"
+).split()
+C1_NAMES = (
+    "PAD HOP BPH NBH IND NEL SSA ESA HTS HTJ VTS PLD PLU RI SS2 SS3"
+    " DCS PU1 PU2 STS CCH MW SPA EPA SOS SGC SCI CSI ST OSC PM APC"
+).split()
 
 
 class CsvError(Exception):
@@ -102,6 +125,8 @@ class _Builder:
 
     def __init__(self, spec: MessageSpec, names: list[str]) -> None:
         self.names = names  # the parameter columns, as the header names them
+        self._for_template = spec.text is None
+        self._controls = TEMPLATE_CONTROLS if self._for_template else TEXT_CONTROLS
         if spec.text is not None:
             # "Hola {{1}}, debe {{2}}" -> ["Hola ", 0, ", debe ", 1, ""]: literals and indexes
             pieces = PLACEHOLDER.split(spec.text)
@@ -120,10 +145,20 @@ class _Builder:
             self.build = self._template
 
     def problem(self, params: list[str]) -> str | None:
-        """What is wrong with this row's parameters (None: nothing)."""
+        """What is wrong with this row's parameters (None: nothing). Only the values that are
+        sent are checked: a column a text body does not use may hold anything."""
         for index in self.used:
-            if not params[index]:
-                return f", column {self.names[index]!r}: empty value"
+            if (problem := self._value_problem(params[index])) is not None:
+                return f", column {self.names[index]!r}: {problem}"
+        return None
+
+    def _value_problem(self, value: str) -> str | None:
+        if not value:
+            return "empty value"
+        if (control := self._controls.search(value)) is not None:
+            return _control_problem(control[0])
+        if self._for_template and (spaces := TEMPLATE_SPACES.search(value)) is not None:
+            return f"{len(spaces[0])} spaces in a row: a template parameter may have at most 4"
         return None
 
     def _text(self, params: list[str]) -> str:
@@ -173,16 +208,12 @@ class CsvSource:
 
     def _layout(self, header: list[str]) -> None:
         names = [name.strip() for name in header]
-        lowered = [name.lower() for name in names]
-        if "phone" not in lowered:
-            found = ", ".join(repr(n) for n in names) or "nothing"
-            raise CsvError(self.path, [f"line 1: the header must have a 'phone' column (found {found})"])
-        for name in ("phone", "client_id"):
-            if lowered.count(name) > 1:
-                raise CsvError(self.path, [f"line 1: the header has the column {name!r} twice"])
+        keys = [_header_key(name) for name in names]
+        self.phone_at = self._phone_column(names, keys)
+        if keys.count("client_id") > 1:
+            raise CsvError(self.path, ["line 1: the header has the column 'client_id' twice"])
         self.width = len(names)
-        self.phone_at = lowered.index("phone")
-        self.client_at = lowered.index("client_id") if "client_id" in lowered else None
+        self.client_at = keys.index("client_id") if "client_id" in keys else None
         self.param_at = [i for i in range(self.width) if i not in (self.phone_at, self.client_at)]
         params = [names[i] or f"column {i + 1}" for i in self.param_at]
         self.builder = _Builder(self.spec, params)
@@ -198,6 +229,21 @@ class CsvSource:
                     ],
                 )
             self.unused = [name for i, name in enumerate(params) if i not in self.builder.used]
+
+    def _phone_column(self, names: list[str], keys: list[str]) -> int:
+        """Where the one phone column is, whichever of PHONE_HEADERS heads it."""
+        found = [i for i, key in enumerate(keys) if key in PHONE_HEADERS]
+        if not found:
+            allowed = f"{PHONE_HEADERS[0]!r}, {PHONE_HEADERS[1]!r} or {PHONE_HEADERS[2]!r}"
+            seen = ", ".join(repr(n) for n in names) or "nothing"
+            problem = f"line 1: the header must have a phone column, headed {allowed} (found {seen})"
+            raise CsvError(self.path, [problem])
+        if len(found) > 1:
+            both = ", ".join(repr(names[i]) for i in found[:-1]) + f" and {names[found[-1]]!r}"
+            raise CsvError(
+                self.path, [f"line 1: the header has {len(found)} phone columns, {both}: keep one"]
+            )
+        return found[0]
 
     @property
     def parameters(self) -> list[str]:
@@ -396,6 +442,22 @@ def _not_utf8(path: Path) -> tuple[int, str]:
 def _fingerprint(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _header_key(name: str) -> str:
+    """A header name as it is compared: trimmed, composed (a Mac may save `é` as `e` and an
+    accent, NFD) and lower-case."""
+    return unicodedata.normalize("NFC", name.strip()).lower()
+
+
+def _control_problem(char: str) -> str:
+    """`a control character (U+001B ESC)`, and why a line break or tab is refused."""
+    code = ord(char)
+    name = C0_NAMES[code] if code < 0x20 else "DEL" if code == 0x7F else C1_NAMES[code - 0x80]
+    problem = f"a control character (U+{code:04X} {name})"
+    if char in LINE_BREAKS_AND_TABS:  # only a template refuses these
+        problem += ": a template parameter cannot have line breaks or tabs"
+    return problem
 
 
 def _delimiter(header: str) -> str:

@@ -80,6 +80,40 @@ def test_more_problems_than_shown_are_counted(sql: SQL, db_url: DatabaseURL, tmp
     assert "... and 70 more" in result.stderr
 
 
+def test_a_spreadsheet_headed_telefono_is_queued(sql: SQL, db_url: DatabaseURL, tmp_path: Path) -> None:
+    excel = tmp_path / "clientes.csv"  # Excel's "CSV UTF-8": a BOM, `;`, CRLF
+    excel.write_text(
+        "Tel\u00e9fono;client_id;nombre\r\n+51987000001;1;Ana\r\n+51987000002;2;Jos\u00e9\r\n",
+        encoding="utf-8-sig",
+    )
+    result = enqueue(db_url, "--session", "s", *TEMPLATE, "--csv", excel)
+    assert result.returncode == 0, result.stderr
+    assert "queued 2 new message(s), 0 already queued" in result.stdout
+    rows = sql.rows("SELECT cliente_id, telefono, mensaje FROM cola_envios ORDER BY telefono")
+    assert [(r["cliente_id"], r["telefono"]) for r in rows] == [(1, "+51987000001"), (2, "+51987000002")]
+    names = [json.loads(r["mensaje"])["template"]["components"][0]["parameters"][0]["text"] for r in rows]
+    assert names == ["Ana", "Jos\u00e9"]
+
+
+def test_a_control_character_in_a_parameter_is_refused_naming_its_line_and_column(
+    sql: SQL, db_url: DatabaseURL, tmp_path: Path
+) -> None:
+    bad = write(
+        tmp_path / "bad.csv",
+        "phone,nombre,monto\n"
+        "+51987000001,Ana,S/ 10\n"
+        "+51987000002,\x1b[1mLuis,S/ 20\n"  # line 3: an ESC a terminal would act on
+        "+51987000003,Eva,S/ 30\n",
+    )
+    result = enqueue(db_url, "--session", "s", *TEMPLATE, "--csv", bad)
+    assert result.returncode == 65, result.stderr
+    assert f"{bad}: nothing was queued" in result.stderr
+    assert "line 3, column 'nombre': a control character (U+001B ESC)" in result.stderr
+    assert "\x1b" not in result.stderr  # the value is named, not replayed on the terminal
+    assert sql.value("SELECT COUNT(*) FROM cola_envios") == 0
+    assert sql.value("SELECT COUNT(*) FROM sesiones_envio") == 0
+
+
 def test_text_placeholders_are_filled_once_and_a_placeholder_without_a_column_is_refused(
     sql: SQL, db_url: DatabaseURL, tmp_path: Path
 ) -> None:

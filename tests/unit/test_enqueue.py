@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from datetime import datetime
 from pathlib import Path
@@ -84,11 +85,12 @@ def test_line_numbers_count_physical_lines_and_skip_blank_rows(tmp_path: Path) -
 
 def test_the_header_is_checked_first(tmp_path: Path) -> None:
     path = tmp_path / "x.csv"
-    path.write_text("telefono,nombre\n+51987000001,Ana\n")
+    path.write_text("tel,nombre\n+51987000001,Ana\n")
     with pytest.raises(CsvError) as caught:
         CsvSource(path, TEMPLATE)
     assert caught.value.problems == [
-        "line 1: the header must have a 'phone' column (found 'telefono', 'nombre')"
+        "line 1: the header must have a phone column, headed 'phone', 'telefono' or 'tel\u00e9fono'"
+        " (found 'tel', 'nombre')"
     ]
     path.write_text("phone,name,Phone\n")
     with pytest.raises(CsvError, match="problem"):
@@ -100,6 +102,122 @@ def test_the_header_is_checked_first(tmp_path: Path) -> None:
     with pytest.raises(CsvError, match="problem") as missing:
         CsvSource(tmp_path / "missing.csv", TEMPLATE)
     assert missing.value.problems[0].startswith("cannot read the file")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "phone",
+        " Phone ",
+        "telefono",
+        "TELEFONO",
+        "tel\u00e9fono",  # é as one character (NFC), as most editors save it
+        "tele\u0301fono",  # e + a combining accent (NFD), as a Mac export may save it
+        " TELE\u0301FONO ",  # capitals, decomposed, padded
+        "Tel\u00e9fono",
+    ],
+)
+def test_the_phone_column_may_be_headed_phone_telefono_or_telefono_with_accent(
+    tmp_path: Path, header: str
+) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text(f"{header};client_id;nombre\n+51987000001;7;Ana\n", encoding="utf-8-sig")
+    ((client, phone, message),) = read_rows(path, TEMPLATE)
+    assert (client, phone) == (7, "+51987000001")
+    assert json.loads(message)["template"]["components"][0]["parameters"] == [{"type": "text", "text": "Ana"}]
+
+
+@pytest.mark.parametrize(
+    ("header", "named"),
+    [
+        ("phone,telefono,nombre", "'phone' and 'telefono'"),
+        ("Tel\u00e9fono,nombre,phone", "'Tel\u00e9fono' and 'phone'"),
+        ("tele\u0301fono,tel\u00e9fono", "'tele\u0301fono' and 'tel\u00e9fono'"),  # the same name, twice
+        ("phone,name,Phone", "'phone' and 'Phone'"),
+    ],
+)
+def test_two_phone_columns_are_refused_naming_both(tmp_path: Path, header: str, named: str) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text(f"{header}\n", encoding="utf-8")
+    with pytest.raises(CsvError) as caught:
+        CsvSource(path, TEMPLATE)
+    assert caught.value.problems == [f"line 1: the header has 2 phone columns, {named}: keep one"]
+
+
+def one_row(tmp_path: Path, value: str) -> Path:
+    """A file whose second line has `value` in the column `nombre`, quoted as a spreadsheet would."""
+    path = tmp_path / "x.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        writer.writerows([["phone", "nombre"], ["+51987000001", value]])
+    return path
+
+
+TEXT = MessageSpec(text="Hola {{1}}")
+
+
+@pytest.mark.parametrize(
+    ("value", "spec", "problem"),
+    [
+        ("A\x00na", TEMPLATE, "a control character (U+0000 NUL)"),
+        ("A\x00na", TEXT, "a control character (U+0000 NUL)"),
+        ("\x1b[1mAna", TEMPLATE, "a control character (U+001B ESC)"),
+        ("\x1b[1mAna", TEXT, "a control character (U+001B ESC)"),
+        ("A\x07na", TEXT, "a control character (U+0007 BEL)"),
+        ("Ana\x7fLuis", TEMPLATE, "a control character (U+007F DEL)"),
+        ("A\x85na", TEMPLATE, "a control character (U+0085 NEL)"),
+        ("A\x9bna", TEXT, "a control character (U+009B CSI)"),
+        ("A\x9fna", TEMPLATE, "a control character (U+009F APC)"),
+        # Meta: "Param text cannot have new-line/tab characters or more than 4 consecutive spaces"
+        ("Ana\nLuis", TEMPLATE, "a control character (U+000A LF): a template parameter cannot have"),
+        ("Ana\r\nLuis", TEMPLATE, "a control character (U+000D CR): a template parameter cannot have"),
+        ("Ana\tLuis", TEMPLATE, "a control character (U+0009 HT): a template parameter cannot have"),
+        ("Ana     Luis", TEMPLATE, "5 spaces in a row: a template parameter may have at most 4"),
+    ],
+)
+def test_control_characters_in_a_parameter_are_refused_naming_line_column_and_character(
+    tmp_path: Path, value: str, spec: MessageSpec, problem: str
+) -> None:
+    (shown,) = problems_of(one_row(tmp_path, value), spec)
+    assert shown.startswith(f"line 2, column 'nombre': {problem}")
+
+
+@pytest.mark.parametrize(
+    ("value", "spec"),
+    [
+        ("\u00d1and\u00fa Jos\u00e9", TEMPLATE),  # accented letters
+        ("Ana \U0001f600 \U0001f469\u200d\U0001f4bb", TEMPLATE),  # emoji, a zero-width joiner
+        ("Ana    Luis", TEMPLATE),  # 4 spaces: Meta's limit, not past it
+        ("S/\u00a010 \u00a1ya!", TEMPLATE),  # U+00A0 and U+00A1, just past the C1 controls
+        ("Ana\nLuis\tS/ 10", TEXT),  # a text body may break lines and have tabs
+        ("Ana\r\nLuis", TEXT),
+        ("Ana     Luis", TEXT),  # ... and spaces: the limit is a template parameter's
+        ("Ana\n", TEMPLATE),  # a trailing line break is trimmed with the spaces, never sent
+    ],
+)
+def test_ordinary_text_near_the_refused_characters_is_queued(
+    tmp_path: Path, value: str, spec: MessageSpec
+) -> None:
+    ((_, _, message),) = read_rows(one_row(tmp_path, value), spec)
+    parse_message(message)
+
+
+def test_a_control_character_in_a_column_the_text_does_not_use_is_not_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("phone,nombre,nota\n+51987000001,Ana,a\x1bb\n")
+    ((_, _, message),) = read_rows(path, TEXT)  # the column is never sent
+    assert json.loads(message)["text"]["body"] == "Hola Ana"
+
+
+def test_every_line_with_a_control_character_is_listed_and_nothing_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text(
+        "phone,nombre,monto\n+51987000001,Ana,10\n+51987000002,Luis,1\x1b0\n+51987000003,\x00,3\n"
+    )
+    assert problems_of(path, TEMPLATE) == [
+        "line 3, column 'monto': a control character (U+001B ESC)",
+        "line 4, column 'nombre': a control character (U+0000 NUL)",
+    ]
 
 
 def test_a_text_placeholder_without_a_column_is_refused_naming_the_columns(tmp_path: Path) -> None:

@@ -37,8 +37,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "enqueue",
         help="queue a session's messages from a CSV file",
         description=(
-            "Queue one message per CSV row. Header: phone (required), client_id (optional); every"
-            " other column, in order, is a template body parameter or fills {{1}}, {{2}}... of --text."
+            "Queue one message per CSV row. Header: phone (or telefono, teléfono; required), client_id"
+            " (optional); every other column, in order, is a template body parameter or fills {{1}},"
+            " {{2}}... of --text. Values must not hold control characters (nor, in a template parameter,"
+            " line breaks, tabs or more than 4 spaces in a row)."
             " The whole file is checked before anything is queued; re-running it queues nothing twice."
         ),
     )
@@ -46,7 +48,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     enqueue.add_argument("--template", help="approved template name")
     enqueue.add_argument("--language", help="template language code, e.g. es")
     enqueue.add_argument("--text", help="text body; {{1}}, {{2}}... take the extra CSV columns")
-    enqueue.add_argument("--csv", required=True, type=Path, help="CSV with a phone column (, ; or tab)")
+    enqueue.add_argument(
+        "--csv", required=True, type=Path, help="CSV with a phone (or telefono) column (, ; or tab)"
+    )
     enqueue.add_argument(
         "--at", metavar="'YYYY-MM-DD HH:MM'", help="send the new rows from this local time (see --timezone)"
     )

@@ -56,7 +56,7 @@ class Job:
     cliente_id: int | None
     telefono: str
     mensaje: str | None  # None when it is longer than the API allows (not loaded)
-    attempts: int
+    attempts: int  # spent since the row's last `retry` (its budget); the column keeps them all
     lease_token: str
     mensaje_bytes: int = 0
     phone_number_id: str | None = None  # the session's sending number; None: the daemon's

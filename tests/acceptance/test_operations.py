@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.support.env import WORKER_BIN, base_env, eventually, run_worker
 from tests.support.fakeapi import FakeCloudAPI, Step
@@ -49,13 +50,17 @@ def test_operator_commands_pause_resume_cancel_and_retry(
         (held,),
     ) == [{"estado": "enviado", "n": 2}, {"estado": "error", "n": 1}, {"estado": "desconocido", "n": 1}]
 
-    out = run_worker(db_url, "retry", "--session", str(held)).stdout
-    assert "1 error row(s) queued again" in out
+    # 131026 is permanent: a plain retry leaves it and says so
+    out = run_worker(db_url, "retry", "--session", str(held), "--yes").stdout
+    assert "will queue 0 row(s) again" in out
+    assert "1 row(s) with a permanent error stay (error code 131026 x1): add --force" in out
+    out = run_worker(db_url, "retry", "--session", str(held), "--force", "--yes").stdout
+    assert "1 row(s) queued again" in out
     subprocess.run([*WORKER_BIN, "run", "--once"], env=worker_env(), timeout=60, capture_output=True)
     assert fake_api.counts()[held_phones[0]] == 2  # the rejected row was sent again
     assert fake_api.counts()[held_phones[1]] == 1  # the unknown one was not, without the flag
-    out = run_worker(db_url, "retry", "--session", str(held), "--include-unknown").stdout
-    assert "1 error and unknown-outcome row(s) queued again" in out
+    out = run_worker(db_url, "retry", "--session", str(held), "--only-unknown", "--yes").stdout
+    assert "will queue 1 row(s) again (desconocido code - x1)" in out and "1 row(s) queued again" in out
 
     refused = run_worker(db_url, "resume", "--session", str(closed))
     assert refused.returncode == 1 and "is cancelada: cannot become activa" in refused.stderr
@@ -214,8 +219,10 @@ def test_failed_rows_are_listed_exported_and_retried_by_code(
     assert sorted(r["telefono"] for r in table) == sorted(phones[:2])
     assert {r["estado"] for r in table} == {"error"} and {r["last_error_code"] for r in table} == {"131026"}
 
-    retried = run_worker(db_url, "retry", "--session", "failed-work", "--code", "131026")
-    assert "2 error row(s) queued again" in retried.stdout
+    refused = run_worker(db_url, "retry", "--session", "failed-work", "--code", "131026", "--yes")
+    assert refused.returncode == 1 and "131026 is a permanent error" in refused.stderr
+    retried = run_worker(db_url, "retry", "--session", "failed-work", "--code", "131026", "--force", "--yes")
+    assert "2 row(s) queued again" in retried.stdout
     assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE estado = 'pendiente'") == 2
     assert sql.value("SELECT last_error_code FROM cola_envios WHERE telefono = %s", (phones[2],)) == 100
 
@@ -258,6 +265,44 @@ def test_prune_deletes_old_finished_rows_and_keeps_the_rest(sql: SQL, db_url: Da
     month_or_minute = run_worker(db_url, "prune", "--older-than", "1m", "--yes")
     assert month_or_minute.returncode == 2 and "ambiguous" in month_or_minute.stderr
     assert "1min for minutes" in month_or_minute.stderr
+
+
+def test_retry_aims_at_a_row_or_a_phone_keeps_its_attempts_and_gives_it_a_new_budget(
+    sql: SQL, db_url: DatabaseURL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+) -> None:
+    session = sql.add_session("aim")
+    phones = sql.add_rows(session, 3)
+    for phone in phones[:2]:  # throttled until the daemon gives up on them
+        fake_api.script(phone, Step.error(130429), Step.error(130429))
+    env = worker_env(WORKER_MAX_ATTEMPTS="2", WORKER_RETRY_BASE="0", WORKER_RETRY_CAP="0")
+
+    def drain() -> None:
+        done = subprocess.run([*WORKER_BIN, "run", "--once"], env=env, timeout=60, capture_output=True)
+        assert done.returncode == 0, done.stderr
+
+    def row(phone: str) -> dict[str, Any]:
+        return sql.rows("SELECT id, estado, attempts FROM cola_envios WHERE telefono = %s", (phone,))[0]
+
+    drain()
+    assert [(row(p)["estado"], row(p)["attempts"]) for p in phones] == [
+        ("error", 2),
+        ("error", 2),
+        ("enviado", 1),
+    ]
+    one = run_worker(db_url, "retry", "--session", "aim", "--id", str(row(phones[0])["id"]), "--yes")
+    assert "will queue 1 row(s) again (error code 130429 x1)" in one.stdout, one.stderr
+    drain()
+    # its two throttled attempts are still counted, and it had a new budget to go out
+    assert (row(phones[0])["estado"], row(phones[0])["attempts"]) == ("enviado", 3)
+    assert (row(phones[1])["estado"], row(phones[1])["attempts"]) == ("error", 2)
+    by_phone = run_worker(db_url, "retry", "--session", "aim", "--phone", phones[1].lstrip("+"), "--yes")
+    assert "1 row(s) queued again" in by_phone.stdout
+    assert run_worker(db_url, "retry", "--session", "aim", "--phone", "12").returncode == 2
+    # without a terminal to ask and without --yes, nothing is queued
+    sql.execute("UPDATE cola_envios SET estado = 'error' WHERE telefono = %s", (phones[2],))
+    unasked = run_worker(db_url, "retry", "--session", "aim")
+    assert unasked.returncode == 1 and "--yes" in unasked.stderr
+    assert row(phones[2])["estado"] == "error"
 
 
 def test_rows_finds_by_phone_and_client_and_data_never_runs_in_a_spreadsheet_or_a_terminal(

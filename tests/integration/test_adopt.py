@@ -384,7 +384,7 @@ def test_retry_never_revives_a_legacy_copy(legacy: Legacy) -> None:
     before = legacy.sql.rows(copies)
     sessions = [r["sesion_id"] for r in legacy.sql.rows("SELECT DISTINCT sesion_id FROM cola_envios")]
     for session in sessions:
-        result = legacy.run("retry", "--session", str(session), "--include-unknown")
+        result = legacy.run("retry", "--session", str(session), "--include-unknown", "--force", "--yes")
         assert result.returncode == 0, result.stderr
     assert legacy.sql.rows(copies) == before  # a copy sent now would be the old bug's second message
     assert (

@@ -79,7 +79,7 @@ async def test_a_claim_whose_commit_answer_was_lost_gives_its_rows_back(
 
 
 def _retry_unknown(db_url: DatabaseURL, session: int) -> str:
-    done = run_worker(db_url, "retry", "--session", str(session), "--include-unknown")
+    done = run_worker(db_url, "retry", "--session", str(session), "--include-unknown", "--yes")
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -98,7 +98,7 @@ async def test_retry_of_unknown_rows_waits_while_their_true_result_may_still_arr
     assert (await store.claims.recover_expired()).rows == 2
 
     out = _retry_unknown(db_url, session)
-    assert "0 error and unknown-outcome row(s) queued again" in out
+    assert "will queue 0 row(s) again" in out
     assert "2 unknown row(s) left alone" in out
     assert sql.states() == {"desconocido": 2}
 
@@ -113,7 +113,7 @@ async def test_retry_of_unknown_rows_waits_while_their_true_result_may_still_arr
         " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 31 SECOND WHERE id = %s",
         (second.id,),
     )
-    assert "1 error and unknown-outcome row(s) queued again" in _retry_unknown(db_url, session)
+    assert "1 row(s) queued again" in _retry_unknown(db_url, session)
     assert (await store.results.record([sent(second, "wamid.LATE")])).written == 0
     assert sql.value("SELECT estado FROM cola_envios WHERE id = %s", (second.id,)) == "pendiente"
 

@@ -3,28 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from worker.cli.common import age, confirm, open_checked_store, parse_phone_or_none
 from worker.cli.output import SafeCSV, printable
 from worker.config import Settings
+from worker.daemon.policy import classify_error
 from worker.exits import EX_OK
 from worker.messages import phone_variants
-from worker.models import RowState, SessionState
+from worker.models import Outcome, RowState, SessionState
+from worker.store import RefusedChange
 from worker.store.prune import Pruned
+from worker.store.sessions import RetryPlan, RetryScope
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    retry = commands.add_parser("retry", help="send a session's failed rows again")
+    retry = commands.add_parser(
+        "retry", help="send a session's failed rows again (says which, asks unless --yes)"
+    )
     retry.add_argument("--session", required=True, help="session id or name")
-    retry.add_argument("--code", type=int, help="only rows whose last error had this code (e.g. 131026)")
-    retry.add_argument(
+    retry.add_argument("--code", type=int, help="only rows whose last error had this code (e.g. 130429)")
+    retry.add_argument("--id", type=int, action="append", dest="ids", help="only this row (repeatable)")
+    retry.add_argument("--phone", help="only this phone's rows (any form of the number)")
+    unknown = retry.add_mutually_exclusive_group()
+    unknown.add_argument(
         "--include-unknown",
         action="store_true",
         help="also re-send rows whose outcome is unknown (they may have been delivered already)",
     )
+    unknown.add_argument(
+        "--only-unknown",
+        action="store_true",
+        help="re-send only the rows whose outcome is unknown (they may have been delivered already)",
+    )
+    retry.add_argument(
+        "--force",
+        action="store_true",
+        help="also rows whose error is permanent (131026 undeliverable, 100 bad parameter...):"
+        " they fail again unless something changed",
+    )
+    retry.add_argument("--yes", action="store_true", help="send again without asking")
     retry.set_defaults(handler=cmd_retry)
     for name, text in (
         ("pause", "stop sending a session (in-flight sends finish)"),
@@ -73,23 +95,78 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Say which rows go again and which stay (permanent errors, unless --force); ask; send."""
+    states = _retry_states(args)
+    if args.code is not None and _permanent(args.code) and not args.force:
+        raise RefusedChange(
+            f"{args.code} is a permanent error: those rows would fail again. Nothing changed;"
+            " add --force if what caused it has changed (a template fixed, a number now on WhatsApp)"
+        )
+    phones = _phone_forms(args.phone, settings) if args.phone else ()
+    if phones is None:
+        return 2
     store = await open_checked_store(settings)
     try:
         session_id = await store.sessions.resolve(args.session)
-        change = await store.sessions.retry_session(
-            session_id, include_unknown=args.include_unknown, code=args.code
-        )
+        scope = RetryScope(states, args.code, tuple(args.ids or ()), phones)
+        plan = await store.sessions.retry_plan(session_id, scope)
+        held = () if args.force else _permanent_codes(plan.groups)
+        going = [(s, c, n) for s, c, n in plan.groups if not (s == "error" and c in held)]
+        _print_retry_plan(session_id, plan, going, held)
+        if not going:
+            return EX_OK
+        confirm("Send them again?", yes=args.yes)
+        queued = await store.sessions.retry_session(session_id, dataclasses.replace(scope, skip_codes=held))
     finally:
         await store.close()
-    which = "error and unknown-outcome" if args.include_unknown else "error"
-    print(f"session #{session_id}: {change.queued} {which} row(s) queued again")
-    if change.waiting:
-        until = change.until.strftime("%Y-%m-%d %H:%M:%S UTC") if change.until else "?"
+    print(f"session #{session_id}: {queued} row(s) queued again")
+    return EX_OK
+
+
+def _retry_states(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.only_unknown:
+        return ("desconocido",)
+    return ("error", "desconocido") if args.include_unknown else ("error",)
+
+
+def _permanent_codes(groups: list[tuple[str, int | None, int]]) -> tuple[int, ...]:
+    return tuple(sorted({c for s, c, _ in groups if s == "error" and c is not None and _permanent(c)}))
+
+
+def _permanent(code: int | None) -> bool:
+    """A code whose rows fail again if nothing changes (no code: the operator's call)."""
+    return code is not None and classify_error(code, 400) is Outcome.PERMANENT
+
+
+def _phone_forms(raw: str, settings: Settings) -> tuple[str, ...] | None:
+    """Every form a row may hold the number in (Meta's 521 / 549 / ninth digit, with or without +)."""
+    phone = parse_phone_or_none(raw, settings)
+    if phone is None:
+        return None
+    return tuple(sorted({form for v in phone_variants(phone) for form in (v, v.lstrip("+"))}))
+
+
+def _print_retry_plan(
+    session_id: int, plan: RetryPlan, going: list[tuple[str, int | None, int]], held: tuple[int, ...]
+) -> None:
+    def codes(groups: Sequence[tuple[str, int | None, int]]) -> str:
+        return ", ".join(f"{s} code {c if c is not None else '-'} x{n:,}" for s, c, n in groups)
+
+    total = sum(n for _, _, n in going)
+    listed = f" ({codes(going)})" if going else ""
+    print(f"session #{session_id}: will queue {total:,} row(s) again{listed}")
+    staying = [(s, c, n) for s, c, n in plan.groups if s == "error" and c in held]
+    if staying:
         print(
-            f"session #{session_id}: {change.waiting} unknown row(s) left alone: the daemon that sent"
+            f"session #{session_id}: {sum(n for _, _, n in staying):,} row(s) with a permanent error stay"
+            f" ({codes(staying)}): add --force to send them anyway"
+        )
+    if plan.waiting:
+        until = plan.until.strftime("%Y-%m-%d %H:%M:%S UTC") if plan.until else "?"
+        print(
+            f"session #{session_id}: {plan.waiting} unknown row(s) left alone: the daemon that sent"
             f" them may still record their true result (until {until}); retry after that"
         )
-    return EX_OK
 
 
 ROW_COLUMNS = (
@@ -120,12 +197,9 @@ ROWS_PAGE = 1000
 async def cmd_rows(settings: Settings, args: argparse.Namespace) -> int:
     """Page through the rows by id, printing as it goes: memory stays flat for any session."""
     states = args.state or [RowState.ERROR.value, RowState.UNKNOWN.value]
-    phones: list[str] = []
-    if args.phone:
-        phone = parse_phone_or_none(args.phone, settings)
-        if phone is None:
-            return 2
-        phones = sorted({form for v in phone_variants(phone) for form in (v, v.lstrip("+"))})
+    phones = _phone_forms(args.phone, settings) if args.phone else ()
+    if phones is None:
+        return 2
     table = SafeCSV(ROW_COLUMNS) if args.csv else None
     store = await open_checked_store(settings)
     try:

@@ -31,7 +31,7 @@ from worker.store.producers import Producers
 from worker.store.prune import Pruned, Pruner
 from worker.store.reports import Reports
 from worker.store.results import Recorded, Results
-from worker.store.sessions import RefusedChange, RetryChange, SessionChange, Sessions
+from worker.store.sessions import RefusedChange, RetryPlan, SessionChange, Sessions
 from worker.store.statuses import Statuses
 from worker.store.suppressions import Suppressions
 
@@ -52,7 +52,7 @@ __all__ = [
     "RefusedChange",
     "Reports",
     "Results",
-    "RetryChange",
+    "RetryPlan",
     "RowRefused",
     "SessionChange",
     "Sessions",

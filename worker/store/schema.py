@@ -146,6 +146,9 @@ COLA_ENVIOS = Table(
         Column("read_at", "DATETIME(6) NULL"),
         # When a status webhook settled this row's unknown outcome (`desconocido`).
         Column("settled_at", "DATETIME(6) NULL"),
+        # `attempts` as it was at the last `retry`: attempts are never reset (the row's story),
+        # and only those after it count against WORKER_MAX_ATTEMPTS.
+        Column("attempts_before_retry", "SMALLINT UNSIGNED NOT NULL DEFAULT 0"),
     ),
     (
         Key("uq_cola_envios_sesion_telefono", ("sesion_id", "telefono", LEGACY_DUPLICATE), unique=True),
@@ -329,7 +332,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "adopt and upgrade in place"),
     Migration(3, "daemons, sending numbers and windows, status webhooks, opt-outs"),
     Migration(4, "InnoDB only, the fleet's settings, refused statuses"),
-    Migration(5, "undeliverable phones, opt-out removals"),
+    Migration(5, "undeliverable phones, opt-out removals, attempts kept across retry"),
 )
 
 VERSION_TABLE = f"""CREATE TABLE IF NOT EXISTS whatsapp_worker_migrations (

@@ -33,10 +33,42 @@ class SessionChange:
 
 
 @dataclass(frozen=True, slots=True)
-class RetryChange:
-    queued: int
-    waiting: int  # unknown rows whose true result may still arrive
+class RetryPlan:
+    groups: list[tuple[str, int | None, int]]  # (state, last error code, rows) that would go again
+    waiting: int  # unknown rows whose true result may still arrive: left alone
     until: datetime | None  # UTC; when the last of those can no longer change
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScope:
+    """Which of a session's rows `retry` sends again. Never a legacy copy (`legacy_duplicate >
+    0`: sending it would be the old bug's second message), never an unknown row whose true
+    result may still arrive."""
+
+    states: tuple[str, ...] = ("error",)
+    code: int | None = None  # only rows whose last error had it
+    ids: tuple[int, ...] = ()
+    phones: tuple[str, ...] = ()  # every form of the numbers
+    skip_codes: tuple[int, ...] = ()  # error rows with these codes stay (permanent errors)
+
+    def where(self, table: str = "") -> tuple[str, list[Any]]:
+        """The conditions after `sesion_id = %s`, on `table.` columns, and their arguments."""
+        t = f"{table}." if table else ""
+        sql = f" AND {t}estado IN ({placeholders(len(self.states))}) AND {t}legacy_duplicate = 0"
+        args: list[Any] = list(self.states)
+        if self.code is not None:
+            sql, args = sql + f" AND {t}last_error_code = %s", [*args, self.code]
+        for column, values in ((f"{t}id", self.ids), (f"{t}telefono", self.phones)):
+            if values:
+                sql, args = sql + f" AND {column} IN ({placeholders(len(values))})", [*args, *values]
+        if self.skip_codes:
+            sql += (
+                f" AND NOT ({t}estado = 'error' AND COALESCE({t}last_error_code IN"
+                f" ({placeholders(len(self.skip_codes))}), FALSE))"
+            )
+            args += self.skip_codes
+        late = _LATE_OPEN.replace("estado", f"{t}estado").replace("lease_token", f"{t}lease_token")
+        return sql + f" AND NOT ({late})", args
 
 
 # The late-result window of results.py: the lease plus one more lease length.
@@ -54,20 +86,26 @@ LIST_ROWS = (
     " FROM cola_envios WHERE sesion_id = %s AND estado IN ({states}){filters} AND id > %s"
     " ORDER BY id LIMIT %s"
 )
+# -- name: retry_plan :many
+# What `retry` would send again, by state and last code, before it asks.
+RETRY_PLAN = (
+    "SELECT estado, last_error_code, COUNT(*) FROM cola_envios WHERE sesion_id = %s{scope}"
+    " GROUP BY estado, last_error_code ORDER BY estado, last_error_code"
+)
 # -- name: retry_rows :exec
-# Never a legacy copy (`legacy_duplicate > 0`): sending it would be the old bug's second message.
+# `attempts` is kept (the row's whole story); the attempts spent so far no longer count
+# against WORKER_MAX_ATTEMPTS: the claim reads `attempts - attempts_before_retry`.
 RETRY_ROWS = (
-    "UPDATE cola_envios SET estado = 'pendiente', attempts = 0, next_attempt_at = NULL,"
-    " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
-    " WHERE sesion_id = %s AND estado IN ({states}) AND legacy_duplicate = 0{code}"
-    f" AND NOT ({_LATE_OPEN})"
+    "UPDATE cola_envios SET estado = 'pendiente', attempts_before_retry = attempts,"
+    " next_attempt_at = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,"
+    " claimed_at = NULL WHERE sesion_id = %s{scope}"
 )
 
 # -- name: lift_suppressions :exec
 # The undeliverable holds (131026) of the phones `retry` sends again: the operator decided.
 LIFT_SUPPRESSIONS = (
     "DELETE s FROM whatsapp_worker_suppressions s JOIN cola_envios c ON c.telefono = s.telefono"
-    " WHERE c.sesion_id = %s AND c.estado IN ({states}) AND c.legacy_duplicate = 0{code}"
+    " WHERE c.sesion_id = %s{scope}"
 )
 
 # `status`. Its cost must not grow with a session's sent rows beyond one pass over them.
@@ -173,42 +211,42 @@ class Sessions:
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
-    async def retry_session(
-        self, session_id: int, *, include_unknown: bool, code: int | None = None
-    ) -> RetryChange:
-        """Send `error` rows (and, only when asked, `desconocido` rows) again.
+    async def retry_plan(self, session_id: int, scope: RetryScope) -> RetryPlan:
+        """What `retry_session(scope)` would send again now, and the unknown rows it would not."""
+        sql, args = scope.where()
+        async with self._db.transaction() as cur:
+            await cur.execute(RETRY_PLAN.format(scope=sql), (session_id, *args))
+            groups = [(str(s), None if c is None else int(c), int(n)) for s, c, n in await cur.fetchall()]
+            waiting, until = 0, None
+            if "desconocido" in scope.states:
+                await cur.execute(RESULT_MAY_ARRIVE, (session_id,))
+                waiting, until = await cur.fetchone()
+        return RetryPlan(groups, int(waiting or 0), until)
+
+    async def retry_session(self, session_id: int, scope: RetryScope) -> int:
+        """Send the rows in `scope` again (the CLI decides which, and asks first).
 
         An unknown row whose worker may still write its true result (its lease token is set
         and the late-result window is open) is left alone: re-sending it now could duplicate
-        a message that was in fact delivered. `code`: only rows whose last error had it.
+        a message that was in fact delivered.
         """
-        states = ("error", "desconocido") if include_unknown else ("error",)
-        code_sql, code_args = (" AND last_error_code = %s", (code,)) if code is not None else ("", ())
+        sql, args = scope.where()
+        joined_sql, joined_args = scope.where("c")
 
-        async def attempt() -> RetryChange:
+        async def attempt() -> int:
             async with self._db.transaction() as cur:
                 before = await self._lock_session(cur, session_id)
                 if before == SessionState.CANCELLED:
                     raise RefusedChange(f"session #{session_id} is cancelled: nothing to retry")
-                waiting, until = 0, None
-                if include_unknown:
-                    await cur.execute(RESULT_MAY_ARRIVE, (session_id,))
-                    waiting, until = await cur.fetchone()
                 # the operator's decision to try again lifts the phones' 131026 holds too
-                await cur.execute(
-                    LIFT_SUPPRESSIONS.format(states=placeholders(len(states)), code=code_sql),
-                    (session_id, *states, *code_args),
-                )
-                await cur.execute(
-                    RETRY_ROWS.format(states=placeholders(len(states)), code=code_sql),
-                    (session_id, *states, *code_args),
-                )
+                await cur.execute(LIFT_SUPPRESSIONS.format(scope=joined_sql), (session_id, *joined_args))
+                await cur.execute(RETRY_ROWS.format(scope=sql), (session_id, *args))
                 count = int(cur.rowcount)
                 if count and before == SessionState.COMPLETED:
                     await cur.execute(
                         "UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (session_id,)
                     )
-            return RetryChange(count, int(waiting or 0), until)
+            return count
 
         return await with_transient_retry(attempt)
 

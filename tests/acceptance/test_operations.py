@@ -295,6 +295,23 @@ def test_retry_aims_at_a_row_or_a_phone_keeps_its_attempts_and_gives_it_a_new_bu
     # its two throttled attempts are still counted, and it had a new budget to go out
     assert (row(phones[0])["estado"], row(phones[0])["attempts"]) == ("enviado", 3)
     assert (row(phones[1])["estado"], row(phones[1])["attempts"]) == ("error", 2)
+    # its whole story: two throttled attempts, the operator's retry, the send
+    story = run_worker(db_url, "rows", "--id", str(row(phones[0])["id"]))
+    assert story.returncode == 0, story.stderr
+    history = story.stdout.split("history", 1)[1].splitlines()[1:]
+    assert [line.split()[2:5] for line in history] == [
+        ["retry", "code", "130429"],
+        ["error", "code", "130429"],
+        ["requeued", "(was", "error)"],
+    ]
+    assert "gave up after 2 attempts" in history[1]
+    assert (
+        f"phone {phones[0]}" in story.stdout
+        and "state enviado  attempts 3 (1 since the last retry)" in story.stdout
+    )
+    assert "wamid wamid." in story.stdout
+    missing = run_worker(db_url, "rows", "--id", "999999")
+    assert missing.returncode == 1 and "no row #999999" in missing.stderr
     by_phone = run_worker(db_url, "retry", "--session", "aim", "--phone", phones[1].lstrip("+"), "--yes")
     assert "1 row(s) queued again" in by_phone.stdout
     assert run_worker(db_url, "retry", "--session", "aim", "--phone", "12").returncode == 2

@@ -18,7 +18,7 @@ from worker.messages import phone_variants
 from worker.models import Outcome, RowState, SessionState
 from worker.store import RefusedChange
 from worker.store.prune import Pruned
-from worker.store.sessions import RetryPlan, RetryScope
+from worker.store.sessions import RetryPlan, RetryScope, RowStory
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,8 +57,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         command.add_argument("--session", required=True, help="session id or name")
         command.set_defaults(handler=cmd_session_state)
 
-    rows = commands.add_parser("rows", help="list a session's rows in a state (failed work, for a person)")
-    rows.add_argument("--session", required=True, help="session id or name")
+    rows = commands.add_parser(
+        "rows", help="list a session's rows in a state (failed work, for a person), or one row's story"
+    )
+    rows.add_argument("--session", help="session id or name (required unless --id)")
+    rows.add_argument(
+        "--id",
+        type=int,
+        dest="row_id",
+        help="one row's whole story: every attempt, each retry, Meta's statuses",
+    )
     rows.add_argument(
         "--state",
         action="append",
@@ -196,6 +204,10 @@ ROWS_PAGE = 1000
 
 async def cmd_rows(settings: Settings, args: argparse.Namespace) -> int:
     """Page through the rows by id, printing as it goes: memory stays flat for any session."""
+    if args.row_id is not None:
+        return await _show_story(settings, args.row_id)
+    if args.session is None:
+        raise RefusedChange("rows needs --session S (a session's rows) or --id N (one row's story)")
     states = args.state or [RowState.ERROR.value, RowState.UNKNOWN.value]
     phones = _phone_forms(args.phone, settings) if args.phone else ()
     if phones is None:
@@ -222,6 +234,63 @@ async def cmd_rows(settings: Settings, args: argparse.Namespace) -> int:
     if not table:
         print(f"{shown} row(s) of session #{session_id} in {', '.join(states)}", file=sys.stderr)
     return EX_OK
+
+
+async def _show_story(settings: Settings, row_id: int) -> int:
+    store = await open_checked_store(settings)
+    try:
+        story = await store.sessions.story(row_id)
+    finally:
+        await store.close()
+    if story is None:
+        raise RefusedChange(f"there is no row #{row_id} in cola_envios")
+    for line in _story_lines(story):
+        print(printable(line))
+    return EX_OK
+
+
+def _story_lines(story: RowStory) -> list[str]:
+    """The row, then its attempts and retries and Meta's statuses, oldest first (UTC)."""
+    r = story.row
+    counted = (
+        f" ({r['attempts'] - r['attempts_before_retry']} since the last retry)"
+        if r["attempts_before_retry"]
+        else ""
+    )
+    lines = [
+        f"row #{r['id']}  session #{r['sesion_id']} {r['session_name'] or ''}".rstrip(),
+        f"  phone {r['telefono']}  client_id {_or_dash(r['cliente_id'])}  state {r['estado']}"
+        f"  attempts {r['attempts']}{counted}",
+        f"  queued {_when(r['created_utc'])}  last change {_when(r['updated_utc'])}",
+    ]
+    if r["estado"] == "pendiente" and r["next_attempt_at"]:
+        lines.append(f"  next attempt {_when(r['next_attempt_at'])}")
+    if r["wamid"]:
+        lines.append(f"  sent {_when(r['sent_at'])}  wamid {r['wamid']}")
+    for label in ("delivered_at", "read_at", "settled_at"):
+        if r[label]:
+            lines.append(f"  {label.removesuffix('_at')} {_when(r[label])}")
+    if r["last_error"] or r["last_error_code"] is not None:
+        lines.append(f"  last error: code {_or_dash(r['last_error_code'])}  {r['last_error'] or ''}".rstrip())
+    lines.append(
+        f"history ({len(story.attempts)} attempt(s) not sent and retries; the send itself is above):"
+    )
+    for a in story.attempts:
+        was = f" (was {a['state']})" if a["outcome"] == "requeued" else ""
+        code = _or_dash(a["code"])
+        lines.append(f"  {_when(a['at'])}  {a['outcome']}{was}  code {code}  {a['detail'] or ''}".rstrip())
+    if story.statuses:
+        lines.append("Meta's statuses:")
+        for s in story.statuses:
+            error = (
+                f"  code {s['error_code']} {s['error_title'] or ''}" if s["error_code"] is not None else ""
+            )
+            lines.append(f"  {_when(s['at'])}  {s['status']}  {s['wamid']}{error}".rstrip())
+    return lines
+
+
+def _or_dash(value: Any) -> Any:
+    return "-" if value is None else value
 
 
 def _row_line(row: dict[str, Any]) -> str:

@@ -60,6 +60,11 @@ MARK_UNSENT = (
     f" next_attempt_at = IF(estado = 'pendiente', {NOW} + INTERVAL {{delays}} MICROSECOND, next_attempt_at),"
     " last_error_code = {codes}, last_error = {texts}, " + CLEAR_LEASE + " WHERE id IN ({ids})"
 )
+# -- name: record_attempts :exec
+# Each attempt that did not send, as it was decided: the row's story outlives its next attempt.
+RECORD_ATTEMPTS = (
+    "INSERT INTO whatsapp_worker_attempts (cola_id, attempted_at, outcome, code, detail) VALUES {rows}"
+)
 # -- name: session_totals :many
 SESSION_TOTALS = (
     "SELECT sesion_id, SUM(estado IN ('enviado', 'error', 'desconocido')), COUNT(*), MAX(id)"
@@ -231,3 +236,13 @@ async def _write_unsent(cur: aiomysql.Cursor, rows: list[Finished]) -> None:
         ),
         (*spent_params, *state_params, *delay_params, *code_params, *text_params, *ids),
     )
+    await _record_attempts(cur, rows)
+
+
+async def _record_attempts(cur: aiomysql.Cursor, rows: list[Finished]) -> None:
+    params: list[object] = []
+    for f in rows:
+        detail = (f.decision.error_text or "")[:ERROR_TEXT_MAX] or None
+        params += [f.job.id, f.decision.metric, f.decision.error_code, detail]
+    values = ",".join([f"(%s, {NOW}, %s, %s, %s)"] * len(rows))
+    await cur.execute(RECORD_ATTEMPTS.format(rows=values), params)

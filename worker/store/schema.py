@@ -261,6 +261,28 @@ OPTOUTS = Table(
     NO_STATE,
 )
 
+# Every attempt that did not end in `enviado` (a sent row's own `sent_at` and `wamid` tell that
+# one), and each `retry` with what the row was before it: `rows --id N` prints the row's story.
+# `prune` ages it out with the rows.
+ATTEMPTS = Table(
+    "whatsapp_worker_attempts",
+    (
+        Column("id", ID),
+        Column("cola_id", "BIGINT UNSIGNED NOT NULL"),
+        Column("attempted_at", "DATETIME(6) NOT NULL"),  # UTC
+        # retry, error, unknown, paused (what the attempt decided), or requeued (an operator's retry)
+        Column("outcome", "VARCHAR(16) CHARACTER SET ascii NOT NULL"),
+        Column("state", "VARCHAR(16) CHARACTER SET ascii NULL"),  # the row's state it left (requeued)
+        Column("code", "INT NULL"),
+        Column("detail", f"VARCHAR(1000) {TEXT} NULL"),
+    ),
+    (
+        Key("ix_whatsapp_worker_attempts_cola", ("cola_id", "id")),
+        Key("ix_whatsapp_worker_attempts_at", ("attempted_at",)),
+    ),
+    NO_STATE,
+)
+
 # Phones an operator took off the opt-out list (`optout remove`), and when: a stop the customer
 # said before that (Meta retrying an old POST, a captured signed body sent again) is not recorded.
 OPTOUT_REMOVALS = Table(
@@ -300,6 +322,7 @@ TABLES: tuple[Table, ...] = (
     ENVIOS_WHATSAPP,
     DAEMONS,
     STATUSES,
+    ATTEMPTS,
     OPTOUTS,
     OPTOUT_REMOVALS,
     SUPPRESSIONS,
@@ -332,7 +355,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "adopt and upgrade in place"),
     Migration(3, "daemons, sending numbers and windows, status webhooks, opt-outs"),
     Migration(4, "InnoDB only, the fleet's settings, refused statuses"),
-    Migration(5, "undeliverable phones, opt-out removals, attempts kept across retry"),
+    Migration(5, "undeliverable phones, opt-out removals, attempts kept across retry, attempt history"),
 )
 
 VERSION_TABLE = f"""CREATE TABLE IF NOT EXISTS whatsapp_worker_migrations (

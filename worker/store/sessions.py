@@ -40,6 +40,13 @@ class RetryPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class RowStory:
+    row: dict[str, Any]  # cola_envios' columns (times in UTC) and the session's name
+    attempts: list[dict[str, Any]]  # whatsapp_worker_attempts, oldest first
+    statuses: list[dict[str, Any]]  # Meta's statuses about it, oldest first
+
+
+@dataclass(frozen=True, slots=True)
 class RetryScope:
     """Which of a session's rows `retry` sends again. Never a legacy copy (`legacy_duplicate >
     0`: sending it would be the old bug's second message), never an unknown row whose true
@@ -91,6 +98,32 @@ LIST_ROWS = (
 RETRY_PLAN = (
     "SELECT estado, last_error_code, COUNT(*) FROM cola_envios WHERE sesion_id = %s{scope}"
     " GROUP BY estado, last_error_code ORDER BY estado, last_error_code"
+)
+# -- name: row_story :one
+ROW_STORY = (
+    "SELECT c.id, c.sesion_id, s.nombre AS session_name, c.telefono, c.cliente_id, c.estado, c.attempts,"
+    " c.attempts_before_retry, CONVERT_TZ(c.created_at, @@session.time_zone, '+00:00') AS created_utc,"
+    " c.next_attempt_at, c.sent_at, c.wamid, c.delivered_at, c.read_at, c.settled_at, c.last_error_code,"
+    " c.last_error, CONVERT_TZ(c.updated_at, @@session.time_zone, '+00:00') AS updated_utc"
+    " FROM cola_envios c LEFT JOIN sesiones_envio s ON s.id = c.sesion_id WHERE c.id = %s"
+)
+# -- name: row_attempts :many
+ROW_ATTEMPTS = (
+    "SELECT attempted_at AS at, outcome, state, code, detail FROM whatsapp_worker_attempts"
+    " WHERE cola_id = %s ORDER BY id"
+)
+# -- name: row_statuses :many
+# Meta's statuses about the row (its wamid's), as stored by the webhook receiver.
+ROW_STATUSES = (
+    "SELECT COALESCE(status_at, received_at) AS at, status, wamid, error_code, error_title"
+    " FROM whatsapp_worker_statuses WHERE cola_id = %s ORDER BY at, id"
+)
+# -- name: record_requeued :exec
+# What each row was when an operator sent it again: its next attempt overwrites the row.
+RECORD_REQUEUED = (
+    "INSERT INTO whatsapp_worker_attempts (cola_id, attempted_at, outcome, state, code, detail)"
+    f" SELECT id, {NOW}, 'requeued', estado, last_error_code, last_error FROM cola_envios"
+    " WHERE sesion_id = %s{scope}"
 )
 # -- name: retry_rows :exec
 # `attempts` is kept (the row's whole story); the attempts spent so far no longer count
@@ -184,6 +217,17 @@ class Sessions:
         )
         return int(cur.rowcount)
 
+    async def story(self, row_id: int) -> RowStory | None:
+        """One row as it is now, each attempt that did not send it and each `retry`, and Meta's
+        statuses about it; None when there is no such row."""
+        async with self._db.transaction() as cur:
+            row = await _dicts(cur, ROW_STORY, (row_id,))
+            if not row:
+                return None
+            attempts = await _dicts(cur, ROW_ATTEMPTS, (row_id,))
+            statuses = await _dicts(cur, ROW_STATUSES, (row_id,))
+        return RowStory(row[0], attempts, statuses)
+
     async def rows(
         self,
         session_id: int,
@@ -203,13 +247,9 @@ class Sessions:
                 filters, args = filters + f" AND {column} = %s", [*args, value]
         if phones:
             filters, args = filters + f" AND telefono IN ({placeholders(len(phones))})", [*args, *phones]
+        sql = LIST_ROWS.format(states=placeholders(len(states)), filters=filters)
         async with self._db.transaction() as cur:
-            await cur.execute(
-                LIST_ROWS.format(states=placeholders(len(states)), filters=filters),
-                (session_id, *states, *args, after_id, limit),
-            )
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+            return await _dicts(cur, sql, (session_id, *states, *args, after_id, limit))
 
     async def retry_plan(self, session_id: int, scope: RetryScope) -> RetryPlan:
         """What `retry_session(scope)` would send again now, and the unknown rows it would not."""
@@ -240,6 +280,7 @@ class Sessions:
                     raise RefusedChange(f"session #{session_id} is cancelled: nothing to retry")
                 # the operator's decision to try again lifts the phones' 131026 holds too
                 await cur.execute(LIFT_SUPPRESSIONS.format(scope=joined_sql), (session_id, *joined_args))
+                await cur.execute(RECORD_REQUEUED.format(scope=sql), (session_id, *args))
                 await cur.execute(RETRY_ROWS.format(scope=sql), (session_id, *args))
                 count = int(cur.rowcount)
                 if count and before == SessionState.COMPLETED:
@@ -257,3 +298,9 @@ class Sessions:
         if row is None:
             raise RefusedChange(f"there is no session #{session_id}")
         return str(row[0])
+
+
+async def _dicts(cur: aiomysql.Cursor, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+    await cur.execute(sql, args)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]

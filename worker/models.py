@@ -29,6 +29,15 @@ class SessionState(StrEnum):
     COMPLETED = "completada"
 
 
+# The session states as the commands speak of them (the table keeps the PHP era's Spanish); a
+# PHP application's own state (`borrador`) is shown as it is.
+STATE_WORDS = {"activa": "active", "pausada": "paused", "cancelada": "cancelled", "completada": "completed"}
+
+
+def state_word(state: str) -> str:
+    return STATE_WORDS.get(state, state)
+
+
 # The session states whose rows the daemon sends. Any other state (a PHP application's own
 # `borrador`, `detenida`..., or NULL) holds the session's rows, unless WORKER_SEND_STATES names it.
 SENDABLE_STATES = (SessionState.ACTIVE.value, SessionState.COMPLETED.value)

@@ -63,7 +63,7 @@ def test_operator_commands_pause_resume_cancel_and_retry(
     assert "will queue 1 row(s) again (desconocido code - x1)" in out and "1 row(s) queued again" in out
 
     refused = run_worker(db_url, "resume", "--session", str(closed))
-    assert refused.returncode == 1 and "is cancelada: cannot become activa" in refused.stderr
+    assert refused.returncode == 1 and "is cancelled: cannot become active" in refused.stderr
     missing = run_worker(db_url, "pause", "--session", "999")
     assert missing.returncode == 1 and "there is no session '999'" in missing.stderr
     # every session command takes a name as well as an id
@@ -353,6 +353,39 @@ def test_rows_finds_by_phone_and_client_and_data_never_runs_in_a_spreadsheet_or_
     assert "Cobranza\\x1b[2J" in shown.stdout  # the name is still recognisable
 
 
+def test_pause_all_and_pause_number_stop_every_claim_and_resume_gives_back_what_was_sending(
+    sql: SQL, db_url: DatabaseURL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+) -> None:
+    other = "2222222222"
+    fake_api.other_numbers[other] = "token-of-the-other-number"
+    own, second, paused_alone = sql.add_session("own"), sql.add_session("second"), sql.add_session("alone")
+    sql.execute("UPDATE sesiones_envio SET phone_number_id = %s WHERE id = %s", (other, second))
+    for index, session in enumerate((own, second, paused_alone)):
+        sql.add_rows(session, 3, start=100 * index)
+    assert run_worker(db_url, "pause", "--session", "alone").returncode == 0
+    env = worker_env(**{f"WHATSAPP_ACCESS_TOKEN_{other}": "token-of-the-other-number"})
+
+    def drain() -> dict[int, int]:
+        done = subprocess.run([*WORKER_BIN, "run", "--once"], env=env, timeout=60, capture_output=True)
+        assert done.returncode == 0, done.stderr
+        rows = sql.rows(
+            "SELECT sesion_id, COUNT(*) AS n FROM cola_envios WHERE estado = 'enviado' GROUP BY 1"
+        )
+        return {r["sesion_id"]: r["n"] for r in rows}
+
+    held = run_worker(db_url, "pause", "--all", "--reason", "audit")
+    assert held.returncode == 0 and "every number paused" in held.stdout
+    assert "already paused" in run_worker(db_url, "pause", "--all").stdout
+    assert drain() == {} and fake_api.requests == []
+    assert run_worker(db_url, "resume", "--all").returncode == 0
+    assert run_worker(db_url, "pause", "--number", other).returncode == 0
+    assert drain() == {own: 3}  # the other number is held, fleet-wide
+    assert "resumed" in run_worker(db_url, "resume", "--number", other).stdout
+    assert drain() == {own: 3, second: 3}  # the session paused on its own stays paused
+    assert "was not paused" in run_worker(db_url, "resume", "--all").stdout
+    assert run_worker(db_url, "pause").returncode == 2  # one of --session, --all, --number
+
+
 def test_prune_asks_a_person_at_the_terminal_before_deleting(sql: SQL, db_url: DatabaseURL) -> None:
     session = sql.add_session()
     sql.add_rows(session, 4)
@@ -422,7 +455,7 @@ def test_parked_rows_follow_the_sessions_state_however_it_changed(
     # `resume` of a session re-activated by hand still brings its parked rows back, and says so
     sql.execute("UPDATE sesiones_envio SET estado = 'activa' WHERE id = %s", (twice,))
     out = run_worker(db_url, "resume", "--session", str(twice)).stdout
-    assert "already activa: 2 row(s) an earlier pause held back are back in the queue" in out, out
+    assert "already active: 2 row(s) an earlier pause held back are back in the queue" in out, out
     assert sql.value(parked, (twice,)) == 0
     assert (
         sql.value(

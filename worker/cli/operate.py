@@ -15,8 +15,9 @@ from worker.config import Settings
 from worker.daemon.policy import classify_error
 from worker.exits import EX_OK
 from worker.messages import phone_variants
-from worker.models import Outcome, RowState, SessionState
+from worker.models import Outcome, RowState, SessionState, state_word
 from worker.store import RefusedChange
+from worker.store.holds import ALL
 from worker.store.prune import Pruned
 from worker.store.sessions import RetryPlan, RetryScope, RowStory
 
@@ -49,13 +50,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     retry.add_argument("--yes", action="store_true", help="send again without asking")
     retry.set_defaults(handler=cmd_retry)
     for name, text in (
-        ("pause", "stop sending a session (in-flight sends finish)"),
-        ("resume", "send a paused session again"),
-        ("cancel", "stop a session for good: its waiting rows end in error"),
+        ("pause", "stop sending a session, one sending number or everything (in-flight sends finish)"),
+        ("resume", "send a paused session, number or everything again"),
     ):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--session", required=True, help="session id or name")
+        which = command.add_mutually_exclusive_group(required=True)
+        which.add_argument("--session", help="session id or name")
+        which.add_argument("--all", action="store_true", help="every daemon of the fleet, every number")
+        which.add_argument("--number", metavar="PHONE_NUMBER_ID", help="one sending number, fleet-wide")
+        if name == "pause":
+            command.add_argument("--reason", help="shown by `status` (with --all or --number)")
         command.set_defaults(handler=cmd_session_state)
+    cancel = commands.add_parser("cancel", help="stop a session for good: its waiting rows end in error")
+    cancel.add_argument("--session", required=True, help="session id or name")
+    cancel.set_defaults(handler=cmd_session_state)
 
     rows = commands.add_parser(
         "rows", help="list a session's rows in a state (failed work, for a person), or one row's story"
@@ -348,6 +356,8 @@ SESSION_COMMANDS = {
 
 
 async def cmd_session_state(settings: Settings, args: argparse.Namespace) -> int:
+    if args.command != "cancel" and (args.all or args.number):
+        return await _hold_command(settings, args)
     state, message = SESSION_COMMANDS[args.command]
     store = await open_checked_store(settings)
     try:
@@ -355,13 +365,38 @@ async def cmd_session_state(settings: Settings, args: argparse.Namespace) -> int
         change = await store.sessions.set_session_state(session_id, state)
     finally:
         await store.close()
+    already = state_word(change.after)
     if change.before == change.after and change.rows:
         print(
-            f"session #{session_id} was already {change.after}:"
+            f"session #{session_id} was already {already}:"
             f" {change.rows} row(s) an earlier pause held back are back in the queue"
         )
     elif change.before == change.after:
-        print(f"session #{session_id} was already {change.after}: nothing changed")
+        print(f"session #{session_id} was already {already}: nothing changed")
     else:
         print(f"session #{session_id} {message.format(rows=change.rows)}")
+    return EX_OK
+
+
+async def _hold_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`pause|resume --all|--number ID`: a fleet-wide hold every daemon reads before it claims."""
+    scope, what = (ALL, "every number") if args.all else (args.number, f"number {args.number}")
+    store = await open_checked_store(settings)
+    try:
+        if args.command == "pause":
+            changed = await store.holds.hold(scope, args.reason)
+        else:
+            changed = await store.holds.release(scope)
+    finally:
+        await store.close()
+    if args.command == "pause":
+        print(
+            f"{what} paused: no daemon claims a row for it until `resume`; sends in flight finish"
+            if changed
+            else f"{what} was already paused: nothing changed"
+        )
+    elif changed:
+        print(f"{what} resumed: daemons claim for it again (sessions paused one by one stay paused)")
+    else:
+        print(f"{what} was not paused: nothing changed")
     return EX_OK

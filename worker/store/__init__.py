@@ -25,6 +25,7 @@ from worker.store.db import (
     RowRefused,
     StatementRefused,
 )
+from worker.store.holds import Hold, Holds
 from worker.store.migrations import Migrations
 from worker.store.optouts import Optouts
 from worker.store.producers import Producers
@@ -42,6 +43,8 @@ __all__ = [
     "Database",
     "DatabaseError",
     "DatabaseUnavailable",
+    "Hold",
+    "Holds",
     "Live",
     "Migrations",
     "Optouts",
@@ -86,6 +89,7 @@ class Store:
         self.statuses = Statuses(db, default_number=phone_number_id)
         self.optouts = Optouts(db)
         self.suppressions = Suppressions(db)
+        self.holds = Holds(db)
 
     @classmethod
     async def connect(

@@ -18,9 +18,10 @@ from worker.messages import MESSAGE_MAX_BYTES
 from worker.models import CANCELLED_REASON, SENDABLE_STATES, Job
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, DatabaseError, RowRefused, placeholders, with_transient_retry
+from worker.store.holds import ALL
 from worker.store.optouts import opted_out
 from worker.store.results import keep_in_flight
-from worker.store.suppressions import ANY_SUPPRESSION, suppressed
+from worker.store.suppressions import suppressed
 
 OPTED_OUT_REASON = "the phone opted out (whatsapp_worker_optouts): not sent"
 UNDELIVERABLE_REASON = (
@@ -43,8 +44,15 @@ NEXT_SESSION_WAITING = (
 # (schedules, backoffs, paused sessions, drafts), every session with a due row is reached within
 # one lap, and a lap always ends.
 MAX_SESSIONS = 1000
-# -- name: any_optout :one
-ANY_OPTOUT = "SELECT EXISTS (SELECT 1 FROM whatsapp_worker_optouts)"
+# -- name: claim_flags :one
+# Read with the sessions, in one round trip: whether any phone opted out or is held as
+# undeliverable (most accounts have none for a long time, and each look-up costs a round trip
+# per claim), and the operator's holds (`pause --all` / `--number`).
+CLAIM_FLAGS = (
+    "SELECT EXISTS (SELECT 1 FROM whatsapp_worker_optouts),"
+    f" EXISTS (SELECT 1 FROM whatsapp_worker_suppressions WHERE expires_at > {NOW}),"
+    " (SELECT GROUP_CONCAT(scope SEPARATOR ' ') FROM whatsapp_worker_holds)"
+)
 # -- name: sessions_may_send :many
 # A row whose session is missing from sesiones_envio (a producer without a foreign key) is
 # sent like a row of an active session with no window, as before sessions had settings.
@@ -200,14 +208,13 @@ class Claims:
     ) -> None:
         self._db = db
         self._default_number = default_number or ""  # WHATSAPP_PHONE_NUMBER_ID: a session without its own
-        self._suppressions_exist = True  # any undeliverable phone held (read with the sessions)
         self._sendable = tuple(sendable)
         self._worker_id = worker_id[:128]
         self._uncertain: list[str] = []  # tokens of claims whose commit outcome is unknown
         self._numbers: dict[int, str | None] = {}  # session: its sending number (sessions_due)
-        # Whether any phone opted out (read with the sessions, once a second): most accounts have
-        # none for a long time, and the look-up costs a round trip per claim.
-        self._optouts_exist = True
+        self.held: frozenset[str] = frozenset()  # scopes the operator holds, read with the sessions
+        # Whether any phone opted out, or is held as undeliverable (CLAIM_FLAGS).
+        self._optouts_exist = self._suppressions_exist = True
         self._scan_from = 0  # where the next read of the sessions starts (see MAX_SESSIONS)
         self.capped = False  # the last read stopped at MAX_SESSIONS: more sessions to read now
 
@@ -215,11 +222,12 @@ class Claims:
         """Sessions with waiting rows that are neither paused nor cancelled (up to MAX_SESSIONS
         read, from where the last read stopped)."""
         async with self._db.transaction() as cur:
+            await cur.execute(CLAIM_FLAGS)
+            self._optouts_exist, self._suppressions_exist, scopes = await cur.fetchone()
+            self.held = frozenset(str(scopes or "").split())
+            if ALL in self.held:  # `pause --all`: nothing is claimed
+                return []
             waiting = await self._scan_sessions(cur)
-            await cur.execute(ANY_OPTOUT)
-            (self._optouts_exist,) = await cur.fetchone()
-            await cur.execute(ANY_SUPPRESSION)
-            (self._suppressions_exist,) = await cur.fetchone()
             if not waiting:
                 return []
             await cur.execute(
@@ -236,6 +244,7 @@ class Claims:
             for sid in waiting
             if sid not in known or known[sid][4]
         ]
+        due = [s for s in due if (s.phone_number_id or self._default_number) not in self.held]
         self._numbers = {session.id: session.phone_number_id for session in due}
         return due
 

@@ -283,6 +283,19 @@ ATTEMPTS = Table(
     NO_STATE,
 )
 
+# `pause --all` / `pause --number ID`: scopes no daemon claims for until `resume` (worker/store/holds.py).
+HOLDS = Table(
+    "whatsapp_worker_holds",
+    (
+        Column("id", ID),
+        Column("scope", "VARCHAR(64) CHARACTER SET ascii NOT NULL"),  # '*' (every number) or a number
+        Column("reason", f"VARCHAR(200) {TEXT} NULL"),
+        Column("created_at", "DATETIME(6) NOT NULL"),  # UTC
+    ),
+    (Key("uq_whatsapp_worker_holds_scope", ("scope",), unique=True),),
+    NO_STATE,
+)
+
 # Phones an operator took off the opt-out list (`optout remove`), and when: a stop the customer
 # said before that (Meta retrying an old POST, a captured signed body sent again) is not recorded.
 OPTOUT_REMOVALS = Table(
@@ -316,6 +329,26 @@ SUPPRESSIONS = Table(
     NO_STATE,
 )
 
+# What `prune` deleted, counted per session, outcome and error code in the transaction that
+# deleted it, so that `status` tells the same story of a session before and after a prune.
+PRUNED = Table(
+    "whatsapp_worker_pruned",
+    (
+        Column("id", ID),
+        Column("sesion_id", "BIGINT UNSIGNED NOT NULL"),
+        # enviado, error, cancelled, opted_out, suppressed (worker/store/reports.py:outcome_of)
+        Column("outcome", "VARCHAR(16) CHARACTER SET ascii NOT NULL"),
+        Column("code", "INT NOT NULL"),  # the rows' last_error_code; -1: none (a unique key needs a value)
+        Column("pruned_rows", "BIGINT UNSIGNED NOT NULL DEFAULT 0"),
+        Column("delivered_rows", "BIGINT UNSIGNED NOT NULL DEFAULT 0"),
+        Column("read_rows", "BIGINT UNSIGNED NOT NULL DEFAULT 0"),
+        Column("settled_rows", "BIGINT UNSIGNED NOT NULL DEFAULT 0"),
+        Column("last_error", f"VARCHAR(1000) {TEXT} NULL"),  # one of the deleted rows' texts
+    ),
+    (Key("uq_whatsapp_worker_pruned", ("sesion_id", "outcome", "code"), unique=True),),
+    NO_STATE,
+)
+
 TABLES: tuple[Table, ...] = (
     SESIONES_ENVIO,
     COLA_ENVIOS,
@@ -323,9 +356,11 @@ TABLES: tuple[Table, ...] = (
     DAEMONS,
     STATUSES,
     ATTEMPTS,
+    HOLDS,
     OPTOUTS,
     OPTOUT_REMOVALS,
     SUPPRESSIONS,
+    PRUNED,
 )
 
 # Rows the PHP cron left mid-send (no lease: the daemon never took them).
@@ -355,7 +390,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "adopt and upgrade in place"),
     Migration(3, "daemons, sending numbers and windows, status webhooks, opt-outs"),
     Migration(4, "InnoDB only, the fleet's settings, refused statuses"),
-    Migration(5, "undeliverable phones, opt-out removals, attempts kept across retry, attempt history"),
+    Migration(
+        5, "undeliverable phones, opt-out removals, attempts kept across retry, attempt history, holds"
+    ),
 )
 
 VERSION_TABLE = f"""CREATE TABLE IF NOT EXISTS whatsapp_worker_migrations (

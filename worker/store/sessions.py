@@ -13,7 +13,7 @@ from typing import Any
 
 import aiomysql
 
-from worker.models import CANCELLED_REASON, SessionState
+from worker.models import CANCELLED_REASON, SessionState, state_word
 from worker.store.claims import IS_PARKED, PARKED, UNPARK
 from worker.store.db import UTC_NOW as NOW
 from worker.store.db import Database, placeholders, with_transient_retry
@@ -188,7 +188,9 @@ class Sessions:
                 # the operator's explicit choice to send it.
                 php_state = before not in {s.value for s in SessionState}
                 if before not in allowed and not (state is SessionState.ACTIVE and php_state):
-                    raise RefusedChange(f"session #{session_id} is {before}: cannot become {state}")
+                    raise RefusedChange(
+                        f"session #{session_id} is {state_word(before)}: cannot become {state_word(state)}"
+                    )
                 await cur.execute("UPDATE sesiones_envio SET estado = %s WHERE id = %s", (state, session_id))
                 rows = await self._park_rows(cur, session_id, state)
             return SessionChange(session_id, before, state, rows)

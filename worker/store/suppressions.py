@@ -22,8 +22,6 @@ SUPPRESSED = (
     "SELECT telefono, phone_number_id, expires_at FROM whatsapp_worker_suppressions"
     f" WHERE telefono IN ({{phones}}) AND expires_at > {NOW}"
 )
-# -- name: any_suppression :one
-ANY_SUPPRESSION = f"SELECT EXISTS (SELECT 1 FROM whatsapp_worker_suppressions WHERE expires_at > {NOW})"
 # -- name: suppress :exec
 # A phone already suppressed keeps the later expiry.
 SUPPRESS = (

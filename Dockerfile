@@ -1,5 +1,8 @@
 # syntax=docker/dockerfile:1
 # whatsapp-worker image: `docker build -t whatsapp-worker .`, run it with docker-compose.yml.
+# With podman: `podman build --format docker -t whatsapp-worker .` (or BUILDAH_FORMAT=docker in
+# the environment, e.g. for podman-compose): podman's default OCI format has no health check
+# and drops the HEALTHCHECK below with a warning. docker-compose.yml states its checks anyway.
 # Secrets never go in ENV or ARG: pass WORKER_DATABASE_URL_FILE and WHATSAPP_ACCESS_TOKEN_FILE
 # pointing at mounted secret files (/run/secrets/...).
 

@@ -88,6 +88,41 @@ UNVERIFIED_BYTES = 16 * 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
+class LocalFiles:
+    """The daemon's files on this host: all `health` reads. No database URL and no secret, so a
+    container's HEALTHCHECK or an operator who cannot read them can still run it."""
+
+    pidfile: Path
+    db_timeout: float = 15.0  # a loop turn may wait on database calls: the heartbeat's tolerance
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LocalFiles:
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        return cls(
+            pidfile=Path(reader.text("WORKER_PIDFILE", _default_pidfile(env))),
+            db_timeout=reader.number("WORKER_DB_TIMEOUT", 15.0, minimum=0.5, maximum=600.0),
+        )
+
+    @property
+    def heartbeat_path(self) -> Path:
+        """Touched each time the daemon's loop goes round; read by `health`."""
+        return self.pidfile.with_suffix(".heartbeat")
+
+    @property
+    def last_exit_path(self) -> Path:
+        """Why the last `run` stopped with an error (e.g. the schema needs `migrate`)."""
+        return self.pidfile.with_suffix(".last-exit")
+
+    @property
+    def heartbeat_max_age(self) -> float:
+        """Longest quiet spell of a healthy loop. Its one wait lasts at most 5 s and sends run
+        beside it, so only database calls hold it up: one turn makes at most three (recover,
+        give back, claim), each bounded by WORKER_DB_TIMEOUT. Plus a wait on each side."""
+        return 3 * self.db_timeout + 2 * 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     database: DatabaseURL
     api_url: str = "https://graph.facebook.com/v23.0"
@@ -144,6 +179,7 @@ class Settings:
         """Read every variable; `need_sender=False` skips the API credentials (for `migrate`)."""
         env = os.environ if env is None else env
         reader = _Reader(env)
+        files = LocalFiles.from_env(env)
         sender = reader.choice("WORKER_SENDER", "cloud", ("cloud", "sandbox"))
         max_body = reader.integer("WORKER_WEBHOOK_MAX_BODY", 1_048_576, minimum=1024, maximum=64 * 1_048_576)
         settings = cls(
@@ -160,7 +196,7 @@ class Settings:
             lease_seconds=reader.number("WORKER_LEASE_SECONDS", 300.0, minimum=1.0, maximum=DAY),
             drain_timeout=reader.number("WORKER_DRAIN_TIMEOUT", 30.0, minimum=0.0, maximum=3600.0),
             send_timeout=reader.number("WORKER_SEND_TIMEOUT", 15.0, minimum=0.1, maximum=600.0),
-            db_timeout=reader.number("WORKER_DB_TIMEOUT", 15.0, minimum=0.5, maximum=600.0),
+            db_timeout=files.db_timeout,
             ddl_lock_wait=reader.integer("WORKER_DDL_LOCK_WAIT", 10, minimum=1, maximum=3600),
             max_attempts=reader.integer("WORKER_MAX_ATTEMPTS", 5, minimum=1, maximum=1000),
             retry_base=reader.number("WORKER_RETRY_BASE", 5.0, minimum=0.0, maximum=DAY),
@@ -176,7 +212,7 @@ class Settings:
             metrics_host=reader.text("WORKER_METRICS_HOST", "127.0.0.1"),
             log_level=reader.choice("WORKER_LOG_LEVEL", "info", LOG_LEVELS),
             log_format=reader.choice("WORKER_LOG_FORMAT", "auto", LOG_FORMATS),
-            pidfile=Path(reader.text("WORKER_PIDFILE", _default_pidfile(env))),
+            pidfile=files.pidfile,
             webhook_host=reader.text("WORKER_WEBHOOK_HOST", "127.0.0.1"),
             webhook_port=reader.integer("WORKER_WEBHOOK_PORT", 8080, minimum=0, maximum=65535),
             webhook_metrics_port=reader.integer("WORKER_WEBHOOK_METRICS_PORT", 0, minimum=0, maximum=65535),
@@ -225,26 +261,22 @@ class Settings:
             )
 
     @property
+    def files(self) -> LocalFiles:
+        """The files `health` reads, named in one place for the daemon that writes them."""
+        return LocalFiles(self.pidfile, self.db_timeout)
+
+    @property
     def heartbeat_path(self) -> Path:
-        """Touched each time the daemon's loop goes round; read by `health`."""
-        return self.pidfile.with_suffix(".heartbeat")
+        return self.files.heartbeat_path
 
     @property
     def last_exit_path(self) -> Path:
-        """Why the last `run` stopped with an error (e.g. the schema needs `migrate`)."""
-        return self.pidfile.with_suffix(".last-exit")
+        return self.files.last_exit_path
 
     @property
     def unwritten_cap(self) -> int:
         """Results held in memory, not yet written, before the loop stops claiming."""
         return self.max_unwritten or max(1, self.concurrency // 2)
-
-    @property
-    def heartbeat_max_age(self) -> float:
-        """Longest quiet spell of a healthy loop. Its one wait lasts at most 5 s and sends run
-        beside it, so only database calls hold it up: one turn makes at most three (recover,
-        give back, claim), each bounded by WORKER_DB_TIMEOUT. Plus a wait on each side."""
-        return 3 * self.db_timeout + 2 * 5.0
 
     def token_for(self, number: str) -> str:
         return self.number_tokens.get(number, self.access_token)

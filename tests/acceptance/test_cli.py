@@ -187,16 +187,27 @@ def test_health_reports_whether_the_local_daemon_is_alive(
     worker_env: Callable[..., dict[str, str]], tmp_path: Path
 ) -> None:
     env = worker_env()
+    # An operator's shell: where the pidfile is, and no database URL or token at all.
+    local = {k: v for k, v in env.items() if not k.startswith(("WORKER_", "WHATSAPP_"))}
+    local["WORKER_PIDFILE"] = env["WORKER_PIDFILE"]
 
-    def health() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*WORKER_BIN, "health"], env=env, capture_output=True, text=True, timeout=30)
+    def health(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*WORKER_BIN, "health"], env={**local, **extra}, capture_output=True, text=True, timeout=30
+        )
 
     before = health()
-    assert before.returncode == 1 and "no daemon holds" in before.stdout
+    assert (before.returncode, before.stderr) == (1, "")
+    assert before.stdout == f"unhealthy: no daemon holds {env['WORKER_PIDFILE']}\n"
     daemon = WorkerProcess(env, "run", logs=tmp_path)
     assert eventually(lambda: (tmp_path / "worker.heartbeat").exists(), 20), daemon.stderr
     during = health()
     assert during.returncode == 0 and f"healthy: daemon {daemon.pid} - " in during.stdout
+    # Secrets it could not read (root's, on a systemd host) do not matter: it never opens them.
+    unreadable = health(
+        WORKER_DATABASE_URL_FILE="/nonexistent/url", WHATSAPP_ACCESS_TOKEN_FILE="/nonexistent/t"
+    )
+    assert unreadable.returncode == 0 and "healthy: daemon" in unreadable.stdout
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
     assert health().returncode == 1

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from functools import cache
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ SECRET_VARIABLES = {
 # database and the Cloud API in advance, AF_INET/AF_INET6/AF_UNIX), the host's root directory and
 # the read-only clock device that ProtectClock= allows. Any loosened hardening setting raises it.
 MAX_EXPOSURE = 1.1
+# tmpfs options both engines take: podman 4 refuses uid=/gid= ("unknown mount option"), Docker
+# refuses podman's own (U, tmpcopyup).
+PORTABLE_TMPFS_OPTIONS = {"size", "mode", "rw", "ro", "noexec", "exec", "nosuid", "suid", "nodev", "dev"}
+NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
 
 
 def tool(name: str, *, venv: bool) -> str:
@@ -277,8 +282,10 @@ def test_dockerfile_contract() -> None:
     assert json.loads(last["CMD"]) == ["run"]
     assert last["STOPSIGNAL"] == "SIGTERM"
     assert re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", last["USER"]), f"numeric non-root USER, got {last['USER']}"
-    _, _, command = last["HEALTHCHECK"].partition("CMD ")
-    assert json.loads(command) == ["whatsapp-worker", "health"], last["HEALTHCHECK"]
+    command, _ = dockerfile_healthcheck()
+    assert command == ["whatsapp-worker", "health"], last["HEALTHCHECK"]
+    # podman's default (OCI) image format drops HEALTHCHECK: the header says how to keep it
+    assert "podman build --format docker" in DOCKERFILE.read_text(encoding="utf-8")
     env = " ".join(args for keyword, args in stage if keyword == "ENV")
     assert "PYTHONUNBUFFERED=1" in env.split()
 
@@ -336,17 +343,95 @@ def test_compose_worker() -> None:
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     drain = float(worker["environment"].get("WORKER_DRAIN_TIMEOUT", DRAIN_TIMEOUT))
     assert seconds(worker["stop_grace_period"]) > drain + DB_TIMEOUT
-    assert worker["healthcheck"]["test"] == ["CMD", "whatsapp-worker", "health"]
     logging = worker["logging"]
     assert logging["driver"] == "json-file" and {"max-size", "max-file"} <= logging["options"].keys()
 
-    # The tmpfs is the pidfile's directory and belongs to the image's user.
+
+def tmpfs_mounts(service: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """A service's tmpfs mounts, short syntax or long: target -> {option: value or ""}."""
+    short = service.get("tmpfs", [])
+    mounts = {}
+    for entry in [short] if isinstance(short, str) else short:
+        target, _, options = entry.partition(":")
+        mounts[target] = dict(o.partition("=")[::2] for o in options.split(",") if o)
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict) and volume.get("type") == "tmpfs":
+            mounts[volume["target"]] = {k: str(v) for k, v in volume.get("tmpfs", {}).items()}
+    return mounts
+
+
+def test_compose_tmpfs_works_under_podman_and_docker() -> None:
+    for name, service in compose()["services"].items():
+        for target, options in tmpfs_mounts(service).items():
+            assert options.keys() <= PORTABLE_TMPFS_OPTIONS, f"{name} {target}: {sorted(options)}"
+
+    # The pidfile's directory is a tmpfs, which both engines mount owned by root: the image's
+    # non-root user can write it only through "others" (and the sticky bit keeps its files its own).
     image_env = " ".join(a for k, a in final_stage() if k == "ENV").split()
     pidfile = next(v.split("=", 1)[1] for v in image_env if v.startswith("WORKER_PIDFILE="))
-    uid = next(a for k, a in final_stage() if k == "USER").split(":")[0]
-    mounts = {entry.split(":", 1)[0]: entry.partition(":")[2] for entry in worker["tmpfs"]}
-    options = mounts[str(Path(pidfile).parent)].split(",")
-    assert f"uid={uid}" in options, options
+    runtime = tmpfs_mounts(compose()["services"]["worker"])[str(Path(pidfile).parent)]
+    mode = int(runtime["mode"], 8)
+    assert mode & 0o1003 == 0o1003, f"mode {runtime['mode']}: not writable by uid 10001, or not sticky"
+
+
+def test_compose_variables_expand_under_docker_and_podman_compose() -> None:
+    # podman-compose 1.0 expands ${NAME}, ${NAME:-default}, ${NAME-default}, $NAME and $$, but
+    # leaves ${NAME:-} (an empty default) as it is: the worker would get that text as a value.
+    text = COMPOSE.read_text(encoding="utf-8").replace("$$", "")
+    for line in text.splitlines():
+        code = line.partition(" #")[0] if not line.lstrip().startswith("#") else ""
+        for reference in re.findall(r"\$\{[^}]*\}", code):
+            assert re.fullmatch(r"\$\{\w+(?::?-[^}]+)?\}", reference), f"{reference} in {line.strip()!r}"
+
+
+def dockerfile_healthcheck() -> tuple[list[str], dict[str, str]]:
+    """The image's HEALTHCHECK: its command (exec form) and its --flags."""
+    flags, _, command = next(a for k, a in final_stage() if k == "HEALTHCHECK").partition("CMD ")
+    options = dict(f.removeprefix("--").split("=", 1) for f in flags.split())
+    return json.loads(command), options
+
+
+def test_compose_services_check_their_own_health() -> None:
+    """podman builds OCI images by default, which drop HEALTHCHECK: compose states every check."""
+    services = compose()["services"]
+    for name, service in services.items():
+        test = service.get("healthcheck", {}).get("test")
+        if service.get("restart") == "no":  # a one-shot has no daemon to ask
+            assert test == ["NONE"], f"{name}: the image's daemon check would mark it unhealthy"
+            continue
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck: {test}"
+        # docker compose refuses start_interval below Docker API 1.44; podman 4 serves 1.41
+        assert "start_interval" not in service["healthcheck"], name
+        # podman-compose 1.0 joins CMD's words into a shell line unquoted: plain words only.
+        if test[0] == "CMD":
+            assert all(re.fullmatch(r"[\w./:=-]+", word) for word in test), f"{name}: {test}"
+
+    command, options = dockerfile_healthcheck()
+    check = services["worker"]["healthcheck"]
+    assert check["test"] == ["CMD", *command]
+    assert {key: str(check[key.replace("-", "_")]) for key in options} == options
+
+
+def compose_header() -> str:
+    """The comment that opens the compose file, as one line."""
+    lines = COMPOSE.read_text(encoding="utf-8").splitlines()
+    return " ".join(line.lstrip("# ") for line in takewhile(lambda line: line.startswith("#"), lines))
+
+
+def test_compose_comments_name_the_secret_files_it_needs() -> None:
+    declared = {f"{name}.txt" for name in compose()["secrets"]}
+    header = compose_header()
+    assert set(re.findall(r"\b\w+\.txt\b", header)) == declared, header
+    counts = {
+        "compose header": re.findall(r"\b(\w+) secret files\b", header),
+        "secrets/README.md": re.findall(
+            r"`docker-compose\.yml` reads (\w+) files", SECRETS_README.read_text(encoding="utf-8")
+        ),
+    }
+    for where, said in counts.items():
+        assert [NUMBER_WORDS.get(word) for word in said] == [len(declared)], (
+            f"{where} says {said}, {len(declared)} declared"
+        )
 
 
 def test_compose_migrate_and_db() -> None:

@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import re
+import shutil
+from itertools import takewhile
 from pathlib import Path
 
+from ruamel.yaml import YAML
+
 from tests.deploy.test_deployment_files import (
+    COMPOSE,
     DB_TIMEOUT,
     MAX_EXPOSURE,
     ROOT,
@@ -91,6 +96,50 @@ def test_compose_webhook_service() -> None:
     assert not {"WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"} & environment.keys()
     # published on the host's loopback only: the TLS reverse proxy is the public side
     assert all(str(port).startswith("127.0.0.1:") for port in webhook["ports"])
-    # the image's HEALTHCHECK asks the daemon's pidfile: the receiver needs its own
-    assert webhook["healthcheck"]["test"] != ["CMD", "whatsapp-worker", "health"]
+    # the image's HEALTHCHECK asks the daemon's pidfile: the receiver's own connects to its port
+    test = webhook["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and f"'127.0.0.1', {environment['WORKER_WEBHOOK_PORT']})" in test[1]
     assert seconds(webhook["stop_grace_period"]) > SHUTDOWN_TIMEOUT + 2 * DB_TIMEOUT
+
+
+def comment_block(text: str, first: str) -> str:
+    """The YAML quoted in a comment that starts with `first`, without the comment signs."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(rf"\s*#\s+{first}", line))
+    prefix = lines[start].index(first)
+    block = takewhile(lambda line: line.strip().startswith("#") and len(line) > prefix, lines[start:])
+    return "\n".join(line[prefix:] for line in block)
+
+
+def test_compose_serves_metrics_to_the_documented_scrape_jobs(tmp_path: Path) -> None:
+    services = compose()["services"]
+    worker, webhook = services["worker"]["environment"], services["webhook"]["environment"]
+    ports = {
+        "worker": int(worker["WORKER_METRICS_PORT"]),
+        "webhook": int(webhook["WORKER_WEBHOOK_METRICS_PORT"]),
+    }
+    assert ports["webhook"] != int(webhook["WORKER_WEBHOOK_PORT"])  # never on the public /webhook port
+    # 127.0.0.1 inside a container is the container's own: listen where the network reaches
+    assert worker["WORKER_METRICS_HOST"] == webhook["WORKER_METRICS_HOST"] == "0.0.0.0"
+    for name, port in ports.items():
+        assert str(port) in map(str, services[name]["expose"])
+        published = [str(p) for p in services[name].get("ports", []) if str(p).endswith(f":{port}")]
+        assert all(p.startswith("127.0.0.1:") for p in published), published
+
+    # The scrape configuration the compose file's comment gives, checked by Prometheus itself.
+    quoted = comment_block(COMPOSE.read_text(encoding="utf-8"), "scrape_configs:")
+    jobs = {job["job_name"]: job for job in YAML(typ="safe", pure=True).load(quoted)["scrape_configs"]}
+    documented = re.findall(
+        r"job_name: ([\w-]+)", (ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
+    )
+    assert sorted(jobs) == sorted(set(documented)) == ["whatsapp-worker", "whatsapp-worker-webhook"]
+    assert jobs["whatsapp-worker"]["dns_sd_configs"] == [
+        {"names": ["worker"], "type": "A", "port": ports["worker"]}
+    ]
+    assert jobs["whatsapp-worker-webhook"]["static_configs"] == [{"targets": [f"webhook:{ports['webhook']}"]}]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(quoted, encoding="utf-8")
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: install Debian's `prometheus` package (`make test` does)"
+    result = run([promtool, "check", "config", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr

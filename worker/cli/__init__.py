@@ -1,7 +1,8 @@
 """Command line: parse arguments, load settings, set up logging, run.
 
 One module per group of commands; each `register`s its parsers and sets `handler` (an async
-command on the database) or `local` (a command that reads local files only, before logging).
+command on the database) or `local` (a command that reads this host's files only, before
+logging: it gets `LocalFiles`, so it needs neither the database URL nor any secret).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from worker import __version__
 from worker.cli import enqueue, migrate, observe, operate, run, webhook
-from worker.config import ConfigError, Settings
+from worker.config import ConfigError, LocalFiles, Settings
 from worker.exits import EX_CONFIG, EX_UNAVAILABLE
 from worker.log import configure
 from worker.store import DatabaseError, RefusedChange
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "max", None) is not None and not args.once:
         parser.error("--max goes with --once")
     try:
-        settings = Settings.from_env(need_sender=getattr(args, "needs_sender", False))
         if getattr(args, "local", None):
-            return int(args.local(settings))
+            return int(args.local(LocalFiles.from_env()))
+        settings = Settings.from_env(need_sender=getattr(args, "needs_sender", False))
     except ConfigError as exc:
         print(f"whatsapp-worker: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -16,7 +16,7 @@ from typing import Any
 
 from worker.cli.common import open_checked_store
 from worker.cli.output import printable
-from worker.config import Settings
+from worker.config import LocalFiles, Settings
 from worker.daemon.fleet import LIVE_HORIZON
 from worker.exits import EX_OK
 from worker.pidfile import PidFile
@@ -60,7 +60,7 @@ def _interval(text: str) -> float:
     return value
 
 
-def health(settings: Settings) -> int:
+def health(settings: LocalFiles) -> int:
     """Healthy: a process holds the pidfile lock and its loop went round recently.
 
     Reads two local files and nothing else, so it is cheap enough for a container HEALTHCHECK.

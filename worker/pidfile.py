@@ -37,9 +37,13 @@ class PidFile:
         self._fd = fd
 
     def holder(self) -> str | None:
-        """`PID - timestamp` of the process holding the lock, or None if nobody holds it."""
+        """`PID - timestamp` of the process holding the lock, or None if nobody holds it.
+        PermissionError when this user may not look (systemd's runtime directory is the
+        service's alone): that is not "no daemon"."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except PermissionError:
+            raise
         except OSError:
             return None
         try:

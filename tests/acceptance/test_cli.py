@@ -208,6 +208,16 @@ def test_health_reports_whether_the_local_daemon_is_alive(
         WORKER_DATABASE_URL_FILE="/nonexistent/url", WHATSAPP_ACCESS_TOKEN_FILE="/nonexistent/t"
     )
     assert unreadable.returncode == 0 and "healthy: daemon" in unreadable.stdout
+    if os.geteuid() == 0:  # another user, who may not look into the daemon's directory (0700)
+        outsider = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *WORKER_BIN, "health"],
+            env=local,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert outsider.returncode == 1 and "unknown: this user may not read" in outsider.stdout
+        assert "no daemon holds" not in outsider.stdout
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
     assert health().returncode == 1

@@ -65,7 +65,14 @@ def health(settings: LocalFiles) -> int:
 
     Reads two local files and nothing else, so it is cheap enough for a container HEALTHCHECK.
     """
-    holder = PidFile(settings.pidfile).holder()
+    try:
+        holder = PidFile(settings.pidfile).holder()
+    except PermissionError as exc:
+        print(
+            f"unknown: this user may not read {settings.pidfile} ({exc.strerror}):"
+            " run health as root or as the service's user (`sudo whatsapp-worker health`)"
+        )
+        return 1
     if holder is None:
         try:
             last = f"; the last run stopped {settings.last_exit_path.read_text().strip()}"

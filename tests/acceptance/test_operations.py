@@ -243,8 +243,14 @@ def test_prune_deletes_old_finished_rows_and_keeps_the_rest(sql: SQL, db_url: Da
         (ids[:3],),
     )
 
+    sql.execute(  # the attempt history ages out by the same age: one old entry, one recent
+        "INSERT INTO whatsapp_worker_attempts (cola_id, attempted_at, outcome, code) VALUES"
+        " (%s, UTC_TIMESTAMP(6) - INTERVAL 40 DAY, 'retry', 130429), (%s, UTC_TIMESTAMP(6), 'retry', 130429)",
+        (ids[3], ids[6]),
+    )
     dry = run_worker(db_url, "prune", "--older-than", "30d", "--dry-run")
     assert dry.returncode == 0 and "would delete 5 finished row(s)" in dry.stdout
+    assert "would delete 1 attempt history row(s)" in dry.stdout
     assert sql.value("SELECT COUNT(*) FROM cola_envios") == 10
 
     # Without a terminal to ask, nothing goes unless --yes says so (cron, a systemd timer).
@@ -254,6 +260,7 @@ def test_prune_deletes_old_finished_rows_and_keeps_the_rest(sql: SQL, db_url: Da
     assert sql.value("SELECT COUNT(*) FROM cola_envios") == 10
     done = run_worker(db_url, "prune", "--older-than", "30d", "--yes")
     assert "deleted 5 finished row(s)" in done.stdout and "envios_whatsapp kept" in done.stdout
+    assert sql.value("SELECT cola_id FROM whatsapp_worker_attempts") == ids[6]
     left = {r["id"]: r["estado"] for r in sql.rows("SELECT id, estado FROM cola_envios")}
     assert sorted(left) == ids[5:] and left[ids[5]] == "desconocido"
     assert sql.value("SELECT COUNT(*) FROM envios_whatsapp") == 3  # the history the runbook reads
@@ -377,6 +384,8 @@ def test_pause_all_and_pause_number_stop_every_claim_and_resume_gives_back_what_
     assert held.returncode == 0 and "every number paused" in held.stdout
     assert "already paused" in run_worker(db_url, "pause", "--all").stdout
     assert drain() == {} and fake_api.requests == []
+    shown = run_worker(db_url, "status").stdout
+    assert shown.startswith("HELD by an operator since ") and "every number: audit" in shown.splitlines()[0]
     assert run_worker(db_url, "resume", "--all").returncode == 0
     assert run_worker(db_url, "pause", "--number", other).returncode == 0
     assert drain() == {own: 3}  # the other number is held, fleet-wide

@@ -19,11 +19,14 @@ from typing import Any
 import pytest
 
 from tests.support.env import WORKER_BIN, base_env, eventually, run_worker
-from tests.support.fakeapi import FakeCloudAPI
+from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.processes import WorkerProcess
 from tests.support.sql import SQL
+from tests.support.terminal import Terminal
 from worker import __version__
 from worker.config import DatabaseURL
+from worker.models import CANCELLED_REASON
+from worker.store.claims import OPTED_OUT_REASON, UNDELIVERABLE_REASON
 
 REASON = "code 190: Error validating access token"
 
@@ -220,14 +223,15 @@ def test_a_sessions_shown_state_matches_its_rows(sql: SQL, db_url: DatabaseURL) 
     )
     mark_sent(sql, done, 2, seconds_ago=600, spread=1)
 
-    phases = {s["name"]: s["phase"] for s in status_json(db_url)["sessions"]}
+    phases = {s["name"]: s["phase"] for s in status_json(db_url, "--all")["sessions"]}
     assert phases == {
         "marked-done-but-waiting": "waiting",
         "shutdown-timed-out": "unresolved",
         "all-rejected": "failed",
         "done": "completed",
     }
-    heads = [line for line in run_worker(db_url, "status").stdout.splitlines() if line.startswith("#")]
+    shown = run_worker(db_url, "status", "--all").stdout.splitlines()
+    heads = [line for line in shown if line.startswith("#")]
     assert heads[0].startswith(f"#{waiting} marked-done-but-waiting  waiting  [0/3] 0%")
     assert heads[1].startswith(f"#{unknown} shutdown-timed-out  finished, 3 unknown outcome(s) to resolve")
     assert heads[2].startswith(f"#{failed} all-rejected  finished, nothing sent  [2/2] 100%")
@@ -251,10 +255,14 @@ def test_status_counts_what_the_status_webhooks_recorded(sql: SQL, db_url: Datab
         " WHERE estado = 'enviado' ORDER BY id DESC LIMIT 1"
     )
 
-    (report,) = status_json(db_url)["sessions"]
+    (report,) = status_json(db_url, "--session", "entregas")["sessions"]
     assert (report["delivered"], report["read"], report["settled"]) == (4, 2, 1)
-    text = run_worker(db_url, "status").stdout
+    text = run_worker(db_url, "status", "--session", "entregas").stdout
     assert "    delivered 4 (80%)  read 2 (40%)  settled by webhooks 1" in text
+    # the overview of every session leaves out what would read each sent row
+    (overview,) = status_json(db_url)["sessions"]
+    assert overview["delivered"] is None and overview["sent"] == 5
+    assert "delivered" not in run_worker(db_url, "status").stdout
 
 
 def test_watch_prints_a_new_block_each_interval_until_ctrl_c(
@@ -380,3 +388,203 @@ def test_a_real_sending_pause_comes_first(
     assert daemon.wait(timeout=30) == 0
     assert status_json(db_url)["pauses"] == []  # a stopped daemon's pause is over
     assert sql.states() == {"pendiente": 5}
+
+
+def session_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """What an operator reads of a session, less what moves with the clock or says what was pruned."""
+    moving = {"rate", "rate_window", "sent_last_minute", "eta_seconds", "pruned"}
+    return {key: value for key, value in report.items() if key not in moving}
+
+
+def test_a_sessions_totals_are_the_same_before_and_after_prune(sql: SQL, db_url: DatabaseURL) -> None:
+    session = sql.add_session("campana-40")
+    sql.add_rows(session, 40)
+    mark_sent(sql, session, 30, seconds_ago=120, spread=1)
+    old = "updated_at = NOW(6) - INTERVAL 40 DAY"
+    sql.execute(f"UPDATE cola_envios SET delivered_at = UTC_TIMESTAMP(6), {old} WHERE estado = 'enviado'")
+    sql.execute(
+        "UPDATE cola_envios SET read_at = delivered_at, updated_at = updated_at WHERE estado = 'enviado'"
+        " ORDER BY id LIMIT 12"
+    )
+    closing = [
+        ("error", 131026, "Message undeliverable", 3),
+        ("error", None, OPTED_OUT_REASON, 2),
+        ("error", 131026, UNDELIVERABLE_REASON, 1),
+        ("error", None, CANCELLED_REASON, 1),
+        ("desconocido", None, "timeout after the request was sent", 1),
+    ]
+    for state, code, reason, count in closing:
+        sql.execute(
+            f"UPDATE cola_envios SET estado = %s, last_error_code = %s, last_error = %s, {old}"
+            " WHERE sesion_id = %s AND estado = 'pendiente' ORDER BY id LIMIT %s",
+            (state, code, reason, session, count),
+        )
+
+    def figures() -> tuple[dict[str, Any], list[str]]:
+        (report,) = status_json(db_url, "--session", "campana-40")["sessions"]
+        text = run_worker(db_url, "status", "--session", "campana-40").stdout
+        return report, [
+            line for line in text.splitlines() if line.startswith(("#", "    delivered", "    error"))
+        ]
+
+    before, lines_before = figures()
+    assert (before["total"], before["done"], before["sent"], before["failed"]) == (40, 38, 30, 3)
+    assert (before["opted_out"], before["suppressed"], before["cancelled"]) == (2, 1, 1)
+    assert (before["delivered"], before["read"]) == (30, 12) and before["pruned"] == 0
+    pruned = run_worker(db_url, "prune", "--older-than", "30d", "--yes")
+    assert "deleted 37 finished row(s)" in pruned.stdout, pruned.stdout + pruned.stderr
+    assert sql.value("SELECT COUNT(*) FROM cola_envios") == 3  # the unknown one and two waiting
+
+    after, lines_after = figures()
+    assert after["pruned"] == 37
+    assert session_figures(after) == session_figures(before)
+    assert lines_after == lines_before
+    assert lines_after[0].startswith(f"#{session} campana-40  waiting  [38/40] 95%")
+    assert "    error code 131026 x3: Message undeliverable" in lines_after
+    # the overview of every session tells the same story
+    (overview,) = status_json(db_url)["sessions"]
+    assert (overview["total"], overview["sent"], overview["failed"], overview["opted_out"]) == (40, 30, 3, 2)
+
+
+def test_status_shows_the_active_sessions_and_all_of_them_with_all(sql: SQL, db_url: DatabaseURL) -> None:
+    sending = sql.add_session("en-curso")
+    sql.add_rows(sending, 3)
+    done = sql.add_session("terminada")
+    sql.add_rows(done, 2, start=10)
+    mark_sent(sql, done, 2, seconds_ago=600, spread=1)
+    cancelled = sql.add_session("anulada")
+    sql.add_rows(cancelled, 2, start=20)
+    assert run_worker(db_url, "cancel", "--session", "anulada").returncode == 0
+    doubtful = sql.add_session("dudosa")
+    sql.add_rows(doubtful, 2, start=30)
+    mark_sent(sql, doubtful, 1, seconds_ago=600, spread=1)
+    sql.execute(
+        "UPDATE cola_envios SET estado = 'desconocido', last_error = 'timeout' WHERE sesion_id = %s"
+        " AND estado = 'pendiente'",
+        (doubtful,),
+    )
+    sql.execute("UPDATE sesiones_envio SET estado = 'completada' WHERE id IN %s", ((done, doubtful),))
+
+    text = run_worker(db_url, "status").stdout
+    heads = [line.split("  ")[0] for line in text.splitlines() if line.startswith("#")]
+    assert heads == [f"#{sending} en-curso", f"#{doubtful} dudosa"]  # unknown outcomes need a person
+    assert text.rstrip().endswith("2 finished session(s) not shown (status --all shows them)")
+    assert [s["name"] for s in status_json(db_url)["sessions"]] == ["en-curso", "dudosa"]
+
+    everything = run_worker(db_url, "status", "--all").stdout
+    heads = [line.split("  ")[0] for line in everything.splitlines() if line.startswith("#")]
+    assert heads == [
+        f"#{sending} en-curso",
+        f"#{done} terminada",
+        f"#{cancelled} anulada",
+        f"#{doubtful} dudosa",
+    ]
+    assert "not shown" not in everything
+    one = run_worker(db_url, "status", "--session", "terminada").stdout
+    assert f"#{done} terminada  completed  [2/2] 100%" in one
+
+
+def test_a_scheduled_session_says_when_it_starts(sql: SQL, db_url: DatabaseURL, tmp_path: Path) -> None:
+    csv = tmp_path / "navidad.csv"
+    csv.write_text("phone\n+51987000001\n+51987000002\n")
+    queued = run_worker(
+        db_url, "enqueue", "--session", "navidad", "--text", "feliz navidad", "--csv", str(csv),
+        "--at", "2031-12-24 09:00", "--timezone", "UTC",
+    )  # fmt: skip
+    assert queued.returncode == 0, queued.stderr
+    backoff = sql.add_session("reintentos")
+    sql.add_rows(backoff, 2, start=10)
+    mark_sent(sql, backoff, 1, seconds_ago=300, spread=1)
+    sql.execute(
+        "UPDATE cola_envios SET next_attempt_at = '2031-01-02 03:04:05', attempts = 1 WHERE sesion_id = %s"
+        " AND estado = 'pendiente'",
+        (backoff,),
+    )
+
+    heads = [line for line in run_worker(db_url, "status").stdout.splitlines() if line.startswith("#")]
+    assert heads[0].endswith("navidad  scheduled, starts 2031-12-24 09:00 UTC  [0/2] 0%")  # no rate
+    assert heads[1].endswith("reintentos  waiting, next row due 2031-01-02 03:04 UTC  [1/2] 50%")
+    scheduled = {s["name"]: s for s in status_json(db_url)["sessions"]}
+    assert scheduled["navidad"]["phase"] == "scheduled"
+    assert scheduled["navidad"]["next_due"].startswith("2031-12-24T09:00:00")
+    assert scheduled["reintentos"]["phase"] == "waiting"
+
+
+def test_opted_out_and_suppressed_rows_are_counted_apart_from_errors(
+    sql: SQL, db_url: DatabaseURL, fake_api: FakeCloudAPI, worker_env: Callable[..., dict[str, str]]
+) -> None:
+    first = sql.add_session("marzo")
+    phones = sql.add_rows(first, 3)
+    fake_api.script(phones[0], Step.error(131050, details="User stopped marketing messages."))
+    fake_api.script(phones[1], Step.error(131026, details="Message undeliverable."))
+    assert run_worker(db_url, "run", "--once", env=worker_env()).returncode == 0
+    second = sql.add_session("abril")
+    sql.add_rows(second, 3)  # the same phones: one opted out, one undeliverable from this number
+    assert run_worker(db_url, "run", "--once", env=worker_env()).returncode == 0
+    assert sql.states() == {"enviado": 2, "error": 4}
+
+    sessions = {s["name"]: s for s in status_json(db_url, "--all")["sessions"]}
+    figures = {
+        name: (s["sent"], s["failed"], s["opted_out"], s["suppressed"]) for name, s in sessions.items()
+    }
+    assert figures == {"marzo": (1, 1, 1, 0), "abril": (1, 0, 1, 1)}
+    assert [(e["code"], e["count"]) for e in sessions["marzo"]["errors"]] == [(131026, 1)]
+    assert sessions["abril"]["errors"] == [] and sessions["abril"]["phase"] == "completed"
+    text = run_worker(db_url, "status", "--all").stdout
+    assert (
+        "    enviado 1  error 0  opted out 1  suppressed 1  desconocido 0  pendiente 0  procesando 0" in text
+    )
+    assert "    enviado 1  error 1  opted out 1  desconocido 0" in text
+
+
+def test_a_daemon_the_rate_limit_holds_back_shows_throttled(
+    sql: SQL,
+    db_url: DatabaseURL,
+    fake_api: FakeCloudAPI,
+    worker_env: Callable[..., dict[str, str]],
+    start: Callable[..., WorkerProcess],
+) -> None:
+    session = sql.add_session("despacio")
+    sql.add_rows(session, 26)
+    daemon = start(worker_env(WORKER_RATE_LIMIT="1"), "run")
+    me = f"{socket.gethostname()}:{daemon.pid}:"
+
+    def held_back() -> bool:
+        report = status_json(db_url)
+        mine = [d for d in report["daemons"] if d["worker_id"].startswith(me) and d["live"]]
+        return bool(mine) and mine[0]["state"] == "throttled" and mine[0]["sent_total"] >= 1
+
+    assert eventually(held_back, 40), daemon.stderr[-2000:]
+    line = next(
+        line for line in run_worker(db_url, "status").stdout.splitlines() if f" {daemon.pid} " in line
+    )
+    assert " throttled " in line
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0, daemon.stderr[-2000:]
+
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def test_watch_keeps_the_pauses_and_daemons_on_a_small_terminal_and_cuts_the_sessions(
+    sql: SQL, db_url: DatabaseURL
+) -> None:
+    for n in range(30):
+        sql.add_rows(sql.add_session(f"campana-{n:02d}"), 3, start=10 * n)
+    add_daemon(sql, "web1:4242", beat_ago=0.3, state="paused", paused_reason=REASON)
+    add_daemon(sql, "web2:977", beat_ago=0.5, state="throttled", rate=0.5, rate_share=0.5)
+
+    with Terminal([*WORKER_BIN, "status", "--watch", "0.2"], base_env(db_url), rows=24, columns=80) as screen:
+        for _ in range(3):  # each frame starts by clearing the screen: two whole frames at least
+            screen.read_until(CLEAR.encode())
+        frames = screen.screen.decode().split(CLEAR)[1:-1]
+    for frame in frames:
+        lines = frame.split("\r\n")
+        assert sum(max(1, -(-len(line) // 80)) for line in lines) <= 24, frame  # nothing scrolls away
+        assert lines[0].startswith("whatsapp-worker status  ") and lines[1] == ""
+        assert lines[2].startswith("PAUSED") and lines[2].endswith(f"{REASON}  [web1:4242]")
+        assert lines[3] == "daemons: 2 live of 2 seen, 0.5 sent/s together"
+        assert " throttled " in lines[6] or " throttled " in lines[5]
+        shown = [line for line in lines if line.startswith("#")]
+        assert shown and shown[0].startswith("#1 campana-00  waiting  [0/3] 0%")
+        assert lines[-1] == f"+{30 - len(shown)} more session(s)"

@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,7 +23,8 @@ from worker.config import LocalFiles, Settings
 from worker.daemon.fleet import LIVE_HORIZON
 from worker.exits import EX_OK
 from worker.pidfile import PidFile
-from worker.store import DatabaseError, Store
+from worker.store import DatabaseError, Hold, Store
+from worker.store.holds import ALL
 
 # A daemon beats its row about once a second: one silent for longer (or for three of the
 # WORKER_FLEET_BEAT this host is configured with, if more) is dead or cut off.
@@ -37,7 +41,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     health_parser.set_defaults(local=health)
 
     status = commands.add_parser("status", help="the daemons, any sending pause, and per-session progress")
-    status.add_argument("--session", help="only this session (id or name)")
+    status.add_argument("--session", help="only this session (id or name), with its webhook counts")
+    status.add_argument(
+        "--all", action="store_true", help="finished and cancelled sessions too (default: the active ones)"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--watch",
@@ -101,31 +108,76 @@ def health(settings: LocalFiles) -> int:
     return EX_OK
 
 
+@dataclass(frozen=True, slots=True)
+class View:
+    """What `status` was asked to show."""
+
+    session_id: int | None  # one session (with its webhook counts), or the sessions below
+    everything: bool  # `--all`: finished and cancelled sessions too
+    live_within: float  # seconds: a daemon silent for longer is dead
+
+
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     store = await open_checked_store(settings)
     try:
         session_id = None if args.session is None else await store.sessions.resolve(args.session)
         # Dead: silent for longer than the fleet's own horizon (WORKER_FLEET_BEAT is shared).
         live_within = max(LIVE_WITHIN, LIVE_HORIZON * settings.fleet_beat)
+        view = View(session_id, args.all, live_within)
         if args.watch is not None:
-            return await _watch(
-                store, session_id, every=args.watch, as_json=args.json, live_within=live_within
-            )
-        _write(_render(await _report(store, session_id, live_within), as_json=args.json))
+            return await _watch(store, view, every=args.watch, as_json=args.json)
+        _write(_render(await _report(store, view), as_json=args.json))
     finally:
         await store.close()
     return EX_OK
 
 
-async def _report(store: Store, session_id: int | None, live_within: float) -> dict[str, Any]:
+async def _report(store: Store, view: View, *, watching: bool = False) -> dict[str, Any]:
+    """The report; the webhook counts of `--session` read every sent row of it, so never under
+    `--watch`."""
     daemons = await store.daemons.list(within=SEEN_WITHIN)
-    sessions = await store.reports.status(session_id)
-    return build_report(daemons, sessions, live_within=live_within)
+    webhooks = view.session_id is not None and not watching
+    shown = await store.reports.status(view.session_id, everything=view.everything, webhooks=webhooks)
+    holds = await store.holds.list()
+    report = build_report(daemons, shown.sessions, live_within=view.live_within, holds=holds)
+    report["finished_not_shown"] = shown.finished
+    return report
 
 
-async def _watch(
-    store: Store, session_id: int | None, *, every: float, as_json: bool, live_within: float
-) -> int:
+async def _screen(store: Store, view: View, header: str) -> str:
+    """One `--watch` frame for a terminal: the header, pauses and daemons always, then the
+    sessions that fit (only those are read), then how many more there are."""
+    daemons, holds = await store.daemons.list(within=SEEN_WITHIN), await store.holds.list()
+    fleet = build_report(daemons, [], live_within=view.live_within, holds=holds)
+    head = [header, "", *_head_lines(fleet), ""]
+    columns, rows = shutil.get_terminal_size()
+    room = rows - _rows_of(head, columns) - 1  # one row for the "+N more" line
+    shown = await store.reports.status(
+        view.session_id,
+        everything=view.everything,
+        limit=max(0, room // SESSION_ROWS_AT_LEAST),
+        webhooks=False,
+    )
+    blocks = [_session_lines(session) for session in shown.sessions]
+    tail = _finished_line(shown.finished) if shown.finished else None
+    return "\n".join(fit_screen(head, blocks, unread=shown.unread, rows=rows, columns=columns, tail=tail))
+
+
+async def _frame(store: Store, view: View, *, every: float, as_json: bool, terminal: bool) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    header = f"whatsapp-worker status  {stamp} UTC  every {every:g}s (Ctrl-C stops)"
+    try:
+        if terminal and not as_json:
+            return CLEAR + await _screen(store, view, header)
+        text = _render(await _report(store, view, watching=True), as_json=as_json, compact=True)
+    except DatabaseError as exc:  # the database went away: say so, keep watching
+        text = f"whatsapp-worker: database error: {exc}"
+        if terminal and not as_json:
+            return f"{CLEAR}{header}\n\n{text}"
+    return text if as_json else f"--- {header}\n{text}\n"
+
+
+async def _watch(store: Store, view: View, *, every: float, as_json: bool) -> int:
     """Redraw in place on a terminal, a new block each time elsewhere; Ctrl-C ends it (exit 0)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -135,26 +187,18 @@ async def _watch(
     stopping = asyncio.create_task(stop.wait())
     try:
         while not stop.is_set():
-            reading = asyncio.create_task(_report(store, session_id, live_within))
+            reading = asyncio.create_task(
+                _frame(store, view, every=every, as_json=as_json, terminal=terminal)
+            )
             await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if stop.is_set():
                 reading.cancel()
                 with contextlib.suppress(BaseException):
                     await reading
                 break
-            try:
-                text = _render(reading.result(), as_json=as_json, compact=True)
-            except DatabaseError as exc:  # the database went away: say so, keep watching
-                text = f"whatsapp-worker: database error: {exc}"
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-            header = f"whatsapp-worker status  {stamp} UTC  every {every:g}s (Ctrl-C stops)"
-            if as_json:
-                frame = text
-            elif terminal:
-                frame = f"{CLEAR}{header}\n\n{text}"
-            else:
-                frame = f"--- {header}\n{text}\n"
-            if not _write(frame):
+            # On a terminal the frame ends on its last row: a newline there would scroll the
+            # header off a full screen.
+            if not _write(reading.result(), end="" if terminal and not as_json else "\n"):
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stopping), every)
@@ -162,13 +206,15 @@ async def _watch(
         stopping.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    if terminal and not as_json:
+        _write("")  # the prompt starts below the last frame
     return EX_OK
 
 
-def _write(text: str) -> bool:
+def _write(text: str, *, end: str = "\n") -> bool:
     """Print; False once the reader has gone (`status --watch | head`)."""
     try:
-        print(text, flush=True)
+        print(text, end=end, flush=True)
     except BrokenPipeError:
         # Python would report the failed flush again at exit: point stdout at nothing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -180,9 +226,14 @@ def _write(text: str) -> bool:
 
 
 def build_report(
-    daemons: Sequence[dict[str, Any]], sessions: list[dict[str, Any]], *, live_within: float = LIVE_WITHIN
+    daemons: Sequence[dict[str, Any]],
+    sessions: list[dict[str, Any]],
+    *,
+    live_within: float = LIVE_WITHIN,
+    holds: Sequence[Hold] = (),
 ) -> dict[str, Any]:
-    """Daemons marked live / dead / stopped, the sending pauses of the live ones, the sessions.
+    """The operator's holds, daemons marked live / dead / stopped, the sending pauses of the
+    live ones, the sessions.
 
     Every time is the database's UTC clock: `beat_at + beat_age` is its "now".
     """
@@ -204,7 +255,8 @@ def build_report(
             pause["until_seconds"] = round((until - now).total_seconds(), 1)
     for daemon in fleet:
         del daemon["now"]
-    return {"daemons": fleet, "pauses": list(pauses.values()), "sessions": sessions}
+    held = [{"scope": h.scope, "reason": h.reason, "since": h.since} for h in holds]
+    return {"holds": held, "daemons": fleet, "pauses": list(pauses.values()), "sessions": sessions}
 
 
 def _daemon(row: dict[str, Any], live_within: float) -> dict[str, Any]:
@@ -226,13 +278,67 @@ def _daemon(row: dict[str, Any], live_within: float) -> dict[str, Any]:
 def _render(report: dict[str, Any], *, as_json: bool, compact: bool = False) -> str:
     if as_json:
         return json.dumps(report, indent=None if compact else 2, default=_json_value)
-    lines = [_pause_line(pause) for pause in report["pauses"]]
-    lines += _daemon_lines(report["daemons"])
-    lines.append("")
+    finished = report.get("finished_not_shown", 0)
+    lines = [*_head_lines(report), ""]
     if not report["sessions"]:
-        lines.append("no sessions")
-    lines += [_session_block(session) for session in report["sessions"]]
+        lines.append("no active sessions" if finished else "no sessions")
+    for session in report["sessions"]:
+        lines += _session_lines(session)
+    if finished:
+        lines.append(_finished_line(finished))
     return "\n".join(lines)
+
+
+def _head_lines(report: dict[str, Any]) -> list[str]:
+    """What comes first, and stays on screen under `--watch`: the operator's holds, the pauses,
+    then the daemons."""
+    holds = [_hold_line(hold) for hold in report.get("holds", ())]
+    return holds + [_pause_line(pause) for pause in report["pauses"]] + _daemon_lines(report["daemons"])
+
+
+def _hold_line(hold: dict[str, Any]) -> str:
+    what = "every number" if hold["scope"] == ALL else f"number {hold['scope']}"
+    reason = f": {printable(hold['reason'])}" if hold["reason"] else ""
+    return f"HELD by an operator since {_utc(hold['since'])}: {what}{reason} (`resume` lets it send)"
+
+
+def _finished_line(count: int) -> str:
+    return f"{count:,} finished session(s) not shown (status --all shows them)"
+
+
+SESSION_ROWS_AT_LEAST = 2  # a session's head line and its counts
+
+
+def fit_screen(
+    head: list[str], blocks: list[list[str]], *, unread: int, rows: int, columns: int, tail: str | None = None
+) -> list[str]:
+    """The head whole, then the sessions' blocks that fit in `rows` (each line wraps to the rows
+    it takes at `columns`), then `+N more session(s)` for the blocks cut and the `unread`
+    sessions, or else `tail` if it fits."""
+    lines, used = list(head), _rows_of(head, columns)
+    for shown, block in enumerate(blocks):
+        after = len(blocks) - shown - 1 + unread
+        if used + _rows_of(block, columns) + (1 if after else 0) > rows:
+            return [*lines, f"+{len(blocks) - shown + unread} more session(s)"]
+        lines += block
+        used += _rows_of(block, columns)
+    if unread:
+        return [*lines, f"+{unread} more session(s)"]
+    if tail is not None and used + _rows_of([tail], columns) <= rows:
+        lines.append(tail)
+    return lines
+
+
+def _rows_of(lines: list[str], columns: int) -> int:
+    """Terminal rows the lines take, each wrapped at `columns`."""
+    return sum(max(1, -(-_width(line) // max(1, columns))) for line in lines)
+
+
+def _width(text: str) -> int:
+    """Columns a line takes: wide (CJK, most emoji) characters two, combining marks none."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text
+    )
 
 
 def _json_value(value: Any) -> Any:
@@ -312,34 +418,23 @@ PHASES = {
 }
 
 
-def _session_block(s: dict[str, Any]) -> str:
-    phase = s["phase"]
-    if phase == "unresolved":
-        label = f"finished, {s['unknown']:,} unknown outcome(s) to resolve"
-    else:
-        label = PHASES.get(phase, phase)
-    head = f"#{s['id']} {printable(s['name'])}  {label}  "
-    if phase == "cancelled":
-        head += f"[{s['sent']:,} sent, {s['cancelled']:,} cancelled (not sent) of {s['total']:,}]"
-    else:
-        percent = f" {100 * s['done'] // s['total']}%" if s["total"] else ""
-        head += f"[{s['done']:,}/{s['total']:,}]{percent}"
-    if s["waiting"] or s["rate"]:
-        window = "minute" if s["rate_window"] >= 59.5 else _age(s["rate_window"])
-        head += f"  {s['rate']:.1f} sent/s (last {window})"
-    if s["eta_seconds"] is not None:
-        head += f"  ETA {_age(s['eta_seconds'])}"
+NOT_SENT_WORDS = (("cancelled", "cancelled"), ("opted_out", "opted out"), ("suppressed", "suppressed"))
+
+
+def _session_lines(s: dict[str, Any]) -> list[str]:
     counts = s["counts"]
-    states = [
-        ("enviado", s["sent"]),
-        ("error", s["failed"]),
-        ("cancelled", s["cancelled"]),
+    states = [("enviado", s["sent"]), ("error", s["failed"])]
+    states += [(word, s[kind]) for kind, word in NOT_SENT_WORDS if s[kind]]  # never sent, not errors
+    states += [
         ("desconocido", s["unknown"]),
         ("pendiente", counts["pendiente"]),
         ("procesando", counts["procesando"]),
     ]
-    lines = [head, "    " + "  ".join(f"{name} {count:,}" for name, count in states)]
-    if s["sent"] or s["settled"]:
+    tally = "    " + "  ".join(f"{name} {count:,}" for name, count in states)
+    if s["pruned"]:
+        tally += f"  (pruned {s['pruned']:,})"
+    lines = [_session_head(s), tally]
+    if s["delivered"] is not None and (s["sent"] or s["settled"]):
         lines.append(
             f"    delivered {s['delivered']:,}{_share(s['delivered'], s['sent'])}"
             f"  read {s['read']:,}{_share(s['read'], s['sent'])}"
@@ -348,7 +443,35 @@ def _session_block(s: dict[str, Any]) -> str:
     for error in s["errors"][:5]:
         code = error["code"] if error["code"] is not None else "-"
         lines.append(f"    {error['state']} code {code} x{error['count']:,}: {printable(error['example'])}")
-    return "\n".join(lines)
+    return lines
+
+
+def _session_head(s: dict[str, Any]) -> str:
+    phase, due = s["phase"], s["next_due"]
+    if phase == "unresolved":
+        label = f"finished, {s['unknown']:,} unknown outcome(s) to resolve"
+    elif phase == "scheduled":
+        label = f"scheduled, starts {_minute(due)} UTC"
+    elif phase == "waiting" and due is not None:
+        label = f"waiting, next row due {_minute(due)} UTC"  # a retry's backoff
+    else:
+        label = PHASES.get(phase, phase)
+    head = f"#{s['id']} {printable(s['name'])}  {label}  "
+    if phase == "cancelled":
+        head += f"[{s['sent']:,} sent, {s['cancelled']:,} cancelled (not sent) of {s['total']:,}]"
+    else:
+        percent = f" {100 * s['done'] // s['total']}%" if s["total"] else ""
+        head += f"[{s['done']:,}/{s['total']:,}]{percent}"
+    if s["rate"] or (s["waiting"] and due is None):  # no rate for rows that may not go yet
+        window = "minute" if s["rate_window"] >= 59.5 else _age(s["rate_window"])
+        head += f"  {s['rate']:.1f} sent/s (last {window})"
+    if s["eta_seconds"] is not None:
+        head += f"  ETA {_age(s['eta_seconds'])}"
+    return head
+
+
+def _minute(iso: str) -> str:
+    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M")
 
 
 def _share(part: int, whole: int) -> str:

@@ -317,7 +317,7 @@ async def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
         options = {"deliveries": args.deliveries, "statuses": args.statuses}
         plan = await store.pruner.prune(args.older_than.seconds, dry_run=True, **options)
         _print_prune(plan, args, "would delete" if args.dry_run else "will delete")
-        if args.dry_run or not (plan.rows or plan.deliveries or plan.statuses):
+        if args.dry_run or not (plan.rows or plan.deliveries or plan.statuses or plan.attempts):
             return EX_OK
         confirm("Delete them?", yes=args.yes)
         pruned = await store.pruner.prune(args.older_than.seconds, dry_run=False, **options)
@@ -339,6 +339,8 @@ def _print_prune(pruned: Pruned, args: argparse.Namespace, verb: str) -> None:
         if pruned.cascading
         else ""
     )
+    if pruned.attempts:
+        print(f"{verb} {pruned.attempts} attempt history row(s) older than {args.older_than.text}")
     if args.statuses:
         print(f"{verb} {pruned.statuses} applied webhook status(es) older than {args.older_than.text}")
     if pruned.kept:

@@ -17,6 +17,7 @@ import random
 from worker.config import Settings
 from worker.daemon.control import RunReport
 from worker.daemon.heartbeat import BEAT_EVERY
+from worker.daemon.numbers import Room
 from worker.daemon.parts import Parts
 from worker.daemon.sender import Sender
 from worker.exits import EX_OK, EX_SOFTWARE
@@ -172,17 +173,19 @@ class Daemon:
             self._control.database_failed(exc)
             return min(BEAT_EVERY, self._settings.poll_interval * 2)
         claimed, held = 0, float("inf")  # held: when a number kept back by its pace may go
+        limited = False  # due rows that only the rate limit keeps back (the beat says `throttled`)
         for number, sessions in self._numbers.group(order).items():
-            room, wait = self._room(number, free - claimed)
-            if room <= 0:
-                held = min(held, wait)
+            room = self._room(number, free - claimed)
+            if room.rows <= 0:
+                held, limited = min(held, room.wait), limited or room.limited
                 continue
-            got = await self._claim(number, room, [s.id for s in sessions])
+            got = await self._claim(number, room.rows, [s.id for s in sessions])
             if got is None:
                 return min(BEAT_EVERY, self._settings.poll_interval * 2)  # database trouble
             claimed += got
             if claimed >= free or self._stop.is_set():
                 break
+        self._numbers.held_by_limit = limited
         if claimed:
             return 0.0
         if held < float("inf"):
@@ -208,13 +211,13 @@ class Daemon:
                 action="more sessions hold waiting rows than one read takes: the next read goes on",
             )
 
-    def _room(self, number: str, free: int) -> tuple[int, float]:
+    def _room(self, number: str, free: int) -> Room:
         """Rows a number may start now, or how long until it may (a paused number under
         `run --once` ends the run)."""
         paused = self._numbers.paused(number)
         if paused > 0:
             self._control.paused()
-            return 0, paused
+            return Room(0, paused)
         return self._numbers.room(number, free)
 
     async def _wait(self, seconds: float) -> None:

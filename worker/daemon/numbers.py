@@ -5,12 +5,20 @@ own count of sends in flight; one number's trouble never holds another up."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from worker.daemon.pause import Pauses
 from worker.daemon.ratelimit import RateLimits
 from worker.store.claims import DueSession
 
 NO_SLOT_WAIT = 5.0  # seconds: a number whose probe is out waits; its answer wakes the loop
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    rows: int  # sends the number may start now (their tokens taken)
+    wait: float  # seconds until it may start one, when `rows` is 0
+    limited: bool = False  # a slot is free but the rate limit has no token for it yet
 
 
 class Numbers:
@@ -20,6 +28,8 @@ class Numbers:
         self.limits = RateLimits(rate_limit)
         self._concurrency = concurrency
         self._in_flight: Counter[str] = Counter()
+        # The loop's last turn found due rows that only the rate limit held back (`throttled`).
+        self.held_by_limit = False
 
     def group(self, sessions: list[DueSession]) -> dict[str, list[DueSession]]:
         """The sessions in the order given, grouped by sending number (first seen, first)."""
@@ -32,14 +42,16 @@ class Numbers:
         """Seconds until the number's pause ends and its probe may go (0: not paused)."""
         return self.pauses.number(number).remaining()
 
-    def room(self, number: str, free: int) -> tuple[int, float]:
+    def room(self, number: str, free: int) -> Room:
         """Sends the number may start now (tokens taken), or how long until it may."""
         slots = self.pauses.number(number).slots(self._concurrency) - self._in_flight[number]
+        if slots <= 0:
+            return Room(0, NO_SLOT_WAIT)
         limiter = self.limits.number(number)
         tokens = limiter.take_now(min(free, slots))
         if tokens <= 0:
-            return 0, (limiter.wait_time() if slots > 0 else NO_SLOT_WAIT)
-        return tokens, 0.0
+            return Room(0, limiter.wait_time(), limited=True)
+        return Room(tokens, 0.0)
 
     def unused(self, number: str, tokens: int) -> None:
         """Tokens taken for rows the claim did not find."""

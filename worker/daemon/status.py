@@ -30,8 +30,10 @@ class Status:
             state = "draining"
         elif reason is not None:
             state = "paused"
-        else:
-            state = "sending" if self._in_flight else "idle"
+        elif self._in_flight:
+            state = "sending"
+        else:  # nothing out: rows due but no rate token yet, or nothing due at all
+            state = "throttled" if self._numbers.held_by_limit else "idle"
         return Beat(
             state=state,
             in_flight=len(self._in_flight),

@@ -3,7 +3,9 @@
 Each batch is its own short transaction of at most PRUNE_BATCH rows, so no lock is held for
 long and the daemons keep claiming and recording meanwhile. Only `enviado` and `error` rows go;
 `desconocido` rows wait for a person (or a status webhook). `envios_whatsapp`, the delivery
-history the runbook reads, stays unless asked.
+history the runbook reads, stays unless asked. What a batch deletes is added, in its own
+transaction, to the sessions' totals in `whatsapp_worker_pruned`, so `status` counts a session
+the same before and after.
 
 A legacy schema may have foreign keys into `cola_envios`. A row that another table's row
 references with ON DELETE RESTRICT (or NO ACTION) is kept and counted, so that every other row
@@ -15,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import aiomysql
 
-from worker.store.db import Database
+from worker.store.db import Database, placeholders, with_transient_retry
+from worker.store.reports import NO_CODE, outcome_of
 from worker.store.sessions import RefusedChange
 
 PRUNE_BATCH = 1000
@@ -39,8 +44,23 @@ DESCRIBE_FINISHED = (
     "SELECT COUNT(*), COUNT(DISTINCT sesion_id), MIN(updated_at), MAX(updated_at)"
     " FROM cola_envios WHERE {finished}"
 )
-# -- name: delete_finished :exec
-DELETE_FINISHED = "DELETE FROM cola_envios WHERE {finished} LIMIT " + str(PRUNE_BATCH)
+# -- name: lock_finished :many
+# A batch of old finished rows, locked until the DELETE commits with what it adds to the
+# sessions' totals: a row is either still in the queue or counted, never both nor neither.
+LOCK_FINISHED = (
+    "SELECT id, sesion_id, estado, last_error_code, last_error, delivered_at IS NOT NULL,"
+    " read_at IS NOT NULL, settled_at IS NOT NULL FROM cola_envios WHERE {finished}"
+    f" LIMIT {PRUNE_BATCH} FOR UPDATE"
+)
+# -- name: delete_locked :exec
+DELETE_LOCKED = "DELETE FROM cola_envios WHERE id IN ({ids})"
+# -- name: add_pruned :exec
+ADD_PRUNED = (
+    "INSERT INTO whatsapp_worker_pruned (sesion_id, outcome, code, pruned_rows, delivered_rows,"
+    " read_rows, settled_rows, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON DUPLICATE KEY UPDATE pruned_rows = pruned_rows + %s, delivered_rows = delivered_rows + %s,"
+    " read_rows = read_rows + %s, settled_rows = settled_rows + %s, last_error = COALESCE(last_error, %s)"
+)
 # -- name: count_deliveries :one
 COUNT_DELIVERIES = f"SELECT COUNT(*) FROM envios_whatsapp WHERE {DELIVERIES_OLDER}"
 # -- name: delete_deliveries :exec
@@ -51,6 +71,12 @@ STATUSES_OLDER = "applied_at < UTC_TIMESTAMP(6) - INTERVAL %s SECOND"
 COUNT_STATUSES = f"SELECT COUNT(*) FROM whatsapp_worker_statuses WHERE {STATUSES_OLDER}"
 # -- name: delete_statuses :exec
 DELETE_STATUSES = f"DELETE FROM whatsapp_worker_statuses WHERE {STATUSES_OLDER} LIMIT {PRUNE_BATCH}"
+# -- name: count_attempts :one
+# The attempt history (`rows --id N`) ages out with the rows, by the same age; UTC, as written.
+ATTEMPTS_OLDER = "attempted_at < UTC_TIMESTAMP(6) - INTERVAL %s SECOND"
+COUNT_ATTEMPTS = f"SELECT COUNT(*) FROM whatsapp_worker_attempts WHERE {ATTEMPTS_OLDER}"
+# -- name: delete_attempts :exec
+DELETE_ATTEMPTS = f"DELETE FROM whatsapp_worker_attempts WHERE {ATTEMPTS_OLDER} LIMIT {PRUNE_BATCH}"
 # -- name: foreign_keys_into_queue :many
 FOREIGN_KEYS = (
     "SELECT k.TABLE_NAME AS child, k.COLUMN_NAME AS col, r.DELETE_RULE AS rule, k.CONSTRAINT_NAME AS name"
@@ -96,10 +122,36 @@ class Pruned:
     keeping: tuple[ForeignKey, ...] = ()  # the keys that kept them
     cascading: tuple[ForeignKey, ...] = field(default=())  # envios_whatsapp keys that followed
     statuses: int = 0  # applied webhook statuses deleted (`--statuses`)
+    attempts: int = 0  # attempt history rows deleted (always, by the same age)
     # with dry_run: the sessions the rows belong to, and the oldest and newest finish (server time)
     sessions: int = 0
     oldest: datetime | None = None
     newest: datetime | None = None
+
+
+@dataclass(slots=True)
+class Tally:
+    """What one batch deletes of one session, outcome and code."""
+
+    rows: int = 0
+    delivered: int = 0
+    read: int = 0
+    settled: int = 0
+    example: str | None = None  # one of the rows' last_error
+
+
+def tally(rows: Iterable[tuple[Any, ...]]) -> dict[tuple[int, str, int], Tally]:
+    """The locked batch's rows (LOCK_FINISHED) counted per session, outcome and code."""
+    totals: dict[tuple[int, str, int], Tally] = {}
+    for _, session, state, code, text, delivered, read, settled in rows:
+        key = (int(session), outcome_of(state, code, text), NO_CODE if code is None else int(code))
+        counted = totals.setdefault(key, Tally())
+        counted.rows += 1
+        counted.delivered += int(delivered)
+        counted.read += int(read)
+        counted.settled += int(settled)
+        counted.example = counted.example or text
+    return totals
 
 
 class Pruner:
@@ -109,16 +161,19 @@ class Pruner:
     async def prune(
         self, older_than: int, *, deliveries: bool, dry_run: bool, statuses: bool = False
     ) -> Pruned:
-        """Rows finished more than `older_than` seconds ago (counted only, with `dry_run`); with
-        `statuses`, the webhook statuses applied that long ago too."""
+        """Rows finished more than `older_than` seconds ago (counted only, with `dry_run`), and
+        the attempt history that old; with `statuses`, the webhook statuses applied that long ago."""
         pruned = await self._prune_queue(older_than, deliveries=deliveries, dry_run=dry_run)
+        pruned = dataclasses.replace(
+            pruned, attempts=await self._count_or_delete(COUNT_ATTEMPTS, DELETE_ATTEMPTS, older_than, dry_run)
+        )
         if not statuses:
             return pruned
-        if dry_run:
-            done = await self._count(COUNT_STATUSES, older_than)
-        else:
-            done = await self._delete(DELETE_STATUSES, older_than)
+        done = await self._count_or_delete(COUNT_STATUSES, DELETE_STATUSES, older_than, dry_run)
         return dataclasses.replace(pruned, statuses=done)
+
+    async def _count_or_delete(self, count: str, delete: str, older_than: int, dry_run: bool) -> int:
+        return await (self._count(count, older_than) if dry_run else self._delete(delete, older_than))
 
     async def _prune_queue(self, older_than: int, *, deliveries: bool, dry_run: bool) -> Pruned:
         """Rows finished more than `older_than` seconds ago (counted only, with `dry_run`)."""
@@ -144,10 +199,19 @@ class Pruner:
         if dry_run:
             rows, sessions, oldest, newest = await self._describe(finished, older_than)
             history = await self._count(COUNT_DELIVERIES, older_than) if deliveries else 0
-            return Pruned(rows, history, all_old - rows, keeping, cascading, 0, sessions, oldest, newest)
+            return Pruned(
+                rows,
+                history,
+                all_old - rows,
+                keeping,
+                cascading,
+                sessions=sessions,
+                oldest=oldest,
+                newest=newest,
+            )
         # the history first: rows it referenced (RESTRICT) can go in the same run
         history = await self._delete(DELETE_DELIVERIES, older_than) if deliveries else 0
-        rows = await self._delete(DELETE_FINISHED.format(finished=finished), older_than)
+        rows = await self._delete_counted(finished, older_than)
         return Pruned(rows, history, max(0, all_old - rows), keeping, cascading)
 
     async def _foreign_keys(self) -> list[ForeignKey]:
@@ -175,3 +239,26 @@ class Pruner:
             if deleted == PRUNE_BATCH:
                 await asyncio.sleep(PRUNE_PAUSE)
         return total
+
+    async def _delete_counted(self, finished: str, older_than: int) -> int:
+        """Finished rows, batch by batch, each added to its session's totals as it goes."""
+        total = 0
+        while (deleted := await with_transient_retry(lambda: self._delete_batch(finished, older_than))) > 0:
+            total += deleted
+            if deleted == PRUNE_BATCH:
+                await asyncio.sleep(PRUNE_PAUSE)
+        return total
+
+    async def _delete_batch(self, finished: str, older_than: int) -> int:
+        async with self._db.transaction() as cur:
+            await cur.execute(LOCK_FINISHED.format(finished=finished), (older_than,))
+            rows = await cur.fetchall()
+            if not rows:
+                return 0
+            await cur.execute(DELETE_LOCKED.format(ids=placeholders(len(rows))), [row[0] for row in rows])
+            for (session, outcome, code), counted in tally(rows).items():
+                added = (counted.rows, counted.delivered, counted.read, counted.settled)
+                await cur.execute(
+                    ADD_PRUNED, (session, outcome, code, *added, counted.example, *added, counted.example)
+                )
+        return len(rows)

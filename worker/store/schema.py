@@ -391,7 +391,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "daemons, sending numbers and windows, status webhooks, opt-outs"),
     Migration(4, "InnoDB only, the fleet's settings, refused statuses"),
     Migration(
-        5, "undeliverable phones, opt-out removals, attempts kept across retry, attempt history, holds"
+        5,
+        "undeliverable phones, opt-out removals, attempts kept across retry, attempt history, holds,"
+        " pruned totals",
     ),
 )
 

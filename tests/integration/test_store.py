@@ -77,6 +77,19 @@ async def test_concurrent_claims_take_disjoint_rows_and_never_more_than_asked(sq
     assert 25 <= expiry <= 30
 
 
+async def test_a_retried_row_is_claimed_with_its_new_budget_whatever_its_counters_say(
+    sql: SQL, store: Store
+) -> None:
+    session = sql.add_session()
+    sql.add_rows(session, 2)
+    # a retried row that tried 3 times before, once since; and one whose counter was set by hand
+    # below the mark (an unsigned subtraction would make the server refuse the whole claim)
+    sql.execute("UPDATE cola_envios SET attempts = 4, attempts_before_retry = 3 ORDER BY id LIMIT 1")
+    sql.execute("UPDATE cola_envios SET attempts = 0, attempts_before_retry = 2 WHERE attempts = 0")
+    jobs = await store.claims.claim(2, lease_seconds=30)
+    assert sorted(job.attempts for job in jobs) == [0, 1]
+
+
 async def test_paused_and_cancelled_sessions_are_not_claimed(sql: SQL, store: Store) -> None:
     active, paused, cancelled = (sql.add_session(name) for name in ("a", "p", "c"))
     for n, session in enumerate((active, paused, cancelled)):

@@ -69,7 +69,7 @@ SESSIONS_MAY_SEND = (
 CLAIM_SESSION_DUE = (
     "SELECT id, sesion_id, cliente_id, telefono,"
     " IF(LENGTH(mensaje) > %s, NULL, mensaje), LENGTH(mensaje),"
-    " GREATEST(CAST(attempts AS SIGNED) - attempts_before_retry, 0)"  # this round's, since `retry`
+    " GREATEST(CAST(attempts AS SIGNED) - CAST(attempts_before_retry AS SIGNED), 0)"  # since `retry`
     " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
     " WHERE estado = 'pendiente' AND sesion_id = %s"
     f" AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"

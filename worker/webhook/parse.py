@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from worker.messages import phone_from_wa_id
@@ -49,7 +50,7 @@ class Parsed:
 
 def sign(secret: str, body: bytes) -> str:
     """The `X-Hub-Signature-256` value Meta sends for `body`."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return "sha256=" + hmac.digest(secret.encode(), body, hashlib.sha256).hex()
 
 
 def signature_ok(secret: str, body: bytes, header: str) -> bool:
@@ -78,7 +79,7 @@ def parse_payload(body: bytes, keywords: Iterable[str]) -> Parsed:
     entries = payload.get("entry")
     if not isinstance(entries, list):
         raise Malformed("no `entry` list")
-    wanted = frozenset(stop_form(k) for k in keywords)
+    wanted = _stop_forms(tuple(keywords))
     parsed = Parsed()
     for entry in entries:
         changes = entry.get("changes") if isinstance(entry, dict) else None
@@ -111,6 +112,12 @@ def parse_payload(body: bytes, keywords: Iterable[str]) -> Parsed:
                 elif preference is not None:
                     parsed.resumed.append(preference)
     return parsed
+
+
+@lru_cache(maxsize=8)
+def _stop_forms(keywords: tuple[str, ...]) -> frozenset[str]:
+    """The keywords as replies are compared with them: the same few for every request."""
+    return frozenset(stop_form(k) for k in keywords)
 
 
 def _refuse_constant(name: str) -> Any:

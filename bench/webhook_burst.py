@@ -56,21 +56,22 @@ def env_for(url: DatabaseURL, **extra: str) -> dict[str, str]:
     return env
 
 
-def prepare(server: DatabaseURL, rows: int) -> DatabaseURL:
-    """A fresh database with `rows` rows already `enviado` (wamid.B<id>)."""
+def prepare(server: DatabaseURL, rows: int, database: str = DATABASE) -> DatabaseURL:
+    """A fresh database, migrated by the CLI, with `rows` rows already `enviado` (wamid.B<id>)."""
     admin = connect(server)
     with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{DATABASE}`")
+        cur.execute(f"DROP DATABASE IF EXISTS `{database}`")
     admin.close()
-    url = server.with_database(DATABASE)
+    url = server.with_database(database)
     subprocess.run(
         [sys.executable, "-m", "worker", "migrate"],
         env=env_for(url),
         check=True,
         capture_output=True,
         cwd=ROOT,
+        stdin=subprocess.DEVNULL,
     )
-    conn = connect(url, DATABASE)
+    conn = connect(url, database)
     with conn.cursor() as cur:
         cur.execute("INSERT INTO sesiones_envio (nombre) VALUES ('bench')")
         session = cur.lastrowid

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.webhook_burst import SECRET, VERIFY, body, connect, env_for
+from bench.webhook_burst import SECRET, VERIFY, body, connect, env_for, prepare
 from worker.config import DatabaseURL
 from worker.webhook.parse import sign
 
@@ -118,36 +118,6 @@ def check_wrk() -> str:
 
 
 # -- the database -------------------------------------------------------------------------------
-
-
-def prepare(server: DatabaseURL, database: str, rows: int) -> DatabaseURL:
-    """A fresh database, migrated by the CLI, with `rows` rows `enviado` (wamid.B<id>)."""
-    admin = connect(server)
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{database}`")
-    admin.close()
-    url = server.with_database(database)
-    subprocess.run(
-        [sys.executable, "-m", "worker", "migrate"],
-        env=env_for(url),
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
-    conn = connect(url, database)
-    with conn.cursor() as cur:
-        cur.execute("INSERT INTO sesiones_envio (nombre) VALUES ('bench')")
-        session = cur.lastrowid
-        for start in range(0, rows, 5000):
-            batch = range(start, min(rows, start + 5000))
-            cur.executemany(
-                "INSERT INTO cola_envios (sesion_id, cliente_id, telefono, mensaje, estado, wamid)"
-                " VALUES (%s, %s, %s, '{}', 'enviado', %s)",
-                [(session, i + 1, f"+51990{i:07d}", f"wamid.B{i + 1}") for i in batch],
-            )
-    conn.close()
-    return url
 
 
 def reset(url: DatabaseURL) -> None:
@@ -561,7 +531,7 @@ def main() -> None:
         f" {os.cpu_count()} cores shared by wrk, the server and MariaDB; logs in {logs}",
         flush=True,
     )
-    url = prepare(admin_url, database, rows)
+    url = prepare(admin_url, rows, database)
     try:
         files: dict[int, Path] = {}
         for shape in shapes:

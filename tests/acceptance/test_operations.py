@@ -393,6 +393,8 @@ def test_pause_all_and_pause_number_stop_every_claim_and_resume_gives_back_what_
     assert drain() == {own: 3, second: 3}  # the session paused on its own stays paused
     assert "was not paused" in run_worker(db_url, "resume", "--all").stdout
     assert run_worker(db_url, "pause").returncode == 2  # one of --session, --all, --number
+    typo = run_worker(db_url, "pause", "--number", "+51 987")  # a phone, not Meta's number id
+    assert typo.returncode == 2 and "digits only" in typo.stderr
 
 
 def test_prune_asks_a_person_at_the_terminal_before_deleting(sql: SQL, db_url: DatabaseURL) -> None:

@@ -51,6 +51,15 @@ def parse_phone_or_none(raw: str, settings: Settings) -> str | None:
         return None
 
 
+def number_id(text: str) -> str:
+    """A sending number's id as Meta gives it (`phone_number_id`): digits only."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 64):
+        raise argparse.ArgumentTypeError(
+            f"a phone_number_id is digits only (Meta's id of the number), got {text!r}"
+        )
+    return text
+
+
 def positive(text: str) -> int:
     try:
         value = int(text)

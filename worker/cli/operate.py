@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from worker.cli.common import age, confirm, open_checked_store, parse_phone_or_none
+from worker.cli.common import age, confirm, number_id, open_checked_store, parse_phone_or_none
 from worker.cli.output import SafeCSV, printable
 from worker.config import Settings
 from worker.daemon.policy import classify_error
@@ -57,7 +57,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         which = command.add_mutually_exclusive_group(required=True)
         which.add_argument("--session", help="session id or name")
         which.add_argument("--all", action="store_true", help="every daemon of the fleet, every number")
-        which.add_argument("--number", metavar="PHONE_NUMBER_ID", help="one sending number, fleet-wide")
+        which.add_argument(
+            "--number", type=number_id, metavar="PHONE_NUMBER_ID", help="one sending number, fleet-wide"
+        )
         if name == "pause":
             command.add_argument("--reason", help="shown by `status` (with --all or --number)")
         command.set_defaults(handler=cmd_session_state)

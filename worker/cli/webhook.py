@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from worker.cli.common import open_checked_store, parse_phone_or_none
+from worker.cli.common import number_id, open_checked_store, parse_phone_or_none
 from worker.cli.output import SafeCSV, printable
 from worker.config import ConfigError, Settings
 from worker.exits import EX_OK
@@ -43,7 +43,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     held_list.set_defaults(handler=cmd_suppressed_list)
     clear = held_actions.add_parser("clear", help="let a held phone be sent to again")
     clear.add_argument("phone")
-    clear.add_argument("--number", help="only on this sending number (default: every number)")
+    clear.add_argument("--number", type=number_id, help="only on this sending number (default: every number)")
     clear.set_defaults(handler=cmd_suppressed_clear)
 
 

@@ -74,8 +74,8 @@ class RetryScope:
                 f" ({placeholders(len(self.skip_codes))}), FALSE))"
             )
             args += self.skip_codes
-        late = _LATE_OPEN.replace("estado", f"{t}estado").replace("lease_token", f"{t}lease_token")
-        return sql + f" AND NOT ({late})", args
+        # unqualified: those columns are cola_envios' alone, also where it is joined (`c`)
+        return sql + f" AND NOT ({_LATE_OPEN})", args
 
 
 # The late-result window of results.py: the lease plus one more lease length.

@@ -62,7 +62,6 @@ class Job:
 
     id: int
     sesion_id: int
-    cliente_id: int | None
     telefono: str
     mensaje: str | None  # None when it is longer than the API allows (not loaded)
     attempts: int  # spent since the row's last `retry` (its budget); the column keeps them all

@@ -40,7 +40,7 @@ def make_settings(api_url: str, **overrides: Any) -> Settings:
 
 
 def job(row_id: int = 1, phone: str = PHONE) -> Job:
-    return Job(row_id, 1, None, phone, json.dumps(TEXT), 0, "token")
+    return Job(row_id, 1, phone, json.dumps(TEXT), 0, "token")
 
 
 @asynccontextmanager

@@ -26,7 +26,7 @@ def test_fair_claim_queries_are_index_range_scans_without_filesort(sql: SQL) -> 
     sql.execute("ANALYZE TABLE cola_envios")
     with contextlib.suppress(pymysql.err.OperationalError):  # MariaDB has no such variable
         sql.execute("SET SESSION explain_format = 'TRADITIONAL'")  # MySQL 9 defaults to TREE
-    plan = sql.rows("EXPLAIN " + CLAIM_SESSION_DUE, (65536, 1, 10))
+    plan = sql.rows("EXPLAIN " + CLAIM_SESSION_DUE, (65536, 65536, 1, 10))
     (row,) = [{k.lower(): v for k, v in r.items()} for r in plan]
     assert row["key"] == "ix_cola_envios_session_due"
     assert row["type"] == "range"
@@ -166,7 +166,7 @@ async def _deadlock_with(other: Any, store: Store, first: Job, second: Job, sql:
     # our write is stuck on row 2 (it already holds row 1) once its query has run a second
     waiting = (
         "SELECT COUNT(*) AS n FROM information_schema.processlist"
-        " WHERE info LIKE 'SELECT id, lease_token%%' AND time >= 1"
+        " WHERE info LIKE 'UPDATE cola_envios SET attempts%%' AND time >= 1"
     )
     assert await asyncio.to_thread(eventually, lambda: sql.value(waiting) == 1, 10)
 
@@ -221,3 +221,27 @@ async def test_the_sessions_are_read_in_laps_that_always_end(sql: SQL, store: St
     assert await store.claims.sessions_due() == [] and store.claims.capped
     assert await store.claims.sessions_due() == [] and not store.claims.capped  # the lap ended
     assert await store.claims.sessions_due() == [] and store.claims.capped  # a new lap
+
+
+async def test_a_locking_read_after_a_one_round_trip_commit_still_ends_its_transaction(
+    sql: SQL, db_url: DatabaseURL
+) -> None:
+    # The claim and the result write end with their COMMIT in the same round trip; the next
+    # transaction on that same connection must still commit, or its row locks would stay and
+    # every other writer would wait on them.
+    sql.add_rows(sql.add_session(), 2)
+    store = await Store.connect(db_url, size=1, worker_id="test-host:1")  # one connection
+    try:
+        (job,) = await store.claims.claim(1, lease_seconds=30)  # ends with commit_with
+        async with store.db.transaction() as cur:  # a transaction that ends on a locking read
+            await cur.execute("SELECT id FROM cola_envios WHERE id = %s FOR UPDATE", (job.id,))
+        other = connect(db_url, db_url.database)
+        try:
+            with other.cursor() as cur:  # no wait: the lock was released by the commit
+                cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+                cur.execute("SELECT id FROM cola_envios WHERE id = %s FOR UPDATE", (job.id,))
+            other.rollback()
+        finally:
+            other.close()
+    finally:
+        await store.close()

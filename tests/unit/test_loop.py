@@ -37,7 +37,7 @@ class MemoryClaims:
         self.limits.append(limit)
         taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
         token = f"t{next(self._tokens)}"
-        return Claimed(Job(i, 1, None, f"+5198{i:07d}", MESSAGE, 0, token) for i in taken)
+        return Claimed(Job(i, 1, f"+5198{i:07d}", MESSAGE, 0, token) for i in taken)
 
     async def give_back_uncertain(self) -> None:
         return None

@@ -17,7 +17,15 @@ import aiomysql
 from worker.messages import MESSAGE_MAX_BYTES
 from worker.models import CANCELLED_REASON, SENDABLE_STATES, Job
 from worker.store.db import UTC_NOW as NOW
-from worker.store.db import Database, DatabaseError, RowRefused, placeholders, with_transient_retry
+from worker.store.db import (
+    Database,
+    DatabaseError,
+    RowRefused,
+    commit_with,
+    id_list,
+    placeholders,
+    with_transient_retry,
+)
 from worker.store.holds import ALL
 from worker.store.optouts import opted_out
 from worker.store.results import keep_in_flight
@@ -66,15 +74,18 @@ SESSIONS_MAY_SEND = (
 # id), no filesort; NULL sorts first. The index is named: with `IS NULL OR <=` MySQL's sampled
 # statistics sometimes pick another plan, which would walk finished rows.
 # A `mensaje` over the API's limit is not loaded: the row ends in error from its length alone.
+# Only what the send needs is read (each column costs the driver's Python per row).
 CLAIM_SESSION_DUE = (
-    "SELECT id, sesion_id, cliente_id, telefono,"
-    " IF(LENGTH(mensaje) > %s, NULL, mensaje), LENGTH(mensaje),"
+    "SELECT id, sesion_id, telefono,"
+    " IF(LENGTH(mensaje) > %s, NULL, mensaje), IF(LENGTH(mensaje) > %s, LENGTH(mensaje), NULL),"
     " GREATEST(CAST(attempts AS SIGNED) - CAST(attempts_before_retry AS SIGNED), 0)"  # since `retry`
     " FROM cola_envios FORCE INDEX (ix_cola_envios_session_due)"
     " WHERE estado = 'pendiente' AND sesion_id = %s"
     f" AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})"
     " ORDER BY next_attempt_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
+TOO_LONG = (MESSAGE_MAX_BYTES, MESSAGE_MAX_BYTES)  # CLAIM_SESSION_DUE's first two parameters
+PHONE = 2  # the column of CLAIM_SESSION_DUE's rows that holds telefono
 # -- name: close_opted_out :exec
 CLOSE_OPTED_OUT = (
     "UPDATE cola_envios SET estado = 'error', last_error_code = NULL, last_error = %s"
@@ -295,35 +306,35 @@ class Claims:
                 # what is left, split evenly over the sessions still to ask (at least one row
                 # each): a session with fewer due rows, or none any more, leaves its share on
                 share = max(1, -(-left // (len(sessions) - index)))
-                await cur.execute(CLAIM_SESSION_DUE, (MESSAGE_MAX_BYTES, session_id, share))
+                await cur.execute(CLAIM_SESSION_DUE, (*TOO_LONG, session_id, share))
                 rows += await cur.fetchall()
             if not rows:
                 return Claimed()
-            blocked = await opted_out(cur, {r[3] for r in rows}) if self._optouts_exist else set()
-            closed = [r[0] for r in rows if r[3] in blocked]
+            blocked = await opted_out(cur, {r[PHONE] for r in rows}) if self._optouts_exist else set()
+            closed = [r[0] for r in rows if r[PHONE] in blocked]
             if closed:
                 await cur.execute(
                     CLOSE_OPTED_OUT.format(ids=placeholders(len(closed))), (OPTED_OUT_REASON, *closed)
                 )
-                rows = [r for r in rows if r[3] not in blocked]
+                rows = [r for r in rows if r[PHONE] not in blocked]
             held = await self._close_undeliverable(cur, rows) if rows and self._suppressions_exist else []
             rows = [r for r in rows if r[0] not in held]
             if rows:
                 ids = [row[0] for row in rows]
-                await cur.execute(
-                    TAKE_LEASE.format(ids=placeholders(len(ids))),
-                    (self._worker_id, token, int(lease_seconds * 1_000_000), *ids),
+                await commit_with(
+                    cur,
+                    TAKE_LEASE.format(ids=id_list(ids)),
+                    (self._worker_id, token, int(lease_seconds * 1_000_000)),
                 )
         claimed = Claimed(
             Job(
                 r[0],
                 r[1],
                 r[2],
-                r[3],
-                _text(r[4]),
-                int(r[6]),
+                _text(r[3]),
+                int(r[5]),
                 token,
-                mensaje_bytes=int(r[5] or 0),
+                mensaje_bytes=int(r[4] or 0),
                 phone_number_id=self._numbers.get(r[1]),
             )
             for r in rows
@@ -334,8 +345,8 @@ class Claims:
 
     async def _close_undeliverable(self, cur: aiomysql.Cursor, rows: list[Any]) -> list[int]:
         """Rows whose phone their sending number could not deliver to before: closed unsent."""
-        held = await suppressed(cur, {r[3] for r in rows})
-        ids = [r[0] for r in rows if (r[3], self._numbers.get(r[1]) or self._default_number) in held]
+        held = await suppressed(cur, {r[PHONE] for r in rows})
+        ids = [r[0] for r in rows if (r[PHONE], self._numbers.get(r[1]) or self._default_number) in held]
         if ids:
             await cur.execute(
                 CLOSE_UNDELIVERABLE.format(ids=placeholders(len(ids))), (UNDELIVERABLE_REASON, *ids)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ DEADLOCK, LOCK_WAIT_TIMEOUT = 1213, 1205
 TRANSACTION_TIMEOUT = 15.0  # seconds (WORKER_DB_TIMEOUT); aiomysql has no read timeout of its own
 # Queue times (due, leases) are UTC from the database clock: no host clock, no session time_zone.
 UTC_NOW = "UTC_TIMESTAMP(6)"
+COMMITTED = "_whatsapp_worker_committed"  # a cursor whose transaction `commit_with` ended
 USE_TIMEOUT = -1.0  # `connection(deadline=...)`: the Database's own timeout; None: no deadline
 # Our own sessions are strict whatever the server's default: a value a column cannot hold is
 # an error here, never a silent truncation (or an ENUM stored as '').
@@ -143,6 +144,12 @@ def placeholders(count: int) -> str:
     return ",".join(["%s"] * count)
 
 
+def id_list(ids: Iterable[int]) -> str:
+    """Row ids written into the statement (`int` makes them safe to), sparing the driver the
+    escaping of each one as a parameter."""
+    return ",".join(str(int(i)) for i in ids)
+
+
 def case(column: str, values: dict[int, Any], *, default: str | None = None) -> tuple[str, list[Any]]:
     """`CASE id WHEN 1 THEN %s ... ELSE <default> END` for per-row values in one UPDATE."""
     params: list[Any] = []
@@ -153,6 +160,19 @@ def case(column: str, values: dict[int, Any], *, default: str | None = None) -> 
     if not whens:
         return default or column, []
     return f"CASE id {' '.join(whens)} ELSE {default or column} END", params
+
+
+async def commit_with(cur: aiomysql.Cursor, sql: str, args: Any = ()) -> int:
+    """A transaction's last statement and its COMMIT in one round trip (aiomysql's connections
+    take several statements at once); the rows its first statement changed. Nothing may follow
+    it in the transaction: `transaction()` does not commit again. An error in either is raised here
+    and the connection is dropped, which rolls the transaction back."""
+    await cur.execute(f"{sql}; COMMIT", args)
+    changed = int(cur.rowcount)
+    while await cur.nextset():
+        pass
+    setattr(cur, COMMITTED, True)  # a mark of ours on the driver's object
+    return changed
 
 
 @contextmanager
@@ -280,7 +300,8 @@ class Database:
         async with self.connection() as conn:
             async with conn.cursor() as cur:
                 yield cur
-            await conn.commit()
+            if not getattr(cur, COMMITTED, False):  # the body ended with `commit_with`
+                await conn.commit()
 
     async def ping(self) -> None:
         async with self.transaction() as cur:

@@ -16,7 +16,15 @@ import aiomysql
 
 from worker.models import Finished, RowState
 from worker.store.db import UTC_NOW as NOW
-from worker.store.db import Database, RowRefused, case, placeholders, with_transient_retry
+from worker.store.db import (
+    Database,
+    RowRefused,
+    case,
+    commit_with,
+    id_list,
+    placeholders,
+    with_transient_retry,
+)
 
 ERROR_TEXT_MAX = 1000
 # Until then `retry` leaves an unknown row alone: its worker may still write the true result.
@@ -52,6 +60,23 @@ INSERT_DELIVERY = (
     " SELECT c.id, c.sesion_id, c.cliente_id, c.telefono, c.wamid, NOW() FROM cola_envios c"
     " WHERE c.id IN ({ids})"
     " ON DUPLICATE KEY UPDATE wamid = c.wamid, fecha_envio = NOW()"
+)
+# -- name: record_sent :exec
+# The common batch, every row sent, in one round trip (two statements and the COMMIT): each row
+# whose lease token this worker still holds becomes `enviado` and gains its delivery row.
+# Fenced by the token in the UPDATE rather than read and locked first; the delivery row follows
+# the wamid, so a row taken over by another worker gains none of ours, and a row this worker
+# wrote already (a commit whose answer was lost) keeps its delivery time.
+RECORD_SENT = (
+    "UPDATE cola_envios SET " + SPEND_ATTEMPT.format(spent=1) + ", estado = 'enviado', wamid = {wamids},"
+    f" sent_at = {NOW}, last_error_code = NULL, last_error = NULL, {CLEAR_LEASE}"
+    " WHERE id IN ({ids}) AND estado IN ('procesando', 'desconocido') AND ({fence});"
+    " INSERT INTO envios_whatsapp (cola_id, sesion_id, cliente_id, telefono, wamid, fecha_envio)"
+    " SELECT c.id, c.sesion_id, c.cliente_id, c.telefono, c.wamid, NOW() FROM cola_envios c"
+    " WHERE c.id IN ({ids}) AND c.estado = 'enviado' AND c.wamid = {wamids}"
+    " ON DUPLICATE KEY UPDATE"
+    " fecha_envio = IF(envios_whatsapp.wamid <=> c.wamid, envios_whatsapp.fecha_envio, NOW()),"
+    " wamid = c.wamid"
 )
 # -- name: mark_unsent :exec
 # Retry, error, unknown, pause: per-row state, attempt, delay and error in one UPDATE.
@@ -118,6 +143,8 @@ class Results:
         return await with_transient_retry(lambda: self._record(finished))
 
     async def _record(self, finished: Sequence[Finished]) -> Recorded:
+        if all(f.decision.state is RowState.SENT and f.decision.wamid for f in finished):
+            return await self._record_sent(finished)
         async with self._db.transaction() as cur:
             ids = [f.job.id for f in finished]
             await cur.execute(LOCK_CLAIMED.format(ids=placeholders(len(ids))), ids)
@@ -132,6 +159,23 @@ class Results:
             fenced = [f for f in finished if tokens.get(f.job.id) != f.job.lease_token]
             landed = await _landed_earlier(cur, fenced)
         return Recorded(len(mine) + len(landed), tuple(f for f in fenced if f not in landed))
+
+    async def _record_sent(self, finished: Sequence[Finished]) -> Recorded:
+        """Every row sent: one round trip; a second read only when some token did not hold."""
+        wamids = {f.job.id: f.decision.wamid for f in finished}
+        wamid_sql, wamid_params = case("wamid", wamids)
+        fence_sql, fence_params = _fence(finished)
+        ids = id_list(wamids)
+        sql = RECORD_SENT.format(wamids=wamid_sql, ids=ids, fence=fence_sql)
+        async with self._db.connection() as conn, conn.cursor() as cur:
+            changed = await commit_with(cur, sql, (*wamid_params, *fence_params, *wamid_params))
+            if changed == len(finished):
+                return Recorded(changed)
+            await cur.execute(ALREADY_SENT.format(ids=ids))
+            stored = dict(await cur.fetchall())
+            await conn.commit()
+        landed = [f for f in finished if stored.get(f.job.id) == f.decision.wamid]
+        return Recorded(len(landed), tuple(f for f in finished if f not in landed))
 
     async def record_refused(self, finished: Finished, reason: str) -> bool:
         """The last resort for one row whose result the database refused.
@@ -199,6 +243,15 @@ async def keep_in_flight(db: Database, row_id: int, token: str | None, reason: s
     """The last resort when the table refuses every state we could give a row."""
     text = f"kept procesando, never re-sent: {reason}"[:ERROR_TEXT_MAX]
     return await db.update(KEEP_IN_FLIGHT, (text, row_id, token)) == 1
+
+
+def _fence(finished: Sequence[Finished]) -> tuple[str, list[object]]:
+    """`(lease_token = %s AND id IN (...)) OR ...`: one term per claim in the batch."""
+    by_token: dict[str, list[int]] = {}
+    for f in finished:
+        by_token.setdefault(f.job.lease_token, []).append(int(f.job.id))
+    terms = [f"(lease_token = %s AND id IN ({id_list(ids)}))" for ids in by_token.values()]
+    return " OR ".join(terms), list(by_token)
 
 
 async def _landed_earlier(cur: aiomysql.Cursor, fenced: Sequence[Finished]) -> list[Finished]:

@@ -167,6 +167,7 @@ class Settings:
     webhook_idle_timeout: float = 30.0  # seconds a connection without a request stays open
     webhook_max_connections: int = 1000  # lowered at start to fit the open files limit
     webhook_unverified_bytes: int = UNVERIFIED_BYTES  # bodies read, signature not checked yet
+    webhook_max_wait: float = 1.0  # seconds statuses may wait for the database before new POSTs get 503
     verify_token: str = field(default="", repr=False)
     app_secret: str = field(default="", repr=False)
     optout_keywords: tuple[str, ...] = OPTOUT_KEYWORDS
@@ -229,6 +230,7 @@ class Settings:
                 minimum=1024,
                 maximum=1024 * 1_048_576,
             ),
+            webhook_max_wait=reader.number("WORKER_WEBHOOK_MAX_WAIT", 1.0, minimum=0.01, maximum=60.0),
             verify_token=reader.secret("WHATSAPP_VERIFY_TOKEN"),
             app_secret=reader.secret("WHATSAPP_APP_SECRET"),
             optout_keywords=reader.words("WORKER_OPTOUT_KEYWORDS", OPTOUT_KEYWORDS),

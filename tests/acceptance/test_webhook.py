@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 from tests.support.env import WORKER_BIN, base_env, eventually, free_port, run_worker, scrape
 from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.processes import RUNBOOK, WorkerProcess
-from tests.support.sql import SQL
+from tests.support.sql import SQL, connect
 from tests.support.tcpproxy import TcpProxy
 from worker.config import DatabaseURL
 
@@ -450,6 +451,37 @@ def test_a_database_outage_answers_503_and_the_retried_status_is_kept(
         assert eventually(lambda: row(sql, row_id)["estado"] == "enviado", 15)
         assert server.process.alive()
     assert row(sql, row_id)["read_at"] == utc(9)
+
+
+def test_while_statuses_wait_on_a_stalled_database_new_posts_are_answered_503_at_once(
+    sql: SQL, db_url: DatabaseURL, receiver: Callable[..., Receiver]
+) -> None:
+    first_row, second_row = unknown_row(sql, count=2)
+    first = payload(statuses=[status(first_row, "read", "wamid.A", ts=1)])
+    second = payload(statuses=[status(second_row, "read", "wamid.B", ts=2)])
+    server = receiver(WORKER_WEBHOOK_MAX_WAIT="0.2", WORKER_DB_TIMEOUT="60")
+    stalled = (  # the receiver's write of the first status, held by the lock for a second already
+        "SELECT COUNT(*) FROM information_schema.processlist WHERE command = 'Query' AND time >= 1"
+        " AND info LIKE 'INSERT INTO whatsapp_worker_statuses%%'"
+    )
+    locker = connect(db_url, db_url.database)
+    try:
+        with locker.cursor() as cur:  # a long report, a backup, a migration: the table is held
+            cur.execute("LOCK TABLES whatsapp_worker_statuses WRITE")
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(server.post, first)
+            assert eventually(lambda: sql.value(stalled) == 1, 15)
+            assert server.post(second) == 503  # answered while the first one still waits
+            assert not waiting.done()
+            with locker.cursor() as cur:
+                cur.execute("UNLOCK TABLES")
+            assert waiting.result(timeout=30) == 200
+    finally:
+        locker.close()
+    assert eventually(lambda: server.post(second) == 200, 15)  # Meta's retry, once it is quiet
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_statuses") == 2
+    events = [e.get("event") for e in json_lines(server.process.stdout)]
+    assert "webhook_overloaded" in events
 
 
 # -- opt-outs -----------------------------------------------------------------------------------------

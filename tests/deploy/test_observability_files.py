@@ -196,7 +196,7 @@ def test_the_rules_cover_the_operators_questions() -> None:
     assert alert_on("whatsapp_worker_queue_due", "whatsapp_worker_last_sent_timestamp_seconds")  # no send
     # the receiver: a rotated app secret, a database that refuses, statuses waiting, double sends
     assert alert_on("whatsapp_worker_webhook_requests_total", 'result="bad_signature"')
-    assert alert_on('result="failed"', 'result="stored"')
+    assert alert_on('result=~"failed|overloaded"', 'result="stored"')  # refused or shed, none stored
     assert alert_on("whatsapp_worker_webhook_pending_statuses")
     assert alert_on("whatsapp_worker_webhook_earlier_sends_total")
     assert alert_on('up{job="whatsapp-worker-webhook"}')

@@ -16,7 +16,7 @@ from worker.store import DatabaseError, DatabaseUnavailable
 from worker.webhook.connections import ConnectionCap
 from worker.webhook.metrics import WebhookMetrics
 from worker.webhook.parse import Malformed, parse_payload, signature_ok
-from worker.webhook.writer import StatusWriter
+from worker.webhook.writer import Overloaded, StatusWriter
 
 PATH = "/webhook"
 SIGNATURE_HEADER = "X-Hub-Signature-256"
@@ -151,6 +151,10 @@ class Receiver:
         signature = request.headers.get(SIGNATURE_HEADER)
         if signature is None:  # refused before a byte of the body is read
             return self._unsigned(length)
+        if reason := self._writer.overloaded():  # nor read, checked and parsed only to wait
+            # The connection stays open (aiohttp discards the small unread body): closing it
+            # would make the retry pay for a new connection exactly when the CPU is short.
+            return self._overloaded(reason)
         try:
             body = await self._verified_body(request, signature)
         except _Refused as refused:
@@ -219,6 +223,8 @@ class Receiver:
             return web.Response(text="ok")
         try:
             await self._writer.submit(parsed)  # opt-outs are counted and logged per batch
+        except Overloaded as exc:
+            return self._overloaded(str(exc))
         except DatabaseUnavailable:
             self._metrics.requests.labels("failed").inc()
             return web.Response(status=503, text="try again later")
@@ -247,6 +253,12 @@ class Receiver:
             "webhook_busy", bytes=length, held=self._unverified.held, limit=self._unverified.limit
         )
         return _closing(web.Response(status=503, text="busy, try again later"))
+
+    def _overloaded(self, reason: str) -> web.Response:
+        """Statuses wait too long for the database already: 503 at once, and Meta retries later."""
+        self._metrics.requests.labels("overloaded").inc()
+        self._sampled.warning("webhook_overloaded", reason=reason, action="answered 503: Meta retries")
+        return web.Response(status=503, text="overloaded, try again later")
 
 
 def _closing(response: web.Response) -> web.Response:

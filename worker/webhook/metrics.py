@@ -38,6 +38,7 @@ class WebhookMetrics:
             "bad_signature",
             "too_large",
             "busy",
+            "overloaded",
             "failed",
         ):
             self.requests.labels(result)

@@ -50,7 +50,9 @@ async def run_receiver(settings: Settings, store: Store, *, log: Any) -> int:
                 action="said before `optout remove`: not opted out again (Meta's retry or a replayed body)",
             )
 
-    writer = StatusWriter(statuses=store.statuses, log=log, on_stored=on_stored)
+    writer = StatusWriter(
+        statuses=store.statuses, log=log, on_stored=on_stored, max_wait=settings.webhook_max_wait
+    )
     budget = descriptor_budget(settings.webhook_max_connections)
     receiver = Receiver(
         settings=settings, writer=writer, metrics=metrics, log=log, max_connections=budget.max_connections

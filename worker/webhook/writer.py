@@ -4,6 +4,7 @@ each request is answered only after that commit (an outage answers 503: Meta ret
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ QUEUE_MAX = 50_000  # statuses waiting for the writer; beyond it requests get 50
 
 
 class Overloaded(DatabaseUnavailable):
-    """Too many statuses already wait for the database: answer 503 at once."""
+    """Statuses already wait too long (or too many wait) for the database: answer 503 at once."""
 
 
 @dataclass(slots=True)
@@ -31,6 +32,7 @@ class _Waiting:
     done: asyncio.Future[Stored]
     size: int
     raw_bytes: int
+    queued_at: float
 
 
 class StatusWriter:
@@ -41,8 +43,19 @@ class StatusWriter:
     queueing one transaction per request.
     """
 
-    def __init__(self, *, statuses: Statuses, log: Any, on_stored: Callable[[Stored], None]) -> None:
+    def __init__(
+        self,
+        *,
+        statuses: Statuses,
+        log: Any,
+        on_stored: Callable[[Stored], None],
+        max_wait: float = 1.0,  # WORKER_WEBHOOK_MAX_WAIT
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._statuses = statuses
+        self._max_wait = max_wait
+        self._clock = clock
+        self._writing_since: float | None = None  # when the oldest request of the batch being written came
         self._log = log
         self._on_stored = on_stored
         self._queue: deque[_Waiting] = deque()
@@ -51,15 +64,31 @@ class StatusWriter:
         self._closing = False
         self._outage = Outage(log, down="statuses_not_written", up="statuses_written_again")
 
+    def overloaded(self) -> str | None:
+        """Why a new request would wait too long, or None. Past this point a request is answered
+        503 at once (Meta retries) rather than slowly: when statuses come faster than the database
+        takes them, or the database stalls, the answers stay fast and the memory flat."""
+        oldest = self._writing_since
+        if self._queue:
+            head = self._queue[0].queued_at
+            oldest = head if oldest is None else min(oldest, head)
+        if oldest is not None and (waited := self._clock() - oldest) > self._max_wait:
+            return f"statuses have waited {waited:.2f}s for the database (limit {self._max_wait:g}s)"
+        if self._queued >= QUEUE_MAX:
+            return f"{self._queued} statuses already wait for the database"
+        return None
+
     async def submit(self, parsed: Parsed) -> Stored:
         """Resolves once the request's statuses are committed; raises DatabaseError if not."""
         if self._closing:
             raise DatabaseUnavailable("the receiver is stopping")
+        if reason := self.overloaded():
+            raise Overloaded(reason)
         if self._queued + parsed.size > QUEUE_MAX:
             raise Overloaded(f"{self._queued} statuses already wait for the database")
         done: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
         raw_bytes = sum(len(s.raw) for s in parsed.statuses)
-        self._queue.append(_Waiting(parsed, done, parsed.size, raw_bytes))
+        self._queue.append(_Waiting(parsed, done, parsed.size, raw_bytes, self._clock()))
         self._queued += parsed.size
         self._ready.set()
         return await done
@@ -78,12 +107,15 @@ class StatusWriter:
                 await wait_any(self._ready, seconds=IDLE_WAIT)
                 continue
             batch = self._take()
+            self._writing_since = batch[0].queued_at
             try:
                 await self._write(batch)
             except Exception as exc:  # a bug must not leave requests waiting forever
                 self._log.exception("status_writer_failed")
                 for waiting in batch:
                     _answer(waiting, DatabaseError(f"{type(exc).__name__}: {exc}"))
+            finally:
+                self._writing_since = None
 
     def _take(self) -> list[_Waiting]:
         batch: list[_Waiting] = []

@@ -9,13 +9,15 @@ before it and the change itself in turns instead, on identical queues:
 
 Each run drops and migrates a database, queues `--messages` rows in one session and times
 `whatsapp-worker run --once` (the whole process: its CPU from the children's rusage, start-up
-included) against the fake Cloud API of bench/throughput.py.
+included) against the fake Cloud API of bench/throughput.py; with a local database server, that
+server's CPU over the drain too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -51,16 +53,20 @@ def queue(url: DatabaseURL, tree: Path, env: dict[str, str], count: int) -> None
     conn.close()
 
 
-def drain(tree: Path, env: dict[str, str]) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) of one `run --once` from `tree`."""
+def drain(tree: Path, env: dict[str, str], server: int | None) -> tuple[float, float, float]:
+    """(CPU seconds, wall seconds, the database server's CPU seconds or NaN) of one
+    `run --once` from `tree`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = throughput.process_cpu(server)
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "worker", "run", "--once"], env=env, cwd=tree, stdout=subprocess.DEVNULL
     )
     wall = time.perf_counter() - started
+    server_after = throughput.process_cpu(server)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+    db = server_after - server_before if server_before is not None and server_after is not None else math.nan
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall, db
 
 
 def main() -> None:
@@ -79,7 +85,8 @@ def main() -> None:
     url = DatabaseURL.parse(args.database_url, "--database-url")
     fake, api = throughput.start_fake_api(args.latency)
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
-    figures: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
+    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
+    server = throughput.server_pid(url.port) if url.host in ("127.0.0.1", "localhost", "::1") else None
     try:
         for run in range(1, args.runs + 1):
             for name, tree in trees.items():
@@ -96,10 +103,11 @@ def main() -> None:
                     "PYTHONPATH": str(tree),
                 }
                 queue(url, tree, env, args.messages)
-                cpu, wall = drain(tree, env)
-                figures[name].append((cpu, wall))
+                cpu, wall, db = drain(tree, env, server)
+                figures[name].append((cpu, wall, db))
                 print(
-                    f"  run {run} {name:4} {cpu:6.2f} CPU s {wall:6.2f} s {args.messages / wall:7.0f} msg/s",
+                    f"  run {run} {name:4} {cpu:6.2f} CPU s {wall:6.2f} s {args.messages / wall:7.0f} msg/s"
+                    f"  database server {db:5.2f} CPU s",
                     flush=True,
                 )
     finally:
@@ -110,8 +118,12 @@ def main() -> None:
     for name, tree in trees.items():
         cpu = statistics.median(f[0] for f in figures[name])
         wall = statistics.median(f[1] for f in figures[name])
-        per = cpu / args.messages * 1e6
-        print(f"  {name:4} {cpu:6.2f} CPU s ({per:5.0f} µs/msg)  {args.messages / wall:7.0f} msg/s  {tree}")
+        db = statistics.median(f[2] for f in figures[name])
+        per, db_per = cpu / args.messages * 1e6, db / args.messages * 1e6
+        print(
+            f"  {name:4} {cpu:6.2f} CPU s ({per:5.0f} µs/msg)  {args.messages / wall:7.0f} msg/s"
+            f"  database server {db_per:5.0f} µs/msg  {tree}"
+        )
     old, new = (statistics.median(f[0] for f in figures[n]) for n in ("old", "new"))
     print(f"  new / old CPU: x{new / old:.2f}")
 

@@ -195,7 +195,9 @@ def write_bodies(path: Path, first: int, requests: int, per_request: int) -> Non
 class Server:
     """A server process (the bare one or the receiver), its port, its CPU and memory."""
 
-    def __init__(self, kind: str, url: DatabaseURL, logs: Path, tree: Path = ROOT) -> None:
+    def __init__(
+        self, kind: str, url: DatabaseURL, logs: Path, tree: Path = ROOT, extra: dict[str, str] | None = None
+    ) -> None:
         self.kind = "bare" if kind == "bare" else "receiver"
         self.log_path = logs / f"{kind}.log"
         out = self.log_path.open("wb")
@@ -211,6 +213,7 @@ class Server:
                 WORKER_WEBHOOK_HOST="127.0.0.1",
                 WORKER_WEBHOOK_PORT="0",
                 WORKER_LOG_FORMAT="json",
+                **(extra or {}),
             )
             env["PYTHONPATH"] = str(tree)  # `--old`: another source tree's receiver
         self.proc = subprocess.Popen(
@@ -330,7 +333,7 @@ def one_run(
     tree = args.old if kind == "old" else ROOT
     if kind != "bare":
         reset(url)
-    server = Server(kind, url, logs, tree)
+    server = Server(kind, url, logs, tree, dict(item.split("=", 1) for item in args.env))
     result = Result(kind, shape, rate, seconds)
     try:
         run_wrk(
@@ -505,6 +508,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=500, help="wrk connections (Meta: many)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--logs", type=Path, default=None, help="keep logs and bodies here")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="a setting of the receiver's"
+    )
     args = parser.parse_args()
     args.wrk = check_wrk()
     if args.long:

@@ -166,7 +166,7 @@ async def _deadlock_with(other: Any, store: Store, first: Job, second: Job, sql:
     # our write is stuck on row 2 (it already holds row 1) once its query has run a second
     waiting = (
         "SELECT COUNT(*) AS n FROM information_schema.processlist"
-        " WHERE info LIKE 'UPDATE cola_envios SET attempts%%' AND time >= 1"
+        " WHERE info LIKE 'UPDATE cola_envios FORCE INDEX (PRIMARY) SET attempts%%' AND time >= 1"
     )
     assert await asyncio.to_thread(eventually, lambda: sql.value(waiting) == 1, 10)
 

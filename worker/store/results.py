@@ -67,12 +67,16 @@ INSERT_DELIVERY = (
 # Fenced by the token in the UPDATE rather than read and locked first; the delivery row follows
 # the wamid, so a row taken over by another worker gains none of ours, and a row this worker
 # wrote already (a commit whose answer was lost) keeps its delivery time.
+# The primary key is named: with `estado IN (...)` in the WHERE, the optimizer sometimes walks
+# the lease index over every row in flight instead of the batch's ids.
 RECORD_SENT = (
-    "UPDATE cola_envios SET " + SPEND_ATTEMPT.format(spent=1) + ", estado = 'enviado', wamid = {wamids},"
+    "UPDATE cola_envios FORCE INDEX (PRIMARY) SET " + SPEND_ATTEMPT.format(spent=1) + ","
+    " estado = 'enviado', wamid = {wamids},"
     f" sent_at = {NOW}, last_error_code = NULL, last_error = NULL, {CLEAR_LEASE}"
     " WHERE id IN ({ids}) AND estado IN ('procesando', 'desconocido') AND ({fence});"
     " INSERT INTO envios_whatsapp (cola_id, sesion_id, cliente_id, telefono, wamid, fecha_envio)"
-    " SELECT c.id, c.sesion_id, c.cliente_id, c.telefono, c.wamid, NOW() FROM cola_envios c"
+    " SELECT c.id, c.sesion_id, c.cliente_id, c.telefono, c.wamid, NOW()"
+    " FROM cola_envios c FORCE INDEX (PRIMARY)"
     " WHERE c.id IN ({ids}) AND c.estado = 'enviado' AND c.wamid = {wamids}"
     " ON DUPLICATE KEY UPDATE"
     " fecha_envio = IF(envios_whatsapp.wamid <=> c.wamid, envios_whatsapp.fecha_envio, NOW()),"

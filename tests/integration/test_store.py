@@ -7,6 +7,7 @@ import contextlib
 from typing import Any
 
 import pymysql
+import pytest
 
 from tests.integration.helpers import sent
 from tests.support.env import eventually
@@ -15,7 +16,7 @@ from worker.config import DatabaseURL
 from worker.daemon.progress import Progress
 from worker.log import get_logger
 from worker.models import Job
-from worker.store import Store
+from worker.store import RowRefused, Store
 from worker.store.claims import CLAIM_SESSION_DUE, NEXT_SESSION_WAITING
 
 
@@ -245,3 +246,23 @@ async def test_a_locking_read_after_a_one_round_trip_commit_still_ends_its_trans
             other.close()
     finally:
         await store.close()
+
+
+async def test_a_refused_value_releases_the_transactions_locks_before_the_error_is_raised(
+    sql: SQL, store: Store, db_url: DatabaseURL
+) -> None:
+    # The settler retries a refused batch with SKIP LOCKED: if the dropped connection still held
+    # its rows, the retry would skip the very rows it retries.
+    sql.add_rows(sql.add_session(), 2)
+    first, second = (int(r["id"]) for r in sql.rows("SELECT id FROM cola_envios ORDER BY id"))
+    with pytest.raises(RowRefused):
+        async with store.db.transaction() as cur:
+            await cur.execute("SELECT id FROM cola_envios WHERE id = %s FOR UPDATE", (first,))
+            await cur.execute("UPDATE cola_envios SET id = %s WHERE id = %s", (second, first))  # 1062
+    other = connect(db_url, db_url.database)
+    try:
+        with other.cursor() as cur:  # at once: no lock is left behind
+            cur.execute("SELECT id FROM cola_envios WHERE id = %s FOR UPDATE NOWAIT", (first,))
+        other.rollback()
+    finally:
+        other.close()

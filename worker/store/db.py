@@ -26,6 +26,7 @@ TRANSACTION_TIMEOUT = 15.0  # seconds (WORKER_DB_TIMEOUT); aiomysql has no read 
 # Queue times (due, leases) are UTC from the database clock: no host clock, no session time_zone.
 UTC_NOW = "UTC_TIMESTAMP(6)"
 COMMITTED = "_whatsapp_worker_committed"  # a cursor whose transaction `commit_with` ended
+ROLLBACK_TIMEOUT = 2.0  # seconds for the rollback after a refused row, before the connection is dropped
 USE_TIMEOUT = -1.0  # `connection(deadline=...)`: the Database's own timeout; None: no deadline
 # Our own sessions are strict whatever the server's default: a value a column cannot hold is
 # an error here, never a silent truncation (or an ENUM stored as '').
@@ -287,8 +288,10 @@ class Database:
                 conn = await self._pool.acquire()
                 try:
                     yield conn
-                except BaseException:
+                except BaseException as exc:
                     # A broken or cancelled connection must not go back to the pool half-used.
+                    if _row_refused(exc):  # the server answers: free the rows' locks now
+                        await _roll_back(conn)
                     self._pool.release(conn, broken=True)
                     raise
                 self._pool.release(conn)
@@ -316,6 +319,29 @@ class Database:
                 return int(cur.rowcount)
 
         return await with_transient_retry(attempt)
+
+
+def _row_refused(exc: BaseException) -> bool:
+    """The server refused a value: the connection still answers, and its transaction holds locks."""
+    if isinstance(exc, RowRefused):
+        return True
+    return (
+        isinstance(exc, pymysql.err.MySQLError)
+        and not isinstance(exc, pymysql.err.InterfaceError)
+        and bool(exc.args)
+        and exc.args[0] in ROW_LEVEL_CODES
+    )
+
+
+async def _roll_back(conn: aiomysql.Connection) -> None:
+    """Roll back before the connection is dropped. Closing alone leaves the locks until the
+    server notices the close, and a retry that reads with SKIP LOCKED (the statuses' settler
+    splitting a refused batch) would skip the very rows it is retrying."""
+    try:
+        async with asyncio.timeout(ROLLBACK_TIMEOUT):
+            await conn.rollback()
+    except (*DRIVER_ERRORS, TimeoutError):
+        pass  # dropped all the same: the server rolls back when it notices
 
 
 async def _create_database(url: DatabaseURL) -> None:

@@ -322,15 +322,9 @@ class Database:
 
 
 def _row_refused(exc: BaseException) -> bool:
-    """The server refused a value: the connection still answers, and its transaction holds locks."""
-    if isinstance(exc, RowRefused):
-        return True
-    return (
-        isinstance(exc, pymysql.err.MySQLError)
-        and not isinstance(exc, pymysql.err.InterfaceError)
-        and bool(exc.args)
-        and exc.args[0] in ROW_LEVEL_CODES
-    )
+    """The server refused a value (as `translate` classes it): the connection still answers,
+    and its transaction holds locks."""
+    return isinstance(exc, (*DRIVER_ERRORS, DatabaseError)) and isinstance(translate(exc), RowRefused)
 
 
 async def _roll_back(conn: aiomysql.Connection) -> None:

@@ -175,10 +175,8 @@ class Results:
             changed = await commit_with(cur, sql, (*wamid_params, *fence_params, *wamid_params))
             if changed == len(finished):
                 return Recorded(changed)
-            await cur.execute(ALREADY_SENT.format(ids=ids))
-            stored = dict(await cur.fetchall())
+            landed = await _landed_earlier(cur, finished)  # written now, or by a lost commit
             await conn.commit()
-        landed = [f for f in finished if stored.get(f.job.id) == f.decision.wamid]
         return Recorded(len(landed), tuple(f for f in finished if f not in landed))
 
     async def record_refused(self, finished: Finished, reason: str) -> bool:

@@ -68,10 +68,9 @@ class StatusWriter:
         """Why a new request would wait too long, or None. Past this point a request is answered
         503 at once (Meta retries) rather than slowly: when statuses come faster than the database
         takes them, or the database stalls, the answers stay fast and the memory flat."""
-        oldest = self._writing_since
-        if self._queue:
-            head = self._queue[0].queued_at
-            oldest = head if oldest is None else min(oldest, head)
+        oldest = self._writing_since  # the batch being written came before anything queued
+        if oldest is None and self._queue:
+            oldest = self._queue[0].queued_at
         if oldest is not None and (waited := self._clock() - oldest) > self._max_wait:
             return f"statuses have waited {waited:.2f}s for the database (limit {self._max_wait:g}s)"
         if self._queued >= QUEUE_MAX:

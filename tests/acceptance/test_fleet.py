@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.env import WORKER_BIN, eventually, free_port, scrape
 from tests.support.fakeapi import FakeCloudAPI, Step
 from tests.support.processes import WorkerProcess
-from tests.support.sql import SQL
+from tests.support.sql import SQL, connect
+from worker.config import DatabaseURL
 
 LIMIT = 20
 # Each daemon as pid 1 of a pid namespace of its own, with a host name of its own.
@@ -63,6 +65,42 @@ def test_three_daemons_share_one_numbers_limit_even_when_one_is_killed_and_resta
     # the fleet used the limit: well over half of it on average while sending
     times = sorted(r.at for r in fake_api.requests)
     assert len(times) / (times[-1] - times[0]) > LIMIT / 2
+
+
+def test_a_database_stall_does_not_let_the_fleet_burst_over_the_limit_when_it_ends(
+    sql: SQL,
+    db_url: DatabaseURL,
+    fake_api: FakeCloudAPI,
+    worker_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """Every daemon took its token, then waited on a claim the stall held: when it ends, those
+    sends go at once, and the buckets, full again, must not add a burst of their own."""
+    session = sql.add_session("stalled-number")
+    sql.add_rows(session, 400)
+    env = worker_env(WORKER_RATE_LIMIT=str(LIMIT), WORKER_CONCURRENCY="8", WORKER_FLEET_BEAT="0.3")
+    daemons = [
+        WorkerProcess({**env, "WORKER_PIDFILE": str(tmp_path / f"d{i}.pid")}, "run", logs=tmp_path)
+        for i in range(3)
+    ]
+    locker = connect(db_url, db_url.database)
+    try:
+        for stall in range(4):
+            assert fake_api.wait_for_requests(40 + 30 * stall, timeout=30)
+            with locker.cursor() as cur:  # a backup or a migration holds the queue for a moment
+                cur.execute("LOCK TABLES cola_envios WRITE")
+            time.sleep(0.7)  # the stall itself, not a wait for something to happen
+            with locker.cursor() as cur:
+                cur.execute("UNLOCK TABLES")
+        assert fake_api.wait_for_requests(180, timeout=30)
+    finally:
+        locker.close()
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+        codes = [daemon.wait(timeout=30) for daemon in daemons]
+    assert codes == [0, 0, 0], [d.stderr[-2000:] for d in daemons]
+    assert fake_api.busiest_second() <= LIMIT
+    assert max(fake_api.counts().values()) == 1
 
 
 def test_status_lists_running_daemons_and_their_share(

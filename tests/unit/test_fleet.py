@@ -26,16 +26,10 @@ def greedy_sends(limiters: list[RateLimiter], clock: Clock, seconds: float) -> l
     for _ in range(int(seconds * 1000)):
         clock.now += 0.001
         for limiter in limiters:
-            got = _take_now(limiter)
+            got = limiter.take_now(1000)
+            limiter.started(got)
             sent += [clock.now] * got
     return sent
-
-
-def _take_now(limiter: RateLimiter) -> int:
-    limiter._refill()
-    got = int(limiter._tokens)
-    limiter._tokens -= got
-    return got
 
 
 @pytest.mark.parametrize(("limit", "live"), [(80, 1), (80, 3), (20, 3), (1000, 7), (10, 5)])
@@ -50,6 +44,28 @@ def test_live_daemons_greedy_together_stay_within_the_limit_in_every_second(limi
     assert busiest_second(sent) <= limit
     # and the share is used, not wasted (below 4/s a daemon, whole tokens cost up to half)
     assert len(sent) / 5.0 >= (0.75 if limit / live >= 4 else 0.45) * limit
+
+
+def test_claims_a_database_stall_held_up_send_late_with_no_burst_after_them() -> None:
+    """Each daemon took its token, then its claim waited 0.7 s on the database: when the stall
+    ends those sends go at once, and a bucket that filled up meanwhile must not add its own."""
+    clock, limit, live = Clock(), 20, 3
+    limiters = [RateLimiter(limit, clock=clock) for _ in range(live)]
+    for limiter in limiters:
+        limiter.set_share(*fleet_share(limit, live))
+    sent: list[float] = []
+    claims: dict[int, tuple[float, int]] = {}  # daemon -> (when its claim returns, tokens)
+    for _ in range(6000):
+        clock.now += 0.001
+        returns_at = 2.7 if 2.0 <= clock.now < 2.7 else clock.now  # the stall
+        for daemon, limiter in enumerate(limiters):
+            if daemon in claims and claims[daemon][0] <= clock.now:  # the claim returns: send
+                limiter.started(claims[daemon][1])
+                sent += [clock.now] * claims.pop(daemon)[1]
+            if daemon not in claims and (got := limiter.take_now(8)):  # one claim at a time
+                claims[daemon] = (returns_at, got)
+    assert busiest_second(sent) <= limit * 0.97
+    assert len(sent) >= 0.75 * limit * (6.0 - 0.7)  # the share is used outside the stall
 
 
 def test_a_daemon_alone_gets_nearly_the_whole_limit() -> None:
@@ -75,12 +91,12 @@ def test_a_blocked_or_fenced_limiter_lets_nothing_out() -> None:
     limiter = RateLimiter(80, clock=clock)
     limiter.block()
     clock.now += 10
-    assert asyncio.run(limiter.take(5, max_wait=0.0)) == 0 and limiter.rate == 0
+    assert limiter.take_now(5) == 0 and limiter.rate == 0
     limiter.set_share(10, 1, until=clock.now + 2)
     clock.now += 1
-    assert asyncio.run(limiter.take(5, max_wait=0.0)) == 1
+    assert limiter.take_now(5) == 1
     clock.now += 2  # no beat extended the fence
-    assert asyncio.run(limiter.take(5, max_wait=0.0)) == 0
+    assert limiter.take_now(5) == 0
 
 
 class FakeDaemons:

@@ -218,14 +218,15 @@ def test_logging_takes_level_and_format_from_settings() -> None:
         structlog.reset_defaults()
 
 
-async def test_a_rate_limiter_wait_never_outlasts_the_loops_beat() -> None:
-    """At 0.01 sends/s the next token is 100 s away: `take` returns empty-handed in time."""
+def test_a_very_low_rate_gives_its_token_then_names_the_wait_for_the_next() -> None:
+    """At 0.01 sends/s the next token is 100 s away: the loop is told so, and waits its beat."""
     now = [0.0]
     limiter = RateLimiter(0.01, burst=1, clock=lambda: now[0])
-    assert await limiter.take(5, max_wait=0.01) == 1
-    assert await limiter.take(5, max_wait=0.01) == 0
+    assert limiter.take_now(5) == 1
+    limiter.started(1)
+    assert limiter.take_now(5) == 0 and limiter.wait_time() == pytest.approx(100.0)
     now[0] += 100.0
-    assert await limiter.take(5, max_wait=0.01) == 1
+    assert limiter.take_now(5) == 1
 
 
 @pytest.mark.parametrize("code", sorted(PASSING_STATES))

@@ -58,7 +58,9 @@ class Numbers:
         self.limits.number(number).refund(tokens)
 
     def started(self, number: str) -> None:
+        """A claimed row's send starts now (its token stops holding the bucket down)."""
         self._in_flight[number] += 1
+        self.limits.number(number).started(1)
 
     def finished(self, number: str) -> None:
         self._in_flight[number] -= 1

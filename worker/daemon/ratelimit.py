@@ -3,11 +3,14 @@
 The bound it keeps: in any interval of T seconds a bucket lets out at most `burst + rate * T`
 sends. The fleet (daemon/fleet.py) picks each daemon's rate and burst so that the sum over all
 live daemons stays within the number's limit in every one-second window.
+
+The bound is on sends, not on takes: tokens are taken before the claim, and a claim the
+database holds up (a lock, a stall, a failover) sends late. Its tokens count against the bucket
+until its sends start, so the bucket does not fill up behind it and let a burst out with it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
@@ -19,7 +22,8 @@ BLOCKED_WAIT = 0.25  # seconds a blocked limiter sleeps before the loop goes rou
 
 
 class RateLimiter:
-    """`take(n)` waits for at least one token and takes up to `n`; `refund` gives unused back.
+    """`take_now(n)` takes up to `n` tokens for a claim; `started` says its sends went out and
+    `refund` gives back the tokens of rows the claim did not find.
 
     The daemon takes tokens before it claims rows, so a claimed row is sent at once and
     never waits in memory for its turn. A rate of 0 means no limit (WORKER_RATE_LIMIT=0);
@@ -43,6 +47,7 @@ class RateLimiter:
         self._throttled_at = float("-inf")
         self._blocked = False
         self._until = float("inf")
+        self._unsent = 0  # tokens taken for a claim whose sends have not started yet
 
     @property
     def rate(self) -> float:
@@ -54,7 +59,7 @@ class RateLimiter:
         (the fleet's fence: a daemon that cannot beat stops sending on its own)."""
         self._refill()
         self._share, self._capacity, self._blocked = rate, burst, False
-        self._tokens = min(self._tokens, burst)
+        self._tokens = min(self._tokens, burst - self._unsent)
         self._until = until
 
     def block(self) -> None:
@@ -78,26 +83,8 @@ class RateLimiter:
         self._stamp = now
         if self._blocked:
             return
-        self._tokens = min(self._capacity, self._tokens + elapsed * self.rate)
+        self._tokens = min(self._capacity - self._unsent, self._tokens + elapsed * self.rate)
         self._factor = min(1.0, self._factor + elapsed * RECOVERY_PER_SECOND)
-
-    async def take(self, wanted: int, *, max_wait: float) -> int:
-        """Up to `wanted` tokens; 0 when none comes within `max_wait` seconds (the caller's
-        loop must go round: a very low rate never holds the heartbeat up)."""
-        if self._blocked or self._clock() > self._until:
-            await asyncio.sleep(min(max_wait, BLOCKED_WAIT))
-            return 0
-        if self._share <= 0:
-            return wanted
-        self._refill()
-        if self._tokens < 1:
-            await asyncio.sleep(min(max_wait, (1 - self._tokens) / self.rate))
-            self._refill()
-            if self._tokens < 1:
-                return 0
-        got = min(wanted, int(self._tokens))
-        self._tokens -= got
-        return got
 
     def take_now(self, wanted: int) -> int:
         """Up to `wanted` tokens without waiting (0 when none is there)."""
@@ -108,6 +95,7 @@ class RateLimiter:
         self._refill()
         got = max(0, min(wanted, int(self._tokens)))
         self._tokens -= got
+        self._unsent += got
         return got
 
     def wait_time(self) -> float:
@@ -119,9 +107,17 @@ class RateLimiter:
         self._refill()
         return max(0.0, (1 - self._tokens) / self.rate)
 
+    def started(self, count: int) -> None:
+        """`count` sends of a claim went out: their tokens stop holding the bucket down."""
+        self._refill()
+        self._unsent = max(0, self._unsent - count)
+
     def refund(self, count: int) -> None:
+        """Tokens taken for rows the claim did not find."""
+        self._refill()
+        self._unsent = max(0, self._unsent - count)
         if self._share > 0 and not self._blocked and count > 0:
-            self._tokens = min(self._capacity, self._tokens + count)
+            self._tokens = min(self._capacity - self._unsent, self._tokens + count)
 
 
 class RateLimits:

@@ -266,3 +266,10 @@ async def test_a_refused_value_releases_the_transactions_locks_before_the_error_
         other.rollback()
     finally:
         other.close()
+
+
+async def test_every_character_the_store_escapes_reaches_the_database_as_it_was_given(store: Store) -> None:
+    text = "a\\b\0c\nd\re\x1af'g\"h %s é😀 \\' \\\\"
+    async with store.db.transaction() as cur:
+        await cur.execute("SELECT %s, %s", (text, text * 50))
+        assert await cur.fetchone() == (text, text * 50)

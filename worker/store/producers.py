@@ -8,13 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 
-from pymysql.converters import escape_string
-
 from worker.messages import same_message
 from worker.models import SessionState
 from worker.store.claims import PARKED
 from worker.store.db import UTC_NOW as NOW
-from worker.store.db import Database, DatabaseError, placeholders, with_transient_retry
+from worker.store.db import Database, DatabaseError, escape_string, placeholders, with_transient_retry
 from worker.store.sessions import RefusedChange
 
 # (cliente_id, telefono, mensaje JSON)

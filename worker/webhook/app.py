@@ -13,6 +13,7 @@ from aiohttp import web
 
 from worker.config import Settings
 from worker.store import DatabaseError, DatabaseUnavailable
+from worker.store.statuses import STATUS_KINDS
 from worker.webhook.connections import ConnectionCap
 from worker.webhook.metrics import WebhookMetrics
 from worker.webhook.parse import Malformed, parse_payload, signature_ok
@@ -105,6 +106,9 @@ class Receiver:
         self._keywords = settings.optout_keywords
         self._writer = writer
         self._metrics = metrics
+        # The children counted on every request, looked up once: `labels()` takes a lock each time.
+        self._stored = metrics.requests.labels("stored")
+        self._status_kinds = {kind: metrics.statuses.labels(kind) for kind in STATUS_KINDS}
         self._log = log
         self._sampled = _Sampled(log)
         self._unverified = _UnverifiedBytes(settings.webhook_unverified_bytes)
@@ -209,7 +213,7 @@ class Receiver:
                 "webhook_parts_ignored", reasons=sorted(set(parsed.ignored))[:5], parts=len(parsed.ignored)
             )
         for status in parsed.statuses:
-            self._metrics.statuses.labels(status.status).inc()
+            self._status_kinds[status.status].inc()
         for event, level, fields in parsed.notices:
             getattr(self._log, level)(event, **fields)
         if parsed.resumed:  # Meta's user_preferences "resume": the opt-out stays; a person decides
@@ -231,7 +235,7 @@ class Receiver:
         except DatabaseError:
             self._metrics.requests.labels("failed").inc()
             return web.Response(status=500, text="not stored")
-        self._metrics.requests.labels("stored").inc()
+        self._stored.inc()
         self._metrics.ack_seconds.observe(time.perf_counter() - started)
         return web.Response(text="ok")
 

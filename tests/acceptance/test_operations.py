@@ -372,9 +372,12 @@ def test_pause_all_and_pause_number_stop_every_claim_and_resume_gives_back_what_
     assert run_worker(db_url, "pause", "--session", "alone").returncode == 0
     env = worker_env(**{f"WHATSAPP_ACCESS_TOKEN_{other}": "token-of-the-other-number"})
 
+    said: list[bytes] = []
+
     def drain() -> dict[int, int]:
         done = subprocess.run([*WORKER_BIN, "run", "--once"], env=env, timeout=60, capture_output=True)
         assert done.returncode == 0, done.stderr
+        said.append(done.stdout + done.stderr)
         rows = sql.rows(
             "SELECT sesion_id, COUNT(*) AS n FROM cola_envios WHERE estado = 'enviado' GROUP BY 1"
         )
@@ -384,11 +387,13 @@ def test_pause_all_and_pause_number_stop_every_claim_and_resume_gives_back_what_
     assert held.returncode == 0 and "every number paused" in held.stdout
     assert "already paused" in run_worker(db_url, "pause", "--all").stdout
     assert drain() == {} and fake_api.requests == []
+    assert b'"sending_held"' in said[-1] and b"every number" in said[-1]  # not a silent success
     shown = run_worker(db_url, "status").stdout
     assert shown.startswith("HELD by an operator since ") and "every number: audit" in shown.splitlines()[0]
     assert run_worker(db_url, "resume", "--all").returncode == 0
     assert run_worker(db_url, "pause", "--number", other).returncode == 0
     assert drain() == {own: 3}  # the other number is held, fleet-wide
+    assert b'"sending_held"' in said[-1] and other.encode() in said[-1]
     assert "resumed" in run_worker(db_url, "resume", "--number", other).stdout
     assert drain() == {own: 3, second: 3}  # the session paused on its own stays paused
     assert "was not paused" in run_worker(db_url, "resume", "--all").stdout

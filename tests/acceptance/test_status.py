@@ -563,6 +563,36 @@ def test_a_daemon_the_rate_limit_holds_back_shows_throttled(
     assert daemon.wait(timeout=30) == 0, daemon.stderr[-2000:]
 
 
+def test_a_daemon_under_pause_all_shows_held_and_says_so_in_its_log(
+    sql: SQL,
+    db_url: DatabaseURL,
+    fake_api: FakeCloudAPI,
+    worker_env: Callable[..., dict[str, str]],
+    start: Callable[..., WorkerProcess],
+) -> None:
+    session = sql.add_session("en-espera")
+    sql.add_rows(session, 3)
+    assert run_worker(db_url, "pause", "--all", "--reason", "audit").returncode == 0
+    daemon = start(worker_env(), "run")
+    me = f"{socket.gethostname()}:{daemon.pid}:"
+
+    def state() -> str | None:
+        mine = [d for d in status_json(db_url)["daemons"] if d["worker_id"].startswith(me) and d["live"]]
+        return mine[0]["state"] if mine else None
+
+    assert eventually(lambda: state() == "held", 30), daemon.stderr[-2000:]
+    line = next(
+        line for line in run_worker(db_url, "status").stdout.splitlines() if f" {daemon.pid} " in line
+    )
+    assert " held " in line and fake_api.requests == []
+    assert run_worker(db_url, "resume", "--all").returncode == 0
+    assert fake_api.wait_for_requests(3, timeout=30)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0, daemon.stderr[-2000:]
+    events = [e["event"] for e in daemon.events()]
+    assert events.index("sending_held") < events.index("sending_released") < events.index("message_sent")
+
+
 CLEAR = "\x1b[H\x1b[2J"
 
 

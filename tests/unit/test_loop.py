@@ -26,6 +26,7 @@ class MemoryClaims:
         self.waiting = list(range(1, rows + 1))
         self.limits: list[int] = []  # what each claim asked for
         self.capped = False
+        self.held: frozenset[str] = frozenset()  # the operator holds nothing
         self._tokens = itertools.count()
 
     async def sessions_due(self) -> list[DueSession]:

@@ -14,6 +14,7 @@ from worker.daemon.numbers import Numbers
 from worker.exits import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_TEMPFAIL
 from worker.outage import Outage
 from worker.store import DatabaseError, DatabaseUnavailable, StatementRefused
+from worker.store.holds import ALL
 from worker.systemd import Notifier
 
 
@@ -38,6 +39,7 @@ class Control:
         self._log = log
         self._signals = 0
         self._database = Outage(log, down="database_unavailable", up="database_available")
+        self.held: frozenset[str] = frozenset()  # the operator's holds, as the last read found them
 
     def request_stop(self, *, exit_code: int | None = None, reason: str | None = None) -> None:
         """Stop claiming and drain; the first reason given is the one reported."""
@@ -66,6 +68,23 @@ class Control:
             self.request_stop(exit_code=EX_CONFIG, reason=f"the database refuses our statements: {error}")
         else:
             self.request_stop(exit_code=EX_SOFTWARE, reason=f"results cannot be written: {error}")
+
+    def holds(self, scopes: frozenset[str]) -> None:
+        """The operator's holds (`pause --all` / `--number ID`) as the last read of the sessions
+        found them: said when they change, so a daemon (or a `run --once`) that sends nothing
+        because of them says why."""
+        if scopes == self.held:
+            return
+        self.held = scopes
+        if scopes:
+            numbers = "every number" if ALL in scopes else ", ".join(sorted(scopes))
+            self._log.warning(
+                "sending_held",
+                numbers=numbers,
+                action="their rows wait: `whatsapp-worker resume --all` (or `--number ID`) sends them",
+            )
+        else:
+            self._log.info("sending_released")
 
     def paused(self) -> None:
         """Sending paused: under `run --once` (cron) the run ends here, rows untouched."""

@@ -172,6 +172,7 @@ class Daemon:
         except DatabaseError as exc:
             self._control.database_failed(exc)
             return min(BEAT_EVERY, self._settings.poll_interval * 2)
+        self._control.holds(self._claims.held)
         claimed, held = 0, float("inf")  # held: when a number kept back by its pace may go
         limited = False  # due rows that only the rate limit keeps back (the beat says `throttled`)
         for number, sessions in self._numbers.group(order).items():

@@ -71,7 +71,13 @@ class Parts:
         )
         control.report.outcomes = rows.outcomes
         in_flight: set[asyncio.Task[None]] = set()
-        status = Status(numbers=numbers, report=control.report, stop=control.stop, in_flight=in_flight)
+        status = Status(
+            numbers=numbers,
+            report=control.report,
+            stop=control.stop,
+            in_flight=in_flight,
+            holds=lambda: control.held,
+        )
         fleet = Fleet(
             daemons=store.daemons,
             limiter=numbers.limits,

@@ -4,19 +4,28 @@ the one-line status of the heartbeat file and the systemd watchdog."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from worker.daemon.control import RunReport
 from worker.daemon.fleet import Fleet
 from worker.daemon.numbers import Numbers
 from worker.store import Beat
+from worker.store.holds import ALL
 
 
 class Status:
     def __init__(
-        self, *, numbers: Numbers, report: RunReport, stop: asyncio.Event, in_flight: set[Any]
+        self,
+        *,
+        numbers: Numbers,
+        report: RunReport,
+        stop: asyncio.Event,
+        in_flight: set[Any],
+        holds: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self._numbers = numbers
+        self._holds = holds  # the operator's holds (`pause --all`, `--number`)
         self._report = report
         self._stop = stop
         self._in_flight = in_flight
@@ -32,6 +41,8 @@ class Status:
             state = "paused"
         elif self._in_flight:
             state = "sending"
+        elif ALL in self._holds():  # `pause --all`: the fleet claims nothing until `resume --all`
+            state = "held"
         else:  # nothing out: rows due but no rate token yet, or nothing due at all
             state = "throttled" if self._numbers.held_by_limit else "idle"
         return Beat(

@@ -38,6 +38,19 @@ def status_json(db_url: DatabaseURL, *args: str) -> dict[str, Any]:
     return report
 
 
+def live_row(report: dict[str, Any], daemon: WorkerProcess) -> dict[str, Any] | None:
+    """The daemon's row in `status --json`, while it is live (its worker id: host:pid:instance)."""
+    me = f"{socket.gethostname()}:{daemon.pid}:"
+    mine = [d for d in report["daemons"] if d["worker_id"].startswith(me) and d["live"]]
+    return mine[0] if mine else None
+
+
+def status_line(db_url: DatabaseURL, daemon: WorkerProcess) -> str:
+    """The daemon's line in `status`."""
+    text = run_worker(db_url, "status").stdout
+    return next(line for line in text.splitlines() if f" {daemon.pid} " in line)
+
+
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """`whatsapp-worker ARGS` in the background; killed at the end if a failed test left it."""
@@ -331,8 +344,8 @@ def test_a_running_daemon_is_shown_live_then_stopped(
     def sending() -> dict[str, Any] | None:
         report = status_json(db_url)
         (progress,) = report["sessions"]
-        mine = [d for d in report["daemons"] if d["worker_id"].startswith(me) and d["live"]]
-        if mine and mine[0]["state"] == "sending" and mine[0]["in_flight"] and progress["rate"] > 0:
+        mine = live_row(report, daemon)
+        if mine and mine["state"] == "sending" and mine["in_flight"] and progress["rate"] > 0:
             return report
         return None
 
@@ -547,18 +560,13 @@ def test_a_daemon_the_rate_limit_holds_back_shows_throttled(
     session = sql.add_session("despacio")
     sql.add_rows(session, 26)
     daemon = start(worker_env(WORKER_RATE_LIMIT="1"), "run")
-    me = f"{socket.gethostname()}:{daemon.pid}:"
 
     def held_back() -> bool:
-        report = status_json(db_url)
-        mine = [d for d in report["daemons"] if d["worker_id"].startswith(me) and d["live"]]
-        return bool(mine) and mine[0]["state"] == "throttled" and mine[0]["sent_total"] >= 1
+        mine = live_row(status_json(db_url), daemon)
+        return mine is not None and mine["state"] == "throttled" and mine["sent_total"] >= 1
 
     assert eventually(held_back, 40), daemon.stderr[-2000:]
-    line = next(
-        line for line in run_worker(db_url, "status").stdout.splitlines() if f" {daemon.pid} " in line
-    )
-    assert " throttled " in line
+    assert " throttled " in status_line(db_url, daemon)
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0, daemon.stderr[-2000:]
 
@@ -574,17 +582,13 @@ def test_a_daemon_under_pause_all_shows_held_and_says_so_in_its_log(
     sql.add_rows(session, 3)
     assert run_worker(db_url, "pause", "--all", "--reason", "audit").returncode == 0
     daemon = start(worker_env(), "run")
-    me = f"{socket.gethostname()}:{daemon.pid}:"
 
     def state() -> str | None:
-        mine = [d for d in status_json(db_url)["daemons"] if d["worker_id"].startswith(me) and d["live"]]
-        return mine[0]["state"] if mine else None
+        mine = live_row(status_json(db_url), daemon)
+        return mine["state"] if mine else None
 
     assert eventually(lambda: state() == "held", 30), daemon.stderr[-2000:]
-    line = next(
-        line for line in run_worker(db_url, "status").stdout.splitlines() if f" {daemon.pid} " in line
-    )
-    assert " held " in line and fake_api.requests == []
+    assert " held " in status_line(db_url, daemon) and fake_api.requests == []
     assert run_worker(db_url, "resume", "--all").returncode == 0
     assert fake_api.wait_for_requests(3, timeout=30)
     daemon.send_signal(signal.SIGTERM)

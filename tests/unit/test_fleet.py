@@ -27,7 +27,7 @@ def greedy_sends(limiters: list[RateLimiter], clock: Clock, seconds: float) -> l
         clock.now += 0.001
         for limiter in limiters:
             got = limiter.take_now(1000)
-            limiter.started(got)
+            limiter.claimed(got, got)
             sent += [clock.now] * got
     return sent
 
@@ -60,7 +60,7 @@ def test_claims_a_database_stall_held_up_send_late_with_no_burst_after_them() ->
         returns_at = 2.7 if 2.0 <= clock.now < 2.7 else clock.now  # the stall
         for daemon, limiter in enumerate(limiters):
             if daemon in claims and claims[daemon][0] <= clock.now:  # the claim returns: send
-                limiter.started(claims[daemon][1])
+                limiter.claimed(claims[daemon][1], claims[daemon][1])
                 sent += [clock.now] * claims.pop(daemon)[1]
             if daemon not in claims and (got := limiter.take_now(8)):  # one claim at a time
                 claims[daemon] = (returns_at, got)

@@ -223,7 +223,7 @@ def test_a_very_low_rate_gives_its_token_then_names_the_wait_for_the_next() -> N
     now = [0.0]
     limiter = RateLimiter(0.01, burst=1, clock=lambda: now[0])
     assert limiter.take_now(5) == 1
-    limiter.started(1)
+    limiter.claimed(1, 1)
     assert limiter.take_now(5) == 0 and limiter.wait_time() == pytest.approx(100.0)
     now[0] += 100.0
     assert limiter.take_now(5) == 1

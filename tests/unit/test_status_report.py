@@ -89,11 +89,15 @@ def test_long_lines_count_as_the_rows_they_wrap_to() -> None:
     ]
 
 
-def status(numbers: Numbers, *, in_flight: int = 0, stopping: bool = False) -> Status:
+def status(
+    numbers: Numbers, *, in_flight: int = 0, stopping: bool = False, holds: frozenset[str] = frozenset()
+) -> Status:
     stop = asyncio.Event()
     if stopping:
         stop.set()
-    return Status(numbers=numbers, report=RunReport(), stop=stop, in_flight=set(range(in_flight)))
+    return Status(
+        numbers=numbers, report=RunReport(), stop=stop, in_flight=set(range(in_flight)), holds=lambda: holds
+    )
 
 
 def test_a_number_whose_due_rows_wait_for_the_rate_limit_makes_the_daemon_throttled() -> None:
@@ -107,6 +111,9 @@ def test_a_number_whose_due_rows_wait_for_the_rate_limit_makes_the_daemon_thrott
     assert status(numbers).beat().state == "throttled"
     assert status(numbers, in_flight=1).beat().state == "sending"
     assert status(numbers, stopping=True).beat().state == "draining"
+    assert status(numbers, holds=frozenset({"*"})).beat().state == "held"  # `pause --all`
+    assert status(numbers, holds=frozenset({"2"})).beat().state == "throttled"  # another number held
+    assert status(numbers, in_flight=1, holds=frozenset({"*"})).beat().state == "sending"  # finishing
     numbers.pauses.number("1").trip(60, PauseReason(190, "token expired"))
     assert status(numbers).beat().state == "paused"
 

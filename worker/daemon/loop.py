@@ -233,7 +233,7 @@ class Daemon:
                 tokens, lease_seconds=self._settings.lease_seconds, sessions=sessions
             )
         except DatabaseError as exc:
-            self._numbers.unused(number, tokens)
+            self._numbers.claimed(number, tokens, 0)
             self._control.database_failed(exc)
             return None
         self._control.database_up()
@@ -241,7 +241,7 @@ class Daemon:
             self._log.warning("opted_out_rows_closed", rows=jobs.opted_out, state="error")
         if jobs.undeliverable:
             self._log.warning("undeliverable_rows_closed", rows=jobs.undeliverable, state="error")
-        self._numbers.unused(number, tokens - len(jobs))
+        self._numbers.claimed(number, tokens, len(jobs))
         if self._rows_left is not None:
             self._rows_left -= len(jobs)
         for job in jobs:

@@ -53,14 +53,12 @@ class Numbers:
             return Room(0, limiter.wait_time(), limited=True)
         return Room(tokens, 0.0)
 
-    def unused(self, number: str, tokens: int) -> None:
-        """Tokens taken for rows the claim did not find."""
-        self.limits.number(number).refund(tokens)
+    def claimed(self, number: str, tokens: int, rows: int) -> None:
+        """A claim that took `tokens` found `rows` rows (0: it failed), whose sends start now."""
+        self.limits.number(number).claimed(tokens, rows)
 
     def started(self, number: str) -> None:
-        """A claimed row's send starts now (its token stops holding the bucket down)."""
         self._in_flight[number] += 1
-        self.limits.number(number).started(1)
 
     def finished(self, number: str) -> None:
         self._in_flight[number] -= 1

@@ -22,8 +22,8 @@ BLOCKED_WAIT = 0.25  # seconds a blocked limiter sleeps before the loop goes rou
 
 
 class RateLimiter:
-    """`take_now(n)` takes up to `n` tokens for a claim; `started` says its sends went out and
-    `refund` gives back the tokens of rows the claim did not find.
+    """`take_now(n)` takes up to `n` tokens for a claim; `claimed` says how many of its sends
+    start now and gives back the tokens of rows it did not find.
 
     The daemon takes tokens before it claims rows, so a claimed row is sent at once and
     never waits in memory for its turn. A rate of 0 means no limit (WORKER_RATE_LIMIT=0);
@@ -107,17 +107,14 @@ class RateLimiter:
         self._refill()
         return max(0.0, (1 - self._tokens) / self.rate)
 
-    def started(self, count: int) -> None:
-        """`count` sends of a claim went out: their tokens stop holding the bucket down."""
-        self._refill()
-        self._unsent = max(0, self._unsent - count)
-
-    def refund(self, count: int) -> None:
-        """Tokens taken for rows the claim did not find."""
-        self._refill()
-        self._unsent = max(0, self._unsent - count)
-        if self._share > 0 and not self._blocked and count > 0:
-            self._tokens = min(self._capacity - self._unsent, self._tokens + count)
+    def claimed(self, taken: int, sent: int) -> None:
+        """A claim that took `taken` tokens starts `sent` sends now: their tokens stop holding
+        the bucket down, and those of rows it did not find go back into it."""
+        self._refill()  # up to now with the claim's tokens still held
+        self._unsent = max(0, self._unsent - taken)
+        unused = taken - sent
+        if self._share > 0 and not self._blocked and unused > 0:
+            self._tokens = min(self._capacity - self._unsent, self._tokens + unused)
 
 
 class RateLimits:

@@ -22,7 +22,7 @@ class Status:
         report: RunReport,
         stop: asyncio.Event,
         in_flight: set[Any],
-        holds: Callable[[], frozenset[str]] = frozenset,
+        holds: Callable[[], frozenset[str]],
     ) -> None:
         self._numbers = numbers
         self._holds = holds  # the operator's holds (`pause --all`, `--number`)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 import pymysql
@@ -63,6 +65,17 @@ def test_messages_are_checked_before_any_request() -> None:
             parse_message(raw)
     body = json.loads(request_body(7, "+51987654321", {"type": "text", "text": {"body": "x"}}))
     assert body["biz_opaque_callback_data"] == "cola:7" and body["to"] == "+51987654321"
+
+
+def test_a_message_read_as_bytes_is_checked_like_text() -> None:
+    """The driver may hand `mensaje` over as bytes (a BLOB column): read as json.loads reads
+    bytes, and NaN is refused either way."""
+    text = '{"type":"text","text":{"body":"¿hola?"}}'
+    for raw in (text.encode(), text.encode("utf-16")):
+        assert parse_message(raw)["text"]["body"] == "¿hola?"
+    for raw in ('{"type":"text","text":{"body":NaN}}', b'{"type":"text","text":{"body":NaN}}'):
+        with pytest.raises(InvalidMessage, match="not valid JSON: NaN is not JSON"):
+            parse_message(raw)
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
@@ -216,6 +229,30 @@ def test_logging_takes_level_and_format_from_settings() -> None:
         configure(stream=io.StringIO())  # cli.py's call today: falls back to the environment
     finally:
         structlog.reset_defaults()
+
+
+def test_a_json_line_keeps_its_fields_in_order_with_level_utc_time_and_no_secret() -> None:
+    stream = io.StringIO()
+    try:
+        configure(stream=stream, fmt="json", secrets=["tok-123"])
+        log = get_logger()
+        log.info("message_sent", job_id=7, wamid="wamid.X", note="has tok-123 inside", odd={1})
+        log.warn("old_alias")
+        try:
+            raise RuntimeError("the tok-123 leaked into an error")
+        except RuntimeError:
+            log.exception("failed", job_id=8)
+    finally:
+        structlog.reset_defaults()
+    sent, warned, failed = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert list(sent) == ["job_id", "wamid", "note", "odd", "event", "level", "timestamp"]
+    assert sent["note"] == "has *** inside" and sent["odd"] == "{1}" and sent["level"] == "info"
+    stamped = datetime.datetime.fromisoformat(sent["timestamp"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", sent["timestamp"])
+    assert abs(stamped - datetime.datetime.now(datetime.UTC)) < datetime.timedelta(seconds=5)
+    assert warned["level"] == "warning" and failed["level"] == "error"
+    assert failed["exception"][0]["exc_type"] == "RuntimeError"
+    assert "tok-123" not in stream.getvalue()
 
 
 def test_a_very_low_rate_gives_its_token_then_names_the_wait_for_the_next() -> None:

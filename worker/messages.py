@@ -42,6 +42,8 @@ class InvalidMessage(ValueError):
 
 def normalize_phone(raw: str) -> str:
     """'+51 987-654-321' -> '+51987654321'; raises InvalidMessage if not E.164."""
+    if E164.fullmatch(raw):  # the stored form, checked before each send: no copy to make
+        return raw
     phone = re.sub(r"[\s\-().]", "", raw)
     if not E164.fullmatch(phone):
         raise InvalidMessage(f"phone {raw!r} is not in E.164 form (+ country code and number)")

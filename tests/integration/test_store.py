@@ -126,6 +126,29 @@ async def test_expired_leases_become_unknown(sql: SQL, store: Store) -> None:
     assert sql.states() == {"desconocido": 2, "pendiente": 1}
 
 
+async def test_a_row_recovered_from_a_dead_worker_tells_it_in_its_history_once(
+    sql: SQL, store: Store
+) -> None:
+    """`rows --id` shows the attempt whose outcome nobody knows; two daemons sweeping at once
+    write its line once."""
+    session = sql.add_session()
+    sql.add_rows(session, 3)
+    claimed = await store.claims.claim(3, lease_seconds=30)
+    sql.execute(
+        "UPDATE cola_envios SET lease_owner = 'host-a:41',"
+        " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
+    )
+    first, second = await asyncio.gather(store.claims.recover_expired(), store.claims.recover_expired())
+    assert first.rows + second.rows == 3
+    assert (await store.claims.recover_expired()).rows == 0
+    for job in claimed:
+        story = await store.sessions.story(job.id)
+        assert story is not None and story.row["estado"] == "desconocido"
+        assert [(a["outcome"], a["code"], a["detail"]) for a in story.attempts] == [
+            ("unknown", None, "lease of host-a:41 expired while the message may have been in flight")
+        ]
+
+
 async def test_migrate_is_idempotent(store: Store) -> None:
     from worker.store import schema
 

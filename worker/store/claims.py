@@ -7,6 +7,7 @@ so neither the hosts' clocks nor a producer's session `time_zone` moves them. A 
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,15 @@ GIVE_BACK = (
     " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
     " WHERE estado IN ('procesando', 'desconocido') AND lease_token IN ({tokens})"
 )
+# -- name: lock_expired :many
+# Rows whose worker died (ix_cola_envios_claim: the live range only). Locked for the sweep, so
+# their history line and their new state go together; another daemon's sweep skips them.
+EXPIRED_BATCH = 1000
+EXPIRED_ROWS = (
+    "SELECT id, lease_token FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
+    f" WHERE estado = 'procesando' AND lease_expires_at < {NOW} LIMIT {EXPIRED_BATCH}"
+)
+LOCK_EXPIRED = EXPIRED_ROWS + " FOR UPDATE SKIP LOCKED"
 # -- name: recover_expired :exec
 # The token and the lease times stay: the worker that was only cut off may still write the
 # true result for one more lease length (see results.py), and `retry` waits for that.
@@ -120,16 +130,15 @@ RECOVER_EXPIRED = (
     " last_error_code = NULL,"
     " last_error = CONCAT('lease of ', COALESCE(lease_owner, '?'),"
     " ' expired while the message may have been in flight')"
-    f" WHERE estado = 'procesando' AND lease_expires_at < {NOW}"
+    f" WHERE id IN ({{ids}}) AND estado = 'procesando' AND lease_expires_at < {NOW}"
 )
-# -- name: expired_rows :many
-# When the server refuses the sweep (a legacy trigger), it goes row by row: the refusing row is
-# kept in flight with the reason, every other row is recovered.
-EXPIRED_ROWS = (
-    "SELECT id, lease_token FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
-    f" WHERE estado = 'procesando' AND lease_expires_at < {NOW} LIMIT 1000"
+# -- name: record_recovered :exec
+# The attempt in the row's history (`rows --id`): a send whose outcome nobody knows.
+RECORD_RECOVERED = (
+    "INSERT INTO whatsapp_worker_attempts (cola_id, attempted_at, outcome, code, detail)"
+    f" SELECT id, {NOW}, 'unknown', NULL, last_error FROM cola_envios"
+    " WHERE id IN ({ids}) AND estado = 'desconocido'"
 )
-RECOVER_ROW = RECOVER_EXPIRED + " AND id = %s"
 # -- name: queue_due :one
 # For the metrics: rows due now and how long the oldest has waited (a NULL `next_attempt_at`
 # is due since the row was created, in the server's time zone).
@@ -361,11 +370,27 @@ class Claims:
             del self._uncertain[: len(tokens)]
 
     async def recover_expired(self) -> Recovered:
-        """Rows whose worker died: their request may have left, so they become unknown."""
-        try:
-            return Recovered(await self._db.update(RECOVER_EXPIRED))
-        except RowRefused:
-            return await self._recover_row_by_row()
+        """Rows whose worker died: their request may have left, so they become unknown, each
+        with its line in the row's history."""
+        recovered = Recovered(0)
+        while True:
+            try:
+                rows, more = await with_transient_retry(self._recover_expired_batch)
+            except RowRefused:  # a legacy trigger: row by row, the refusing rows kept in flight
+                row_by_row = await self._recover_row_by_row()
+                row_by_row.rows += recovered.rows
+                return row_by_row
+            recovered.rows += rows
+            if not more:
+                return recovered
+
+    async def _recover_expired_batch(self) -> tuple[int, bool]:
+        """(rows recovered, whether a full batch was found: more may wait)."""
+        async with self._db.transaction() as cur:
+            await cur.execute(LOCK_EXPIRED)
+            ids = [int(row[0]) for row in await cur.fetchall()]
+            rows = await _recover(cur, ids) if ids else 0
+        return rows, rows > 0 and len(ids) == EXPIRED_BATCH
 
     async def _recover_row_by_row(self) -> Recovered:
         async with self._db.transaction() as cur:
@@ -374,7 +399,8 @@ class Claims:
         recovered = Recovered(0)  # none left: another daemon recovered them meanwhile
         for row_id, token in expired:
             try:
-                recovered.rows += await self._db.update(RECOVER_ROW, (row_id,))
+                recover = functools.partial(self._recover_one, int(row_id))
+                recovered.rows += await with_transient_retry(recover)
             except RowRefused as exc:
                 reason = (
                     f"its lease expired while the message may have been in flight; desconocido refused: {exc}"
@@ -386,6 +412,10 @@ class Claims:
                     problem = f"{exc}; and keeping it in flight: {kept}"
                 recovered.kept_in_flight.append((int(row_id), problem))
         return recovered
+
+    async def _recover_one(self, row_id: int) -> int:
+        async with self._db.transaction() as cur:
+            return await _recover(cur, [row_id])
 
     async def unpark_active(self) -> int:
         """Rows parked by a pause whose session is no longer paused: back to their schedule."""
@@ -415,3 +445,13 @@ class Claims:
 
 def _text(value: str | bytes | None) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+async def _recover(cur: aiomysql.Cursor, ids: list[int]) -> int:
+    """Expired rows among `ids` become unknown, with their history line, in the caller's
+    transaction; the rows changed."""
+    await cur.execute(RECOVER_EXPIRED.format(ids=id_list(ids)))
+    rows = int(cur.rowcount)
+    if rows:
+        await cur.execute(RECORD_RECOVERED.format(ids=id_list(ids)))
+    return rows

@@ -47,15 +47,16 @@ class _UtcClock:
     microseconds always given (datetime's isoformat drops them when they are zero)."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._formatted = (-1, "")  # one tuple: a thread that logs never reads a torn pair
 
     def now(self) -> str:
         now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        second, prefix = self._formatted
+        if int(now) != second:
+            second = int(now)
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._formatted = (second, prefix)
+        return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
 
 
 class _JsonLine:
@@ -65,7 +66,10 @@ class _JsonLine:
     this takes about 5, with the same keys in the same order."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = tuple(s for s in secrets if s)
+        # a secret as it stands in the JSON line too: a quote, a backslash or an accent in a
+        # password is written escaped (`\"`, `\\`, `\u00f1`) and would not match as given
+        given = [s for s in secrets if s]
+        self._secrets = tuple(dict.fromkeys([*given, *(json.dumps(s)[1:-1] for s in given)]))
         self._clock = _UtcClock()
         self._exceptions = structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)

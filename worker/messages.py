@@ -55,7 +55,10 @@ def parse_message(raw: str | bytes) -> dict[str, Any]:
     if len(raw) > MESSAGE_MAX_BYTES:
         raise InvalidMessage(f"mensaje is {len(raw)} bytes, more than {MESSAGE_MAX_BYTES}")
     try:
-        message = _MESSAGE_JSON.decode(raw if isinstance(raw, str) else _text_of(raw))
+        text = raw if isinstance(raw, str) else _text_of(raw)
+        if text.startswith("\ufeff"):  # json.loads's own hint, for a PHP file saved with a BOM
+            raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+        message = _MESSAGE_JSON.decode(text)
     except RecursionError:
         raise InvalidMessage("mensaje is nested too deeply") from None
     except (ValueError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError included

@@ -70,12 +70,15 @@ async def test_a_claim_whose_commit_answer_was_lost_gives_its_rows_back(
                 " ORDER BY id LIMIT 2"
             )
             assert (await store.claims.recover_expired()).rows == 2
+            assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_attempts WHERE outcome = 'unknown'") == 2
             assert await store.claims.claim(0, lease_seconds=60) == []
         finally:
             await store.close()
-    # Nobody sent those rows: they go back, instead of turning unknown when the lease expires.
+    # Nobody sent those rows: they go back, instead of turning unknown when the lease expires,
+    # and their story no longer tells of an attempt that may have been in flight.
     assert sql.states() == {"pendiente": 5}
     assert sql.value("SELECT COUNT(*) FROM cola_envios WHERE lease_token IS NOT NULL OR attempts > 0") == 0
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_attempts") == 0
 
 
 def _retry_unknown(db_url: DatabaseURL, session: int) -> str:

@@ -17,6 +17,7 @@ from worker.daemon.progress import Progress
 from worker.log import get_logger
 from worker.models import Job
 from worker.store import RowRefused, Store
+from worker.store import claims as claims_module
 from worker.store.claims import CLAIM_SESSION_DUE, NEXT_SESSION_WAITING
 
 
@@ -127,7 +128,7 @@ async def test_expired_leases_become_unknown(sql: SQL, store: Store) -> None:
 
 
 async def test_a_row_recovered_from_a_dead_worker_tells_it_in_its_history_once(
-    sql: SQL, store: Store
+    sql: SQL, store: Store, db_url: DatabaseURL
 ) -> None:
     """`rows --id` shows the attempt whose outcome nobody knows; two daemons sweeping at once
     write its line once."""
@@ -138,8 +139,19 @@ async def test_a_row_recovered_from_a_dead_worker_tells_it_in_its_history_once(
         "UPDATE cola_envios SET lease_owner = 'host-a:41',"
         " lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND"
     )
+    busy = claimed[0].id  # another daemon's sweep holds this one: this sweep goes past it
+    holder = connect(db_url, db_url.database)
+    try:
+        holder.begin()
+        with holder.cursor() as cur:
+            cur.execute("SELECT id FROM cola_envios WHERE id = %s FOR UPDATE", (busy,))
+        assert (await store.claims.recover_expired()).rows == 2
+        assert sql.value("SELECT estado FROM cola_envios WHERE id = %s", (busy,)) == "procesando"
+    finally:
+        holder.rollback()
+        holder.close()
     first, second = await asyncio.gather(store.claims.recover_expired(), store.claims.recover_expired())
-    assert first.rows + second.rows == 3
+    assert first.rows + second.rows == 1
     assert (await store.claims.recover_expired()).rows == 0
     for job in claimed:
         story = await store.sessions.story(job.id)
@@ -147,6 +159,19 @@ async def test_a_row_recovered_from_a_dead_worker_tells_it_in_its_history_once(
         assert [(a["outcome"], a["code"], a["detail"]) for a in story.attempts] == [
             ("unknown", None, "lease of host-a:41 expired while the message may have been in flight")
         ]
+
+
+async def test_one_sweep_recovers_every_expired_row_batch_after_batch(
+    sql: SQL, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claims_module, "EXPIRED_BATCH", 2)
+    session = sql.add_session()
+    sql.add_rows(session, 5)
+    await store.claims.claim(5, lease_seconds=30)
+    sql.execute("UPDATE cola_envios SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
+    assert (await store.claims.recover_expired()).rows == 5
+    assert sql.states() == {"desconocido": 5}
+    assert sql.value("SELECT COUNT(*) FROM whatsapp_worker_attempts WHERE outcome = 'unknown'") == 5
 
 
 async def test_migrate_is_idempotent(store: Store) -> None:

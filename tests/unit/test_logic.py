@@ -76,6 +76,9 @@ def test_a_message_read_as_bytes_is_checked_like_text() -> None:
     for raw in ('{"type":"text","text":{"body":NaN}}', b'{"type":"text","text":{"body":NaN}}'):
         with pytest.raises(InvalidMessage, match="not valid JSON: NaN is not JSON"):
             parse_message(raw)
+    assert parse_message(b"\xef\xbb\xbf" + text.encode())["type"] == "text"  # json.loads reads it too
+    with pytest.raises(InvalidMessage, match="Unexpected UTF-8 BOM"):  # a str: the hint stays
+        parse_message("\ufeff" + text)
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
@@ -253,6 +256,21 @@ def test_a_json_line_keeps_its_fields_in_order_with_level_utc_time_and_no_secret
     assert warned["level"] == "warning" and failed["level"] == "error"
     assert failed["exception"][0]["exc_type"] == "RuntimeError"
     assert "tok-123" not in stream.getvalue()
+
+
+def test_a_secret_with_quotes_or_accents_is_blanked_as_the_json_line_writes_it() -> None:
+    """JSON writes `pa"ss` as `pa\\"ss` and `ñ` as `\\u00f1`: the secret as given would not match."""
+    secrets = ['pa"ss\\wörd', "contraseña"]
+    stream = io.StringIO()
+    try:
+        configure(stream=stream, fmt="json", secrets=secrets)
+        get_logger().error("database_unavailable", error=f"login as app:{secrets[0]} / {secrets[1]} refused")
+    finally:
+        structlog.reset_defaults()
+    line = stream.getvalue()
+    assert json.loads(line)["error"] == "login as app:*** / *** refused"
+    for secret in secrets:
+        assert secret not in line and json.dumps(secret)[1:-1] not in line
 
 
 def test_a_very_low_rate_gives_its_token_then_names_the_wait_for_the_next() -> None:

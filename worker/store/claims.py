@@ -113,13 +113,22 @@ GIVE_BACK = (
     " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
     " WHERE estado IN ('procesando', 'desconocido') AND lease_token IN ({tokens})"
 )
+# -- name: forget_recovered :exec
+# The sweep's history line about a given-back row (`record_recovered`, written after this lease
+# was taken) goes with the guess it recorded: nobody sent the row.
+FORGET_RECOVERED = (
+    "DELETE a FROM whatsapp_worker_attempts a JOIN cola_envios c ON c.id = a.cola_id"
+    " WHERE c.estado = 'desconocido' AND c.lease_token IN ({tokens}) AND a.outcome = 'unknown'"
+    " AND a.code IS NULL AND a.detail LIKE 'lease of %%' AND a.attempted_at >= c.claimed_at"
+)
 # -- name: lock_expired :many
-# Rows whose worker died (ix_cola_envios_claim: the live range only). Locked for the sweep, so
-# their history line and their new state go together; another daemon's sweep skips them.
+# Rows whose worker died (ix_cola_envios_claim: the `procesando` range, its lease checked per
+# row). Locked for the sweep, so their history line and their new state go together; another
+# daemon's sweep skips them.
 EXPIRED_BATCH = 1000
 EXPIRED_ROWS = (
     "SELECT id, lease_token FROM cola_envios FORCE INDEX (ix_cola_envios_claim)"
-    f" WHERE estado = 'procesando' AND lease_expires_at < {NOW} LIMIT {EXPIRED_BATCH}"
+    f" WHERE estado = 'procesando' AND lease_expires_at < {NOW} LIMIT %s"
 )
 LOCK_EXPIRED = EXPIRED_ROWS + " FOR UPDATE SKIP LOCKED"
 # -- name: recover_expired :exec
@@ -366,8 +375,13 @@ class Claims:
         """Give back the rows of claims whose commit outcome was unknown (one statement)."""
         if self._uncertain:
             tokens = list(self._uncertain)
-            await self._db.update(GIVE_BACK.format(tokens=placeholders(len(tokens))), tokens)
+            await with_transient_retry(functools.partial(self._give_back, tokens))
             del self._uncertain[: len(tokens)]
+
+    async def _give_back(self, tokens: list[str]) -> None:
+        async with self._db.transaction() as cur:
+            await cur.execute(FORGET_RECOVERED.format(tokens=placeholders(len(tokens))), tokens)
+            await cur.execute(GIVE_BACK.format(tokens=placeholders(len(tokens))), tokens)
 
     async def recover_expired(self) -> Recovered:
         """Rows whose worker died: their request may have left, so they become unknown, each
@@ -387,14 +401,16 @@ class Claims:
     async def _recover_expired_batch(self) -> tuple[int, bool]:
         """(rows recovered, whether a full batch was found: more may wait)."""
         async with self._db.transaction() as cur:
-            await cur.execute(LOCK_EXPIRED)
+            await cur.execute(LOCK_EXPIRED, (EXPIRED_BATCH,))
             ids = [int(row[0]) for row in await cur.fetchall()]
             rows = await _recover(cur, ids) if ids else 0
-        return rows, rows > 0 and len(ids) == EXPIRED_BATCH
+        # on only while every locked row became unknown: a trigger that silently keeps a row
+        # in flight must not make one sweep recover it for ever
+        return rows, rows == len(ids) == EXPIRED_BATCH
 
     async def _recover_row_by_row(self) -> Recovered:
         async with self._db.transaction() as cur:
-            await cur.execute(EXPIRED_ROWS)
+            await cur.execute(EXPIRED_ROWS, (EXPIRED_BATCH,))
             expired = list(await cur.fetchall())
         recovered = Recovered(0)  # none left: another daemon recovered them meanwhile
         for row_id, token in expired:
@@ -449,9 +465,9 @@ def _text(value: str | bytes | None) -> str | None:
 
 async def _recover(cur: aiomysql.Cursor, ids: list[int]) -> int:
     """Expired rows among `ids` become unknown, with their history line, in the caller's
-    transaction; the rows changed."""
+    transaction; the rows that did (a trigger may keep one as it was without a word)."""
     await cur.execute(RECOVER_EXPIRED.format(ids=id_list(ids)))
-    rows = int(cur.rowcount)
-    if rows:
-        await cur.execute(RECORD_RECOVERED.format(ids=id_list(ids)))
-    return rows
+    if not cur.rowcount:
+        return 0
+    await cur.execute(RECORD_RECOVERED.format(ids=id_list(ids)))
+    return int(cur.rowcount)

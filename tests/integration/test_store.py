@@ -9,9 +9,10 @@ from typing import Any
 import pymysql
 import pytest
 
-from tests.integration.helpers import sent
+from tests.integration.helpers import sent, unsent
 from tests.support.env import eventually
 from tests.support.sql import SQL, connect
+from worker.cli.operate import _story_lines
 from worker.config import DatabaseURL
 from worker.daemon.progress import Progress
 from worker.log import get_logger
@@ -159,6 +160,29 @@ async def test_a_row_recovered_from_a_dead_worker_tells_it_in_its_history_once(
         assert [(a["outcome"], a["code"], a["detail"]) for a in story.attempts] == [
             ("unknown", None, "lease of host-a:41 expired while the message may have been in flight")
         ]
+
+
+async def test_a_cut_off_workers_late_result_reads_as_the_same_attempt_in_the_story(
+    sql: SQL, store: Store
+) -> None:
+    """The sweep guessed `unknown`; the worker's own answer then landed: `rows --id` says the
+    guess was resolved, so one send does not read as two attempts."""
+    session = sql.add_session()
+    sql.add_rows(session, 3)
+    delivered, refused, silent = await store.claims.claim(3, lease_seconds=30)
+    sql.execute("UPDATE cola_envios SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
+    assert (await store.claims.recover_expired()).rows == 3
+    recorded = await store.results.record([sent(delivered, "wamid.LATE"), unsent(refused)])
+    assert recorded.written == 2
+    shown = {}
+    for job in (delivered, refused, silent):
+        story = await store.sessions.story(job.id)
+        assert story is not None
+        shown[job.id] = [line for line in _story_lines(story) if "lease of" in line]
+    assert shown[delivered.id][-1].endswith("(resolved later: sent, above)")
+    assert shown[refused.id][-1].endswith("(resolved by the next line)")
+    assert shown[silent.id][-1].endswith("may have been in flight")  # still nobody knows
+    assert sql.value("SELECT attempts FROM cola_envios WHERE id = %s", (delivered.id,)) == 1
 
 
 async def test_one_sweep_recovers_every_expired_row_batch_after_batch(

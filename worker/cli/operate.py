@@ -17,6 +17,7 @@ from worker.exits import EX_OK
 from worker.messages import phone_variants
 from worker.models import Outcome, RowState, SessionState, state_word
 from worker.store import RefusedChange
+from worker.store.claims import RECOVERED_DETAIL
 from worker.store.holds import ALL
 from worker.store.prune import Pruned
 from worker.store.sessions import RetryPlan, RetryScope, RowStory
@@ -285,10 +286,11 @@ def _story_lines(story: RowStory) -> list[str]:
     lines.append(
         f"history ({len(story.attempts)} attempt(s) not sent and retries; the send itself is above):"
     )
-    for a in story.attempts:
+    for index, a in enumerate(story.attempts):
         was = f" (was {a['state']})" if a["outcome"] == "requeued" else ""
         code = _or_dash(a["code"])
-        lines.append(f"  {_when(a['at'])}  {a['outcome']}{was}  code {code}  {a['detail'] or ''}".rstrip())
+        line = f"  {_when(a['at'])}  {a['outcome']}{was}  code {code}  {a['detail'] or ''}".rstrip()
+        lines.append(line + _resolved_later(story, index))
     if story.statuses:
         lines.append("Meta's statuses:")
         for s in story.statuses:
@@ -297,6 +299,22 @@ def _story_lines(story: RowStory) -> list[str]:
             )
             lines.append(f"  {_when(s['at'])}  {s['status']}  {s['wamid']}{error}".rstrip())
     return lines
+
+
+def _resolved_later(story: RowStory, index: int) -> str:
+    """The sweep's `unknown` line (a worker's lease expired) whose true result came after it,
+    said as such: the late result is the same attempt, not a second one. Nothing but `retry`
+    (its `requeued` line) sends an unknown row again."""
+    guess = story.attempts[index]
+    if guess["outcome"] != "unknown" or not str(guess["detail"] or "").startswith(RECOVERED_DETAIL):
+        return ""
+    later = story.attempts[index + 1 :]
+    if later and later[0]["outcome"] != "requeued":
+        return "  (resolved by the next line)"
+    sent_at = story.row["sent_at"]
+    if not later and story.row["estado"] == "enviado" and sent_at is not None and sent_at >= guess["at"]:
+        return "  (resolved later: sent, above)"
+    return ""
 
 
 def _or_dash(value: Any) -> Any:

@@ -113,13 +113,16 @@ GIVE_BACK = (
     " lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, claimed_at = NULL"
     " WHERE estado IN ('procesando', 'desconocido') AND lease_token IN ({tokens})"
 )
+# How the sweep's history line (`record_recovered`) begins: `rows --id` and `forget_recovered`
+# know it by that.
+RECOVERED_DETAIL = "lease of "
 # -- name: forget_recovered :exec
 # The sweep's history line about a given-back row (`record_recovered`, written after this lease
 # was taken) goes with the guess it recorded: nobody sent the row.
 FORGET_RECOVERED = (
     "DELETE a FROM whatsapp_worker_attempts a JOIN cola_envios c ON c.id = a.cola_id"
     " WHERE c.estado = 'desconocido' AND c.lease_token IN ({tokens}) AND a.outcome = 'unknown'"
-    " AND a.code IS NULL AND a.detail LIKE 'lease of %%' AND a.attempted_at >= c.claimed_at"
+    f" AND a.code IS NULL AND a.detail LIKE '{RECOVERED_DETAIL}%%' AND a.attempted_at >= c.claimed_at"
 )
 # -- name: lock_expired :many
 # Rows whose worker died (ix_cola_envios_claim: the `procesando` range, its lease checked per
@@ -137,7 +140,7 @@ LOCK_EXPIRED = EXPIRED_ROWS + " FOR UPDATE SKIP LOCKED"
 RECOVER_EXPIRED = (
     "UPDATE cola_envios SET estado = 'desconocido', attempts = attempts + 1,"
     " last_error_code = NULL,"
-    " last_error = CONCAT('lease of ', COALESCE(lease_owner, '?'),"
+    f" last_error = CONCAT('{RECOVERED_DETAIL}', COALESCE(lease_owner, '?'),"
     " ' expired while the message may have been in flight')"
     f" WHERE id IN ({{ids}}) AND estado = 'procesando' AND lease_expires_at < {NOW}"
 )

@@ -46,6 +46,12 @@ def sent(job: Job, wamid: str) -> Finished:
     return Finished(job, decide(result, attempt=1, settings=settings, rng=Random()))
 
 
+def decided(job: Job, result: SendResult) -> Finished:
+    """The result the daemon writes for any answer, decided as the daemon decides it."""
+    settings = Settings(database=DatabaseURL("127.0.0.1", 3306, "root", "", "unused"))
+    return Finished(job, decide(result, attempt=1, settings=settings, rng=Random()))
+
+
 def unsent(job: Job, code: int = 131026) -> Finished:
     """The result the daemon writes for a permanent error (the row ends in `error`)."""
     settings = Settings(database=DatabaseURL("127.0.0.1", 3306, "root", "", "unused"))

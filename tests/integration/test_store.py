@@ -9,14 +9,14 @@ from typing import Any
 import pymysql
 import pytest
 
-from tests.integration.helpers import sent, unsent
+from tests.integration.helpers import decided, sent, unsent
 from tests.support.env import eventually
 from tests.support.sql import SQL, connect
 from worker.cli.operate import _story_lines
 from worker.config import DatabaseURL
 from worker.daemon.progress import Progress
 from worker.log import get_logger
-from worker.models import Job
+from worker.models import Job, Outcome, SendResult
 from worker.store import RowRefused, Store
 from worker.store import claims as claims_module
 from worker.store.claims import CLAIM_SESSION_DUE, NEXT_SESSION_WAITING
@@ -166,23 +166,33 @@ async def test_a_cut_off_workers_late_result_reads_as_the_same_attempt_in_the_st
     sql: SQL, store: Store
 ) -> None:
     """The sweep guessed `unknown`; the worker's own answer then landed: `rows --id` says the
-    guess was resolved, so one send does not read as two attempts."""
+    guess was resolved, so one send does not read as two attempts. An answer that is itself
+    unknown resolves nothing; a late result the database refuses spends no second attempt."""
     session = sql.add_session()
-    sql.add_rows(session, 3)
-    delivered, refused, silent = await store.claims.claim(3, lease_seconds=30)
+    sql.add_rows(session, 5)
+    delivered, refused, silent, unclear, unstorable = await store.claims.claim(5, lease_seconds=30)
     sql.execute("UPDATE cola_envios SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
-    assert (await store.claims.recover_expired()).rows == 3
-    recorded = await store.results.record([sent(delivered, "wamid.LATE"), unsent(refused)])
-    assert recorded.written == 2
-    shown = {}
-    for job in (delivered, refused, silent):
+    assert (await store.claims.recover_expired()).rows == 5
+    timed_out = SendResult(Outcome.UNKNOWN, error_text="outcome unknown: TimeoutError")
+    late = [sent(delivered, "wamid.LATE"), unsent(refused), decided(unclear, timed_out)]
+    assert (await store.results.record(late)).written == 3
+    assert await store.results.record_refused(sent(unstorable, "wamid.TOO-LONG"), "Data too long")
+
+    async def sweep_line(job: Job) -> str:
+        """The sweep's line in `rows --id` (not the row's `last error`)."""
         story = await store.sessions.story(job.id)
         assert story is not None
-        shown[job.id] = [line for line in _story_lines(story) if "lease of" in line]
-    assert shown[delivered.id][-1].endswith("(resolved later: sent, above)")
-    assert shown[refused.id][-1].endswith("(resolved by the next line)")
-    assert shown[silent.id][-1].endswith("may have been in flight")  # still nobody knows
-    assert sql.value("SELECT attempts FROM cola_envios WHERE id = %s", (delivered.id,)) == 1
+        lines = _story_lines(story)
+        history = lines[next(i for i, line in enumerate(lines) if line.startswith("history")) :]
+        (line,) = [h for h in history if "lease of" in h]
+        return line
+
+    assert (await sweep_line(delivered)).endswith("(resolved later: enviado, above)")
+    assert (await sweep_line(refused)).endswith("(resolved by the next line)")
+    for still_unknown in (silent, unclear, unstorable):  # nobody knows more than the sweep did
+        assert (await sweep_line(still_unknown)).endswith("may have been in flight")
+    attempts = {r["id"]: r["attempts"] for r in sql.rows("SELECT id, attempts FROM cola_envios")}
+    assert set(attempts.values()) == {1}
 
 
 async def test_one_sweep_recovers_every_expired_row_batch_after_batch(

@@ -302,19 +302,19 @@ def _story_lines(story: RowStory) -> list[str]:
 
 
 def _resolved_later(story: RowStory, index: int) -> str:
-    """The sweep's `unknown` line (a worker's lease expired) whose true result came after it,
-    said as such: the late result is the same attempt, not a second one. Nothing but `retry`
-    (its `requeued` line) sends an unknown row again."""
+    """The sweep's `unknown` line (a worker's lease expired) once the row's true result came
+    after it, said as such: the worker's own late result is the same attempt, not a second one.
+    Only the worker's late result writes a line straight after it (`retry` writes `requeued`
+    first); with no line after it, the row's state says whether the guess still stands (Meta's
+    status may have settled it)."""
     guess = story.attempts[index]
     if guess["outcome"] != "unknown" or not str(guess["detail"] or "").startswith(RECOVERED_DETAIL):
         return ""
     later = story.attempts[index + 1 :]
-    if later and later[0]["outcome"] != "requeued":
-        return "  (resolved by the next line)"
-    sent_at = story.row["sent_at"]
-    if not later and story.row["estado"] == "enviado" and sent_at is not None and sent_at >= guess["at"]:
-        return "  (resolved later: sent, above)"
-    return ""
+    if later:
+        return "" if later[0]["outcome"] in ("requeued", "unknown") else "  (resolved by the next line)"
+    state = story.row["estado"]
+    return f"  (resolved later: {state}, above)" if state in ("enviado", "error") else ""
 
 
 def _or_dash(value: Any) -> Any:

@@ -109,8 +109,8 @@ LIVE_ROWS = (
 )
 # -- name: mark_refused :exec
 # The database refused this row's result as written: keep what is safe and say why.
-MARK_REFUSED = (
-    "UPDATE cola_envios SET estado = %s, attempts = attempts + 1, last_error_code = NULL,"
+MARK_REFUSED = (  # attempts first: MySQL assigns left to right, the IF must see the old estado
+    "UPDATE cola_envios SET " + SPEND_ATTEMPT.format(spent=1) + ", estado = %s, last_error_code = NULL,"
     f" last_error = %s, {CLEAR_LEASE} WHERE id = %s AND lease_token = %s"
 )
 # -- name: keep_in_flight :exec

@@ -195,6 +195,30 @@ async def test_a_cut_off_workers_late_result_reads_as_the_same_attempt_in_the_st
     assert set(attempts.values()) == {1}
 
 
+async def test_a_trigger_refusing_one_rows_recovery_leaves_the_others_recovered_with_their_lines(
+    sql: SQL, store: Store
+) -> None:
+    """A legacy trigger refuses `desconocido` for one row: the sweep goes row by row, the others
+    become unknown with their history line, the refused one stays in flight with none."""
+    session = sql.add_session()
+    sql.add_rows(session, 3)
+    refused, *others = await store.claims.claim(3, lease_seconds=30)
+    sql.execute(
+        "CREATE TRIGGER cola_envios_php_states BEFORE UPDATE ON cola_envios FOR EACH ROW"
+        f" IF NEW.estado = 'desconocido' AND NEW.id = {int(refused.id)} THEN"
+        " SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'the PHP application knows no desconocido';"
+        " END IF"
+    )
+    sql.execute("UPDATE cola_envios SET lease_expires_at = UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
+    recovered = await store.claims.recover_expired()
+    assert recovered.rows == 2 and [row for row, _ in recovered.kept_in_flight] == [refused.id]
+    assert sql.rows("SELECT cola_id, outcome FROM whatsapp_worker_attempts ORDER BY cola_id") == [
+        {"cola_id": job.id, "outcome": "unknown"} for job in sorted(others, key=lambda j: j.id)
+    ]
+    states = {r["id"]: r["estado"] for r in sql.rows("SELECT id, estado FROM cola_envios")}
+    assert states == {refused.id: "procesando", **{job.id: "desconocido" for job in others}}
+
+
 async def test_one_sweep_recovers_every_expired_row_batch_after_batch(
     sql: SQL, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

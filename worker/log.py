@@ -23,6 +23,15 @@ from worker.config import LOG_FORMATS, LOG_LEVELS
 REDACTED = "***"
 
 
+def _secret_forms(secrets: Iterable[str]) -> tuple[str, ...]:
+    """Each secret as given and as a rendered line may write it: JSON escapes a quote, a
+    backslash or an accent (a password `contraseña` is written `contrase\\u00f1a`), and the
+    console shows some values by their repr."""
+    given = [s for s in secrets if s]
+    escaped = [form for s in given for form in (json.dumps(s)[1:-1], repr(s)[1:-1])]
+    return tuple(dict.fromkeys([*given, *escaped]))
+
+
 def _redact(line: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         if secret in line:
@@ -36,7 +45,7 @@ class _Redactor:
 
     def __init__(self, renderer: Any, secrets: Iterable[str]) -> None:
         self._renderer = renderer
-        self._secrets = tuple(s for s in secrets if s)
+        self._secrets = _secret_forms(secrets)
 
     def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
         return _redact(self._renderer(logger, name, event), self._secrets)
@@ -66,10 +75,7 @@ class _JsonLine:
     this takes about 5, with the same keys in the same order."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        # a secret as it stands in the JSON line too: a quote, a backslash or an accent in a
-        # password is written escaped (`\"`, `\\`, `\u00f1`) and would not match as given
-        given = [s for s in secrets if s]
-        self._secrets = tuple(dict.fromkeys([*given, *(json.dumps(s)[1:-1] for s in given)]))
+        self._secrets = _secret_forms(secrets)
         self._clock = _UtcClock()
         self._exceptions = structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)

@@ -39,21 +39,17 @@ async def drain(
         await store.close()
 
 
-def sent(job: Job, wamid: str) -> Finished:
-    """The result the daemon writes for a send Meta accepted."""
-    settings = Settings(database=DatabaseURL("127.0.0.1", 3306, "root", "", "unused"))
-    result = SendResult(Outcome.SENT, wamid=wamid)
-    return Finished(job, decide(result, attempt=1, settings=settings, rng=Random()))
-
-
 def decided(job: Job, result: SendResult) -> Finished:
     """The result the daemon writes for any answer, decided as the daemon decides it."""
     settings = Settings(database=DatabaseURL("127.0.0.1", 3306, "root", "", "unused"))
     return Finished(job, decide(result, attempt=1, settings=settings, rng=Random()))
 
 
+def sent(job: Job, wamid: str) -> Finished:
+    """The result the daemon writes for a send Meta accepted."""
+    return decided(job, SendResult(Outcome.SENT, wamid=wamid))
+
+
 def unsent(job: Job, code: int = 131026) -> Finished:
     """The result the daemon writes for a permanent error (the row ends in `error`)."""
-    settings = Settings(database=DatabaseURL("127.0.0.1", 3306, "root", "", "unused"))
-    result = SendResult(Outcome.PERMANENT, error_code=code, error_text="Message undeliverable")
-    return Finished(job, decide(result, attempt=1, settings=settings, rng=Random()))
+    return decided(job, SendResult(Outcome.PERMANENT, error_code=code, error_text="Message undeliverable"))

@@ -271,6 +271,14 @@ def test_a_secret_with_quotes_or_accents_is_blanked_as_the_json_line_writes_it()
     assert json.loads(line)["error"] == "login as app:*** / *** refused"
     for secret in secrets:
         assert secret not in line and json.dumps(secret)[1:-1] not in line
+    console = io.StringIO()  # the console shows a dict by its repr: `\\` for a backslash
+    try:
+        configure(stream=console, fmt="console", secrets=secrets)
+        get_logger().error("database_unavailable", login={"app": secrets[0]})
+    finally:
+        structlog.reset_defaults()
+    assert "'app': '***'" in console.getvalue()
+    assert secrets[0] not in console.getvalue() and repr(secrets[0])[1:-1] not in console.getvalue()
 
 
 def test_a_very_low_rate_gives_its_token_then_names_the_wait_for_the_next() -> None:
